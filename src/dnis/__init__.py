@@ -1,0 +1,3 @@
+"""dnis: Differentiable Neural Input Search for recommender systems."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Datasets by name: `dnis.data.load("movielens-latest-small", task="ctr")`.
+
+A loader turns raw files into an `EncodedDataset` for one task. Bundled data ships in the package;
+data whose licence forbids redistribution is read from a path the user gives.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dnis.data.dataset import EncodedDataset
+from dnis.errors import ConfigError
+
+Loader = Callable[..., EncodedDataset]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    loader: Loader  # loader(task=..., path=..., seed=..., **options) -> EncodedDataset
+    tasks: tuple[str, ...]
+    description: str
+    bundled: bool = False  # ships inside the package (licence allows it); else needs `path`
+
+
+_REGISTRY: dict[str, DatasetInfo] = {}
+
+
+def register(info: DatasetInfo) -> DatasetInfo:
+    _REGISTRY[info.name] = info
+    return info
+
+
+def datasets() -> list[DatasetInfo]:
+    _ensure_builtins()
+    return sorted(_REGISTRY.values(), key=lambda d: d.name)
+
+
+def info(name: str) -> DatasetInfo:
+    _ensure_builtins()
+    if name not in _REGISTRY:
+        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"unknown dataset {name!r}.{suggestion} Known: {', '.join(sorted(_REGISTRY))} "
+            "(run `dnis datasets`); for your own files use dataset: {format: csv, path: ..., schema: ...}"
+        )
+    return _REGISTRY[name]
+
+
+def load(
+    name: str, task: str, *, path: str | Path | None = None, seed: int = 0, **options: Any
+) -> EncodedDataset:
+    """Load a registered dataset, encoded and split, for `task` ("rating", "ctr" or "topk")."""
+    entry = info(name)
+    if task not in entry.tasks:
+        raise ConfigError(f"dataset {name!r} supports tasks {entry.tasks}, not {task!r}")
+    if not entry.bundled and path is None:
+        raise ConfigError(
+            f"dataset {name!r} may not be redistributed, so it is not bundled: download it yourself "
+            f"and pass its folder, e.g. dnis.data.load({name!r}, task={task!r}, path='/data/{name}')"
+        )
+    return entry.loader(task=task, path=None if path is None else Path(path), seed=seed, **options)
+
+
+def _ensure_builtins() -> None:
+    """Import the modules that register the built-in datasets (kept lazy to keep import fast)."""
+    from dnis.data import criteo, movielens, synthetic, tabular  # noqa: F401

@@ -1,0 +1,42 @@
+"""Errors a user can act on: each names where the problem is and how to fix it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DnisError(Exception):
+    """Base class of every error dnis raises on purpose (the CLI prints these without a traceback)."""
+
+
+class ConfigError(DnisError):
+    """A config file or an option is wrong: unknown key, wrong type, impossible value."""
+
+
+class DataError(DnisError):
+    """An input file is malformed. Carries the file, line and column so the user can find it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        line: int | None = None,
+        column: str | int | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.path = None if path is None else str(path)
+        self.line = line
+        self.column = column
+        self.fix = fix
+        where = []
+        if self.path is not None:
+            where.append(self.path)
+        if line is not None:
+            where.append(f"line {line}")
+        if column is not None:
+            where.append(f"column {column!r}" if isinstance(column, str) else f"column {column}")
+        text = (", ".join(where) + ": " if where else "") + message
+        if fix:
+            text += f"\n  fix: {fix}"
+        super().__init__(text)

@@ -1,0 +1,44 @@
+"""The task contract: its loss, its metrics, and which metric drives early stopping."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from dnis.data.dataset import EncodedDataset
+from dnis.models.base import Model
+
+
+class Task(ABC):
+    name: str
+    metric: str  # validation metric for early stopping and model selection
+    higher_is_better: bool
+
+    def __init__(self, dataset: EncodedDataset) -> None:
+        self.dataset = dataset
+
+    @abstractmethod
+    def loss(
+        self, model: Model, ids: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Training loss of one batch (`generator` drives any sampling, e.g. negatives)."""
+
+    @abstractmethod
+    def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
+        """Metrics of `model` on a split ("valid" or "test")."""
+
+    def better(self, new: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return new > best if self.higher_is_better else new < best
+
+
+@torch.no_grad()
+def predict(model: Model, ids: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Scores of every row, in batches, in eval mode (the caller's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    out = [model(ids[start : start + batch_size]) for start in range(0, len(ids), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)

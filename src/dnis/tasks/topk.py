@@ -1,0 +1,98 @@
+"""Top-k recommendation: BPR loss with sampled negatives; full-ranking Recall@K and NDCG@K.
+
+Protocol: each user's last interaction is the test item and the one before the validation item
+(leave-last-out split). Every item is ranked for every evaluated user, with the items the user
+already interacted with masked (training items for validation; training and validation items for
+test). Scores are computed in chunks of users, so the user x item matrix is never held whole.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from dnis.data.dataset import EncodedDataset
+from dnis.models.base import Model
+from dnis.tasks.base import Task
+from dnis.tasks.metrics import ranking_metrics
+
+KS: tuple[int, ...] = (10, 20)
+
+
+class History:
+    """Each user's known items as CSR (indptr over user ids), for masking during ranking."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, num_users: int) -> None:
+        order = torch.argsort(users, stable=True)
+        self.items = items[order]
+        counts = torch.bincount(users[order], minlength=num_users)
+        self.indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+
+    def pairs(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row in `users`, item) for every known item of the given users, vectorised."""
+        starts, ends = self.indptr[users], self.indptr[users + 1]
+        lengths = ends - starts
+        rows = torch.repeat_interleave(torch.arange(len(users)), lengths)
+        first = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+        return rows, self.items[first + torch.arange(int(lengths.sum()))]
+
+
+class TopKTask(Task):
+    name = "topk"
+    metric = "ndcg@10"
+    higher_is_better = True
+
+    def __init__(self, dataset: EncodedDataset, row_budget: int = 1 << 20) -> None:
+        super().__init__(dataset)
+        schema = dataset.schema
+        assert schema.user is not None and schema.item is not None
+        self.user_slot = schema.slot_range(schema.user).start
+        self.item_slot = schema.slot_range(schema.item).start
+        self.num_users = dataset.cardinalities[schema.index(schema.user)]
+        self.num_items = dataset.cardinalities[schema.index(schema.item)]
+        self.row_budget = row_budget
+        train, valid = dataset.train.ids, dataset.valid.ids
+        self.seen = {
+            "valid": self._history(train),
+            "test": self._history(torch.cat([train, valid])),
+        }
+
+    def _history(self, ids: torch.Tensor) -> History:
+        return History(ids[:, self.user_slot], ids[:, self.item_slot], self.num_users)
+
+    def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
+        """BPR: -log sigmoid(s(u, i) - s(u, j)) with j drawn uniformly from the known items."""
+        negatives = ids.clone()
+        negatives[:, self.item_slot] = torch.randint(
+            1, self.num_items, (len(ids),), generator=generator
+        )
+        scores = model(torch.cat([ids, negatives]))
+        positive, negative = scores[: len(ids)], scores[len(ids) :]
+        return -F.logsigmoid(positive - negative).mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
+        data = self.dataset.split(split).ids
+        was_training = model.training
+        model.eval()
+        chunk = max(1, self.row_budget // self.num_items)
+        seen = self.seen[split]
+        ranks = [self._ranks(model, data[s : s + chunk], seen) for s in range(0, len(data), chunk)]
+        model.train(was_training)
+        metrics = ranking_metrics(torch.cat(ranks), KS) if ranks else {}
+        metrics["users"] = float(len(data))
+        return metrics
+
+    def _ranks(self, model: Model, rows: torch.Tensor, seen: History) -> torch.Tensor:
+        """0-based rank of each row's held-out item among all items (higher score = better)."""
+        users, targets = rows[:, self.user_slot], rows[:, self.item_slot]
+        grid = rows.repeat_interleave(self.num_items, dim=0)
+        grid[:, self.item_slot] = torch.arange(self.num_items).repeat(len(rows))
+        scores = model(grid).view(len(rows), self.num_items)
+        target_scores = scores.gather(1, targets.unsqueeze(1))
+        r, items = seen.pairs(users)
+        scores[r, items] = float("-inf")
+        scores[:, 0] = float("-inf")  # the OOV item is not a recommendation
+        ranks = (scores > target_scores).sum(dim=1)
+        # an item unseen in training (OOV) cannot be ranked: count it as a miss
+        return torch.where(targets == 0, torch.full_like(ranks, self.num_items), ranks)

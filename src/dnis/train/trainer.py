@@ -1,0 +1,175 @@
+"""The trainer: epochs over seeded shuffles, early stopping with restore-best, checkpoint/resume.
+
+Determinism: every epoch reseeds its shuffle, its sampling and torch's global RNG (dropout) from
+(seed, epoch), so an uninterrupted run and a run resumed from any epoch's checkpoint take exactly
+the same steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dnis.data.loader import batches, num_batches
+from dnis.errors import ConfigError, DnisError
+from dnis.models.base import Model
+from dnis.tasks.base import Task
+from dnis.train.checkpoint import load_checkpoint, save_checkpoint
+from dnis.train.progress import Progress, SilentProgress
+
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (the `train:` section of a config)."""
+
+    epochs: int = 20
+    batch_size: int = 1024
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adagrad | sgd
+    weight_decay: float = 0.0  # L2 on the dense (non-embedding) weights, via the optimizer
+    embedding_l2: float = 0.0  # L2 on the embedding rows looked up in each batch
+    patience: int = 3  # epochs without validation improvement before stopping (0 = never stop)
+    eval_batch_size: int = 8192
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    valid: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def make_optimizer(model: Model, config: TrainConfig) -> torch.optim.Optimizer:
+    """Embedding rows are regularised per batch (`embedding_l2`), so weight decay skips them."""
+    embedding_ids = {id(p) for p in model.embedding.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in embedding_ids]
+    groups = [
+        {"params": list(model.embedding.parameters()), "weight_decay": 0.0},
+        {"params": dense, "weight_decay": config.weight_decay},
+    ]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Model,
+        task: Task,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.config = config
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.progress = progress or SilentProgress()
+        self.optimizer = make_optimizer(model, config)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg, task = self.config, self.task
+        state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": 0, "best_state": None,
+                                 "history": [], "stale": 0, "seconds": 0.0}
+        if resume:
+            state = self._resume()
+        for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            started = time.perf_counter()
+            loss = self._train_epoch(epoch)
+            valid = task.evaluate(self.model, "valid", cfg.eval_batch_size)
+            score = valid[task.metric]
+            seconds = time.perf_counter() - started
+            record = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 3),
+                      **{f"valid_{k}": v for k, v in valid.items()}}
+            state["history"].append(record)
+            state["seconds"] += seconds
+            if task.better(score, state["best"]):
+                state.update(best=score, best_epoch=epoch, stale=0,
+                             best_state=copy.deepcopy(self.model.state_dict()))
+            else:
+                state["stale"] += 1
+            state["epoch"] = epoch
+            self._save(state)
+            self.progress.epoch_end(record)
+            if cfg.patience and state["stale"] >= cfg.patience:
+                break
+        if state["best_state"] is not None:
+            self.model.load_state_dict(state["best_state"])
+        best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
+        valid = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
+        return TrainResult(state["best_epoch"], valid, state["history"], state["seconds"])
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg = self.config
+        seed = epoch_seed(cfg.seed, epoch)
+        torch.manual_seed(seed)  # dropout and any other global-RNG use
+        generator = torch.Generator().manual_seed(seed)
+        self.model.train()
+        split = self.task.dataset.train
+        total = torch.zeros((), dtype=torch.float64)
+        self.progress.epoch_start(epoch, num_batches(split, cfg.batch_size))
+        for ids, labels in batches(split, cfg.batch_size, shuffle=True, generator=generator):
+            loss = self.task.loss(self.model, ids, labels, generator)
+            if cfg.embedding_l2:
+                loss = loss + cfg.embedding_l2 * self.model.embedding.last_l2
+            if not torch.isfinite(loss):
+                raise DnisError(
+                    f"the training loss became {float(loss)} in epoch {epoch}; lower train.lr or "
+                    "add regularisation (the last good checkpoint is kept)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach() * len(ids)
+            self.progress.batch_end()
+        return float(total / len(split))
+
+    def _save(self, state: dict[str, Any]) -> None:
+        if self.checkpoint_path is None:
+            return
+        save_checkpoint(
+            self.checkpoint_path,
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "config": asdict(self.config), **state},
+        )
+
+    def _resume(self) -> dict[str, Any]:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            raise DnisError(f"cannot resume: no checkpoint at {path}; start without --resume")
+        saved = load_checkpoint(path)
+        if saved["config"] != asdict(self.config):
+            raise DnisError(f"cannot resume from {path}: it was written with a different train config")
+        self.model.load_state_dict(saved.pop("model"))
+        self.optimizer.load_state_dict(saved.pop("optimizer"))
+        saved.pop("config")
+        return saved
