@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m dnis demo
+	$(BIN)/dnis demo configs/movielens-rating-mf.yaml configs/movielens-ctr-deepfm.yaml configs/movielens-topk-bprmf.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

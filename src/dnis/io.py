@@ -39,10 +39,3 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def write_yaml(path: str | Path, obj: Any) -> Path:
     return write_text(path, yaml.safe_dump(obj, sort_keys=False))
-
-
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line by rewriting the file atomically (metrics files are small)."""
-    path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    write_text(path, old + json.dumps(record, sort_keys=True) + "\n")

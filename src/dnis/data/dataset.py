@@ -12,7 +12,7 @@ import torch
 
 from dnis.data.encode import Encoder, require_columns
 from dnis.data.schema import Schema
-from dnis.data.split import split_frame
+from dnis.data.split import file_lines, split_frame
 from dnis.errors import ConfigError, DataError
 
 TASKS: tuple[str, ...] = ("rating", "ctr", "topk")
@@ -38,7 +38,9 @@ class EncodedDataset:
     train: Split
     valid: Split
     test: Split
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the synthetic generator's ground truth
+    meta: dict[str, Any] = field(
+        default_factory=dict
+    )  # e.g. the synthetic generator's ground truth
 
     @property
     def cardinalities(self) -> list[int]:
@@ -55,7 +57,7 @@ class EncodedDataset:
             "name": self.name,
             "task": self.task,
             "rows": {s: len(self.split(s)) for s in ("train", "valid", "test")},
-            "fields": dict(zip(self.schema.names, self.cardinalities)),
+            "fields": dict(zip(self.schema.names, self.cardinalities, strict=True)),
         }
 
 
@@ -131,10 +133,5 @@ def check_labels(frame: pd.DataFrame, column: str, task: str) -> np.ndarray:
 
 def line_of(frame: pd.DataFrame, row: int) -> int | None:
     """File line of a row position, when the reader recorded where rows start (see readers)."""
-    first = frame.attrs.get("first_line")
-    lines = frame.attrs.get("lines")
-    if lines is not None:
-        return int(lines[row])
-    if first is not None:
-        return int(first) + int(frame.index[row])
-    return None
+    lines = file_lines(frame)
+    return None if lines is None else int(lines[row])

@@ -79,8 +79,10 @@ class FieldEncoder:
         strings = explode_sequence(values, spec) if spec.kind == "sequence" else as_strings(values)
         freq = strings.dropna().value_counts(sort=False)
         freq = freq[freq >= spec.min_count]
-        order = sorted(zip(freq.to_numpy().tolist(), freq.index.tolist()), key=lambda t: (-t[0], t[1]))
-        return cls(spec, vocabulary=[v for _, v in order], counts=[c for c, _ in order])
+        values = freq.index.to_numpy(dtype=str)
+        counts = freq.to_numpy(dtype=np.int64)
+        order = np.lexsort((values, -counts))  # by descending count, then by value
+        return cls(spec, vocabulary=values[order].tolist(), counts=counts[order].tolist())
 
     def transform(self, values: pd.Series) -> np.ndarray:
         """Ids of shape [N, width] (width = max_len for sequences, else 1)."""
@@ -135,14 +137,19 @@ class Encoder:
     def save(self, path: str | Path) -> None:
         write_json(
             path,
-            {"schema": self.schema.to_dict(), "fields": {f.spec.name: f.to_dict() for f in self.fields}},
+            {
+                "schema": self.schema.to_dict(),
+                "fields": {f.spec.name: f.to_dict() for f in self.fields},
+            },
         )
 
     @classmethod
     def load(cls, path: str | Path) -> Encoder:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         schema = Schema.from_dict(data["schema"])
-        return cls(schema, [FieldEncoder(spec, **data["fields"][spec.name]) for spec in schema.features])
+        return cls(
+            schema, [FieldEncoder(spec, **data["fields"][spec.name]) for spec in schema.features]
+        )
 
 
 def require_columns(frame: pd.DataFrame, columns: list[str], source: str | None = None) -> None:

@@ -40,7 +40,9 @@ class FeatureSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(
+                f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
         if self.min_count < 1:
             raise ConfigError(f"feature {self.name!r}: min_count must be >= 1")
         if self.kind == "numeric" and self.buckets < 2:
@@ -87,7 +89,9 @@ class Schema:
         for role in ("user", "item"):
             value = getattr(self, role)
             if value is not None and value not in names:
-                raise ConfigError(f"schema: {role} field {value!r} is not one of the features {names}")
+                raise ConfigError(
+                    f"schema: {role} field {value!r} is not one of the features {names}"
+                )
 
     @property
     def names(self) -> list[str]:

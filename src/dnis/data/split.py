@@ -33,7 +33,24 @@ def split_frame(
         parts = leave_last_out(
             _required(frame, user, "user", method), _required(frame, time, "time", method)
         )
-    return {name: frame.iloc[rows].reset_index(drop=True) for name, rows in parts.items()}
+    lines = file_lines(frame)
+    out = {}
+    for name, rows in parts.items():
+        part = frame.iloc[rows].reset_index(drop=True)
+        part.attrs = {"source": frame.attrs.get("source")}
+        if lines is not None:
+            part.attrs["lines"] = lines[rows]  # errors found later still name the right file line
+        out[name] = part
+    return out
+
+
+def file_lines(frame: pd.DataFrame) -> np.ndarray | None:
+    """File line of every row, from what the reader recorded (see dnis.data.readers)."""
+    if frame.attrs.get("lines") is not None:
+        return np.asarray(frame.attrs["lines"])
+    if frame.attrs.get("first_line") is not None:
+        return int(frame.attrs["first_line"]) + np.arange(len(frame))
+    return None
 
 
 def _required(frame: pd.DataFrame, column: str | None, role: str, method: str) -> np.ndarray:
@@ -47,7 +64,9 @@ def _required(frame: pd.DataFrame, column: str | None, role: str, method: str) -
 
 def _cuts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int]:
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
-        raise ConfigError(f"split ratios must be three non-negative numbers summing to 1, got {ratios}")
+        raise ConfigError(
+            f"split ratios must be three non-negative numbers summing to 1, got {ratios}"
+        )
     a = int(round(n * ratios[0]))
     b = int(round(n * (ratios[0] + ratios[1])))
     return a, b
@@ -75,7 +94,9 @@ def leave_last_out(users: np.ndarray, times: np.ndarray) -> dict[str, np.ndarray
     order = np.lexsort((np.arange(len(users)), times, users))
     sorted_users = users[order]
     counts = pd.Series(sorted_users).groupby(sorted_users, sort=False).transform("size").to_numpy()
-    from_end = counts - 1 - pd.Series(sorted_users).groupby(sorted_users, sort=False).cumcount().to_numpy()
+    from_end = (
+        counts - 1 - pd.Series(sorted_users).groupby(sorted_users, sort=False).cumcount().to_numpy()
+    )
     eligible = counts >= 3
     test = eligible & (from_end == 0)
     valid = eligible & (from_end == 1)

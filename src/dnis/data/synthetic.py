@@ -70,7 +70,9 @@ def make_frame(
         label = 3.0 + logit + 0.3 * rng.normal(size=n_rows)
     else:
         label = (rng.random(n_rows) < 1 / (1 + np.exp(-2.0 * logit))).astype(np.float32)
-    frame = pd.DataFrame({k: (v.astype(str) if v.dtype.kind == "i" else v) for k, v in columns.items()})
+    frame = pd.DataFrame(
+        {k: (v.astype(str) if v.dtype.kind == "i" else v) for k, v in columns.items()}
+    )
     frame["label"] = label
     return frame, {"true_rank": truth_rank}
 

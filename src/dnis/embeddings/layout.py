@@ -31,7 +31,9 @@ class FieldLayout:
             cardinalities=tuple(int(c) for c in cardinalities),
             slot_fields=tuple(schema.slot_fields()),
             sequence_fields=tuple(f.kind == "sequence" for f in schema.features),
-            mean_pooled=tuple(f.kind == "sequence" and f.pooling == "mean" for f in schema.features),
+            mean_pooled=tuple(
+                f.kind == "sequence" and f.pooling == "mean" for f in schema.features
+            ),
         )
 
     @classmethod

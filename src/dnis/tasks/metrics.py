@@ -45,6 +45,8 @@ def ranking_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float
     for k in ks:
         hit = ranks < k
         out[f"recall@{k}"] = float(hit.double().mean())
-        gain = torch.where(hit, 1.0 / torch.log2(ranks.double() + 2.0), torch.zeros_like(ranks).double())
+        gain = torch.where(
+            hit, 1.0 / torch.log2(ranks.double() + 2.0), torch.zeros_like(ranks).double()
+        )
         out[f"ndcg@{k}"] = float(gain.mean())
     return out

@@ -19,4 +19,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises many types for a damaged file
-        raise DnisError(f"checkpoint {path} cannot be read ({error}); delete it and rerun") from error
+        raise DnisError(
+            f"checkpoint {path} cannot be read ({error}); delete it and rerun"
+        ) from error

@@ -8,6 +8,7 @@ the same steps.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from dnis.data.loader import batches, num_batches
 from dnis.errors import ConfigError, DnisError
+from dnis.io import write_text
 from dnis.models.base import Model
 from dnis.tasks.base import Task
 from dnis.train.checkpoint import load_checkpoint, save_checkpoint
@@ -41,7 +43,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(
+                f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -98,8 +102,15 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg, task = self.config, self.task
-        state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": 0, "best_state": None,
-                                 "history": [], "stale": 0, "seconds": 0.0}
+        state: dict[str, Any] = {
+            "epoch": 0,
+            "best": None,
+            "best_epoch": 0,
+            "best_state": None,
+            "history": [],
+            "stale": 0,
+            "seconds": 0.0,
+        }
         if resume:
             state = self._resume()
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -108,13 +119,21 @@ class Trainer:
             valid = task.evaluate(self.model, "valid", cfg.eval_batch_size)
             score = valid[task.metric]
             seconds = time.perf_counter() - started
-            record = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 3),
-                      **{f"valid_{k}": v for k, v in valid.items()}}
+            record = {
+                "epoch": epoch,
+                "loss": loss,
+                "seconds": round(seconds, 3),
+                **{f"valid_{k}": v for k, v in valid.items()},
+            }
             state["history"].append(record)
             state["seconds"] += seconds
             if task.better(score, state["best"]):
-                state.update(best=score, best_epoch=epoch, stale=0,
-                             best_state=copy.deepcopy(self.model.state_dict()))
+                state.update(
+                    best=score,
+                    best_epoch=epoch,
+                    stale=0,
+                    best_state=copy.deepcopy(self.model.state_dict()),
+                )
             else:
                 state["stale"] += 1
             state["epoch"] = epoch
@@ -125,7 +144,7 @@ class Trainer:
         if state["best_state"] is not None:
             self.model.load_state_dict(state["best_state"])
         best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
-        valid = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
+        valid = {k[len("valid_") :]: v for k, v in best.items() if k.startswith("valid_")}
         return TrainResult(state["best_epoch"], valid, state["history"], state["seconds"])
 
     def _train_epoch(self, epoch: int) -> float:
@@ -158,9 +177,15 @@ class Trainer:
             return
         save_checkpoint(
             self.checkpoint_path,
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-             "config": asdict(self.config), **state},
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "config": asdict(self.config),
+                **state,
+            },
         )
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in state["history"])
+        write_text(self.run_dir / "metrics.jsonl", lines)  # type: ignore[operator]
 
     def _resume(self) -> dict[str, Any]:
         path = self.checkpoint_path
@@ -168,7 +193,9 @@ class Trainer:
             raise DnisError(f"cannot resume: no checkpoint at {path}; start without --resume")
         saved = load_checkpoint(path)
         if saved["config"] != asdict(self.config):
-            raise DnisError(f"cannot resume from {path}: it was written with a different train config")
+            raise DnisError(
+                f"cannot resume from {path}: it was written with a different train config"
+            )
         self.model.load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         saved.pop("config")

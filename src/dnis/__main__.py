@@ -1,0 +1,5 @@
+import sys
+
+from dnis.cli import main
+
+sys.exit(main())

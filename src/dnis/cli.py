@@ -1,0 +1,158 @@
+"""Command line: parses arguments, loads the config, calls the library, renders progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichBar
+from rich.table import Table
+
+from dnis.config import load_config
+from dnis.errors import DnisError
+from dnis.train.progress import Progress
+
+console = Console(stderr=True)
+
+
+class RichProgress(Progress):
+    """A bar per epoch and one line of metrics when it ends."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: RichBar | None = None
+
+    def epoch_start(self, epoch: int, batches: int) -> None:
+        self.bar = RichBar(
+            TextColumn(f"[bold]{self.label}[/] epoch {epoch}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=batches)
+
+    def batch_end(self) -> None:
+        assert self.bar is not None
+        self.bar.advance(self.task)
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        values = "  ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+        )
+        console.print(f"[dim]{self.label}[/] {values}")
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from dnis.data.registry import datasets
+
+    table = Table(title="datasets")
+    for column in ("name", "tasks", "bundled", "description"):
+        table.add_column(column)
+    for entry in datasets():
+        table.add_row(
+            entry.name,
+            ", ".join(entry.tasks),
+            "yes" if entry.bundled else "path",
+            entry.description,
+        )
+    Console().print(table)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dnis.train.run import train
+
+    config = load_config(args.config, args.set)
+    progress = None if args.quiet else RichProgress(config.run_name())
+    result = train(config, resume=args.resume, progress=progress)
+    print(json.dumps({"run_dir": str(result.run_dir), "test": result.metrics["test"]}, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from dnis.train.run import evaluate
+
+    print(json.dumps(evaluate(args.run_dir, args.split), indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Train one model per config and print one table of their test metrics."""
+    from dnis.train.run import train
+
+    table = Table(title="dnis demo: test metrics on the bundled data")
+    for column in ("task", "dataset", "model", "dim", "metrics", "params", "seconds"):
+        table.add_column(column)
+    for path in args.configs:
+        config = load_config(path, args.set)
+        result = train(config, progress=RichProgress(config.run_name()))
+        m = result.metrics
+        shown = {k: v for k, v in m["test"].items() if k != "users"}
+        table.add_row(
+            config.dataset.task,
+            config.dataset.name or "custom",
+            config.model.name,
+            str(config.embedding.dim),
+            "  ".join(f"{k}={v:.4f}" for k, v in shown.items()),
+            f"{m['params']['total']:,}",
+            f"{m['wall_seconds']:.1f}",
+        )
+    Console().print(table)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="dnis", description="Neural input search for recommenders")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("datasets", help="list bundled and registered datasets").set_defaults(
+        run=cmd_datasets
+    )
+
+    train = sub.add_parser("train", help="train one model with uniform embedding dims")
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.01",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="re-evaluate a finished run")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--split", default="test", choices=("valid", "test"))
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="train the example configs and print a results table")
+    demo.add_argument("configs", nargs="+", type=Path)
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.set_defaults(run=cmd_demo)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DnisError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun with --resume to continue from the last epoch")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

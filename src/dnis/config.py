@@ -1,0 +1,171 @@
+"""Run configuration: one YAML file is the single source of a run.
+
+Every section is a dataclass; unknown keys are refused with a "did you mean", values are
+type-checked, and the resolved config (defaults filled in) is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnis.data.schema import check_keys
+from dnis.errors import ConfigError
+from dnis.train.trainer import TrainConfig
+
+
+@dataclass
+class DatasetConfig:
+    """A registered dataset (`name`) or your own files (`format` + `path` + `schema`)."""
+
+    name: str | None = None  # e.g. movielens-latest-small; see `dnis datasets`
+    task: str = "rating"  # rating | ctr | topk
+    path: str | dict[str, str] | None = None  # folder/file, or {train, valid, test} files
+    options: dict[str, Any] = field(default_factory=dict)  # loader options, e.g. min_count
+    format: str | None = None  # csv | tsv | parquet | libfm (own files only)
+    schema: dict[str, Any] | None = None  # own files only: features, label, user, item, time
+    split: str | None = None  # own files: random | temporal | leave_last_out (topk's default)
+    delimiter: str | None = None  # own csv files; default "," for csv, tab for tsv
+    header: bool = True  # own csv files: whether the first line names the columns
+    names: list[str] | None = None  # own csv files: column names (override or supply)
+    encoding: str = "utf-8"  # own csv files
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.format is None):
+            raise ConfigError(
+                "dataset: give either `name` (a registered dataset, see `dnis datasets`) "
+                "or `format` + `path` + `schema` (your own files), not both"
+            )
+        if self.format is not None and (self.path is None or self.schema is None):
+            raise ConfigError("dataset: own files need `path` and `schema` besides `format`")
+        if self.split is None:
+            self.split = "leave_last_out" if self.task == "topk" else "random"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mf"  # mf | bprmf | neumf | fm | widedeep | deepfm
+    params: dict[str, Any] = field(default_factory=dict)  # the model's own hyper-parameters
+
+
+@dataclass
+class EmbeddingConfig:
+    dim: int = 64  # width of every field's embedding
+    init_std: float = 0.01  # std of the normal initialisation
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ConfigError(f"embedding.dim must be >= 1, got {self.dim}")
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = None  # run name; default model-dataset-task
+    seed: int = 0  # data split and training seed
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.train.seed not in (0, self.seed):
+            raise ConfigError("set the run's seed at the top level (`seed:`), not as train.seed")
+        self.train.seed = self.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short hash of everything that changes results (not where they are written)."""
+        data = self.to_dict()
+        data.pop("output_dir")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        base = self.name or f"{self.model.name}-{self.dataset.name or 'custom'}-{self.dataset.task}"
+        return f"{base}-{self.digest()}"
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name()
+
+
+def parse(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    check_keys(data, known, where)
+    values = {}
+    for key, value in data.items():
+        values[key] = _convert(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**values)
+    except TypeError as error:  # a required key is missing
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {_name(hint)}")
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is typing.Any:
+        return value
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    return parse(Config, data, where=str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
+    key, raw = item.split("=", 1)
+    target = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+    target[parts[-1]] = yaml.safe_load(raw)

@@ -1,0 +1,368 @@
+"""Raw file readers: CSV/TSV, Parquet and libFM/libFFM to DataFrames, with errors a user can act on.
+
+Every reader records where its rows came from in ``frame.attrs``: ``source`` (the file path) and
+either ``first_line`` (the 1-based file line of row 0, rows being consecutive lines) or ``lines``
+(the file line of every row). `check_numeric` and `dnis.data.dataset.check_labels` use them to name
+the exact line of a bad value. Malformed input raises `DataError`, never a parser stack trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dnis.data.dataset import line_of
+from dnis.data.encode import require_columns
+from dnis.errors import DataError
+
+# Stands in for a multi-byte delimiter (such as MovieLens-1M's "::"), which pandas' C parser lacks.
+_UNIT_SEPARATOR = b"\x1f"
+
+
+def read_csv(
+    path: str | Path,
+    *,
+    delimiter: str = ",",
+    header: bool = True,
+    names: list[str] | None = None,
+    encoding: str = "utf-8",
+    usecols: list[str] | None = None,
+    quotechar: str | None = '"',
+) -> pd.DataFrame:
+    """Read a delimited text file with every column as strings (empty fields are missing).
+
+    `names` overrides the header row's names when `header` is true and names the columns of a
+    headerless file otherwise. `quotechar=None` turns quoting off (for files such as MovieLens'
+    whose titles contain stray quotes). A delimiter longer than one byte is supported.
+    The file is checked before parsing: undecodable bytes and rows with the wrong number of fields
+    are refused naming the line. The check is vectorised (numpy) unless the file contains quote
+    characters, in which case the csv module walks it record by record.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    _check_encoding(raw, path, encoding)
+    sep = delimiter.encode(encoding)
+    if len(sep) != 1:
+        if _UNIT_SEPARATOR in raw:
+            raise DataError(
+                "the file contains the byte 0x1f, which dnis uses to parse multi-character "
+                f"delimiters like {delimiter!r}",
+                path=path,
+                fix="convert the file to a single-character delimiter such as a tab",
+            )
+        raw, sep = raw.replace(sep, _UNIT_SEPARATOR), _UNIT_SEPARATOR
+    quoted = quotechar is not None and quotechar.encode(encoding) in raw
+    if quoted:
+        lines, counts = _scan_quoted(raw, path, sep.decode(encoding), quotechar, encoding)
+    else:
+        lines, counts = _scan_plain(raw, sep)
+    if len(lines) == 0 or (header and len(lines) == 1):
+        raise DataError("the file has no data rows", path=path, fix="check the path and the file")
+    expected = int(counts[0])
+    _check_ragged(lines, counts, expected, path, delimiter)
+    columns = _column_names(raw, sep, quotechar, encoding, header, names, expected, path)
+    if usecols is not None:
+        missing = [c for c in usecols if c not in columns]
+        if missing:
+            raise DataError(f"missing column(s) {missing}; the file has {columns}", path=path)
+    try:
+        frame = pd.read_csv(
+            io.BytesIO(raw),
+            sep=sep.decode(encoding),
+            header=0 if header else None,
+            names=columns,
+            usecols=usecols,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            encoding=encoding,
+            quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE,
+            quotechar=quotechar or '"',
+            engine="c",
+        )
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DataError(f"could not parse the file: {error}", path=path) from None
+    return _with_lines(frame, path, lines[1:] if header else lines)
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a Parquet file (optionally only `columns`) with pyarrow; column types are kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=path, fix="check the path")
+    try:
+        available = pq.read_schema(path).names
+        missing = [c for c in columns or [] if c not in available]
+        if missing:
+            raise DataError(f"missing column(s) {missing}; the file has {available}", path=path)
+        frame = pq.read_table(path, columns=columns).to_pandas()
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"not a readable Parquet file: {error}", path=path) from None
+    if len(frame) == 0:
+        raise DataError("the file has no rows", path=path)
+    frame.attrs["source"] = str(path)
+    return frame
+
+
+def read_libfm(path: str | Path, *, encoding: str = "utf-8") -> pd.DataFrame:
+    """Read a libSVM/libFM (``label idx:val ...``) or libFFM (``label field:idx:val ...``) file.
+
+    Returns a float ``label`` column plus, for libSVM, one list column ``features`` of feature ids
+    (strings), and for libFFM one list column ``f<field>`` per field; a row without a field gets an
+    empty list. These map to ``sequence`` features. Only binary features are supported: a value
+    other than 1 is refused (bucketise numeric values into separate feature ids first, the way
+    Criteo-style pipelines do). Blank lines are skipped. Malformed tokens are refused naming the
+    line and the token's position on it (the label is token 1).
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    _check_encoding(raw, path, encoding)
+    text = pd.Series(raw.decode(encoding).splitlines(), dtype=object)
+    lines = np.flatnonzero(text.str.strip().str.len().to_numpy() > 0) + 1
+    if len(lines) == 0:
+        raise DataError("the file has no data rows", path=path)
+    tokens = text.iloc[lines - 1].str.split().reset_index(drop=True).explode()
+    rows = tokens.index.to_numpy()
+    position = pd.Series(rows).groupby(rows).cumcount().to_numpy() + 1
+    labels = _libfm_labels(tokens[position == 1], path, lines)
+    feats = tokens[position > 1].astype(str)
+    if len(feats) == 0:
+        raise DataError("no line has any feature token", path=path, fix="check the file format")
+    where = (rows[position > 1], position[position > 1])
+    parts, fields = _split_tokens(feats, where, path, lines)
+    frame = pd.DataFrame({"label": labels})
+    if fields is None:
+        frame["features"] = _lists(parts[0], where[0], len(lines))
+    else:
+        for field in sorted(fields.unique(), key=_natural):
+            mask = (fields == field).to_numpy()
+            frame[f"f{field}"] = _lists(parts[0][mask], where[0][mask], len(lines))
+    return _with_lines(frame, path, lines)
+
+
+def check_numeric(frame: pd.DataFrame, column: str, *, allow_missing: bool = False) -> np.ndarray:
+    """`column` as float64, or a DataError naming the file line of the first non-numeric value.
+
+    Missing values become NaN when `allow_missing`, else they are refused like any non-number.
+    """
+    require_columns(frame, [column])
+    raw = frame[column]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if allow_missing:
+        bad &= raw.notna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        shown = "a missing value" if pd.isna(raw.iloc[row]) else repr(raw.iloc[row])
+        raise DataError(
+            f"{shown} is not a number ({int(bad.sum())} bad row(s) in all)",
+            path=frame.attrs.get("source"),
+            line=line_of(frame, row),
+            column=column,
+            fix=f"clean the {column!r} column or declare it as a categorical feature",
+        )
+    return values
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        hint = " (it is a folder)" if path.is_dir() else ""
+        raise DataError(f"file not found{hint}", path=path, fix="check the path")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError("the file is empty", path=path, fix="check the path and the file")
+    return raw
+
+
+def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
+    """Refuse bytes that are not valid in `encoding`, naming the line and the byte within it."""
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        start = error.start
+        line = raw.count(b"\n", 0, start) + 1
+        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(
+            f"byte 0x{raw[start]:02x} at byte {column} of the line is not valid {encoding}",
+            path=path,
+            line=line,
+            fix="pass the file's real encoding, e.g. encoding: latin-1 (or cp1252)",
+        ) from None
+    except LookupError:
+        raise DataError(f"unknown encoding {encoding!r}", path=path) from None
+
+
+def _scan_plain(raw: bytes, sep: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """File line and field count of every non-blank line of a file without quoting (vectorised)."""
+    data = np.frombuffer(raw, dtype=np.uint8)
+    ends = np.flatnonzero(data == ord("\n"))
+    if not raw.endswith(b"\n"):
+        ends = np.append(ends, len(data))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts
+    carriage = lengths > 0
+    carriage[carriage] = data[ends[carriage] - 1] == ord("\r")
+    nonblank = (lengths - carriage) > 0
+    seps = np.flatnonzero(data == sep[0])
+    counts = np.searchsorted(seps, ends) - np.searchsorted(seps, starts) + 1
+    return np.flatnonzero(nonblank) + 1, counts[nonblank]
+
+
+def _scan_quoted(
+    raw: bytes, path: Path, sep: str, quotechar: str, encoding: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """File line where every record starts and its field count, honouring quotes (csv module)."""
+    reader = csv.reader(
+        io.StringIO(raw.decode(encoding), newline=""), delimiter=sep, quotechar=quotechar
+    )
+    lines, counts, previous = [], [], 0
+    try:
+        for record in reader:
+            if record:
+                lines.append(previous + 1)
+                counts.append(len(record))
+            previous = reader.line_num
+    except csv.Error as error:
+        raise DataError(f"malformed quoting: {error}", path=path, line=previous + 1) from None
+    return np.asarray(lines, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+
+
+def _check_ragged(
+    lines: np.ndarray, counts: np.ndarray, expected: int, path: Path, delimiter: str
+) -> None:
+    bad = np.flatnonzero(counts != expected)
+    if len(bad):
+        first = int(bad[0])
+        raise DataError(
+            f"expected {expected} fields (as on line {int(lines[0])}), found {int(counts[first])} "
+            f"({len(bad)} ragged line(s) in all)",
+            path=path,
+            line=int(lines[first]),
+            fix=f"fix the line, quote fields that contain the delimiter {delimiter!r}, "
+            "or check the delimiter",
+        )
+
+
+def _column_names(
+    raw: bytes,
+    sep: bytes,
+    quotechar: str | None,
+    encoding: str,
+    header: bool,
+    names: list[str] | None,
+    expected: int,
+    path: Path,
+) -> list[str]:
+    """Column names: `names`, else the header row, else 0..n-1 as strings."""
+    if names is not None:
+        if len(names) != expected:
+            raise DataError(
+                f"`names` lists {len(names)} columns but the file has {expected}", path=path
+            )
+        return list(names)
+    if not header:
+        return [str(i) for i in range(expected)]
+    first = next(line for line in raw.decode(encoding).splitlines() if line.strip())
+    quoting = csv.QUOTE_MINIMAL if quotechar else csv.QUOTE_NONE
+    row = next(
+        csv.reader(
+            [first], delimiter=sep.decode(encoding), quotechar=quotechar or '"', quoting=quoting
+        )
+    )
+    return [name.strip() for name in row]
+
+
+def _with_lines(frame: pd.DataFrame, path: Path, lines: np.ndarray) -> pd.DataFrame:
+    """Record the source file and the file line of every row in `frame.attrs`."""
+    frame.attrs["source"] = str(path)
+    if len(lines) == len(frame) and np.array_equal(lines, lines[0] + np.arange(len(lines))):
+        frame.attrs["first_line"] = int(lines[0])
+    elif len(lines) == len(frame):
+        frame.attrs["lines"] = np.asarray(lines, dtype=np.int64)
+    return frame
+
+
+def _libfm_labels(labels: pd.Series, path: Path, lines: np.ndarray) -> np.ndarray:
+    values = pd.to_numeric(labels, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DataError(
+            f"label {labels.iloc[bad[0]]!r} is not a number",
+            path=path,
+            line=int(lines[bad[0]]),
+            column=1,
+            fix="each line must start with a numeric label",
+        )
+    return values
+
+
+def _split_tokens(
+    tokens: pd.Series, where: tuple[np.ndarray, np.ndarray], path: Path, lines: np.ndarray
+) -> tuple[tuple[pd.Series, pd.Series], pd.Series | None]:
+    """Split ``idx:val`` / ``field:idx:val`` tokens into (ids, values) and fields (libSVM: None)."""
+    colons = tokens.str.count(":").to_numpy()
+    arity = int(colons[0]) if len(colons) else 1
+    pattern = r"[^:\s]+:[^:\s]+" if arity == 1 else r"[^:\s]+:[^:\s]+:[^:\s]+"
+    wrong = ~tokens.str.fullmatch(pattern).to_numpy(dtype=bool) if arity in (1, 2) else None
+    if wrong is None or wrong.any():
+        at = 0 if wrong is None else int(np.flatnonzero(wrong)[0])
+        form = "idx:val" if arity == 1 else "field:idx:val"
+        _token_error(tokens, where, at, path, lines, f"is not {form} like the first token")
+    parts = tokens.str.split(":", expand=True)
+    fields = None if arity == 1 else parts[0]
+    ids, values = parts[arity - 1], parts[arity]
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    not_one = np.flatnonzero(numbers != 1.0)
+    if len(not_one):
+        _token_error(
+            tokens,
+            where,
+            int(not_one[0]),
+            path,
+            lines,
+            "has a value other than 1; only binary features are supported",
+            fix="bucketise numeric values into separate feature ids (one id per bucket, value 1)",
+        )
+    return (ids, values), fields
+
+
+def _token_error(
+    tokens: pd.Series,
+    where: tuple[np.ndarray, np.ndarray],
+    at: int,
+    path: Path,
+    lines: np.ndarray,
+    problem: str,
+    fix: str = "write features as idx:val (libSVM/libFM) or field:idx:val (libFFM)",
+) -> None:
+    rows, positions = where
+    raise DataError(
+        f"token {int(positions[at])} ({tokens.iloc[at]!r}) {problem}",
+        path=path,
+        line=int(lines[rows[at]]),
+        column=int(positions[at]),
+        fix=fix,
+    )
+
+
+def _lists(ids: pd.Series, rows: np.ndarray, n: int) -> pd.Series:
+    """Group ids by row into python lists, with an empty list for rows that have none."""
+    grouped = pd.Series(ids.to_numpy(), index=rows).groupby(level=0).agg(list)
+    out = pd.Series([[] for _ in range(n)], dtype=object)
+    out.iloc[grouped.index.to_numpy()] = grouped.to_numpy()
+    return out
+
+
+def _natural(field: str) -> tuple[int, int | str]:
+    """Sort key that puts numeric field names in numeric order."""
+    return (0, int(field)) if field.isdigit() else (1, field)
+
+
+__all__ = ["read_csv", "read_parquet", "read_libfm", "check_numeric"]

@@ -1,0 +1,125 @@
+"""A training run from a config: load data, build the model around its embedding, train, write.
+
+`runs/<name>-<config hash>/` receives: config.yaml (resolved), encoder.json (fitted on train),
+metrics.jsonl (one line per epoch), checkpoint.pt (resume point), model.pt (best weights) and
+final.json (validation and test metrics, parameter counts, times). All written atomically.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dnis import models
+from dnis.config import Config, DatasetConfig, load_config
+from dnis.data.dataset import EncodedDataset
+from dnis.data.encode import Encoder
+from dnis.data.registry import load
+from dnis.data.schema import Schema
+from dnis.embeddings import FieldLayout, FusedEmbedding
+from dnis.errors import DnisError
+from dnis.io import atomic_write, write_json, write_yaml
+from dnis.models.base import Model
+from dnis.tasks import make_task
+from dnis.train.progress import Progress
+from dnis.train.trainer import Trainer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+def load_dataset(config: DatasetConfig, seed: int) -> EncodedDataset:
+    if config.name is not None:
+        return load(config.name, config.task, path=config.path, seed=seed, **config.options)
+    from dnis.data.tabular import load_files
+
+    assert config.format is not None and config.schema is not None and config.path is not None
+    return load_files(
+        format=config.format,
+        path=config.path,
+        schema=Schema.from_dict(config.schema, where="dataset.schema"),
+        task=config.task,
+        split=config.split,
+        seed=seed,
+        delimiter=config.delimiter,
+        header=config.header,
+        names=config.names,
+        encoding=config.encoding,
+    )
+
+
+def build_model(config: Config, dataset: EncodedDataset) -> Model:
+    """The model, around a full-width fused embedding, initialised from the run's seed."""
+    torch.manual_seed(config.seed)
+    embedding = FusedEmbedding(
+        FieldLayout.from_dataset(dataset), config.embedding.dim, config.embedding.init_std
+    )
+    return models.build(config.model.name, dataset.schema, embedding, **config.model.params)
+
+
+def parameter_counts(model: Model) -> dict[str, int]:
+    embedding = sum(p.numel() for p in model.embedding.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return {"embedding": embedding, "other": total - embedding, "total": total}
+
+
+def train(config: Config, *, resume: bool = False, progress: Progress | None = None) -> RunResult:
+    run_dir = config.run_dir()
+    if not resume and (run_dir / "checkpoint.pt").exists():
+        (run_dir / "checkpoint.pt").unlink()  # a fresh run must not inherit an old resume point
+    write_yaml(run_dir / "config.yaml", config.to_dict())
+    dataset = load_dataset(config.dataset, config.seed)
+    dataset.encoder.save(run_dir / "encoder.json")
+    model = build_model(config, dataset)
+    task = make_task(dataset)
+    trainer = Trainer(model, task, config.train, run_dir=run_dir, progress=progress)
+    started = time.perf_counter()
+    result = trainer.fit(resume=resume)
+    atomic_write(run_dir / "model.pt", lambda handle: torch.save(model.state_dict(), handle))
+    test = task.evaluate(model, "test", config.train.eval_batch_size)
+    metrics = {
+        "run": run_dir.name,
+        "dataset": dataset.summary(),
+        "model": config.model.name,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "valid": result.valid,
+        "test": test,
+        "params": parameter_counts(model),
+        "train_seconds": round(result.train_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+    write_json(run_dir / "final.json", metrics)
+    return RunResult(run_dir, metrics)
+
+
+def evaluate(run_dir: str | Path, split: str = "test") -> dict[str, float]:
+    """Re-evaluate a finished run's best model on a split, encoding data exactly as the run did."""
+    run_dir = Path(run_dir)
+    for required in ("config.yaml", "model.pt", "encoder.json"):
+        if not (run_dir / required).exists():
+            raise DnisError(f"{run_dir} is not a finished run: {required} is missing")
+    config = load_config(run_dir / "config.yaml")
+    dataset = load_dataset(config.dataset, config.seed)
+    saved = Encoder.load(run_dir / "encoder.json").cardinalities
+    if saved != dataset.cardinalities:
+        raise DnisError(
+            f"the data behind {run_dir} changed since the run (vocabulary sizes {saved} then, "
+            f"{dataset.cardinalities} now); retrain instead"
+        )
+    model = build_model(config, dataset)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu"))
+    return make_task(dataset).evaluate(model, split, config.train.eval_batch_size)
