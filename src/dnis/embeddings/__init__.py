@@ -1,6 +1,7 @@
 """Input layers: every model reads its fields through one of these modules."""
 
-from dnis.embeddings.fused import FieldPooling, FusedEmbedding
+from dnis.embeddings.base import FieldEmbedding, FieldPooling
+from dnis.embeddings.fused import FusedEmbedding
 from dnis.embeddings.layout import FieldLayout
 
-__all__ = ["FieldLayout", "FieldPooling", "FusedEmbedding"]
+__all__ = ["FieldEmbedding", "FieldLayout", "FieldPooling", "FusedEmbedding"]

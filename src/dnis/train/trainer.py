@@ -61,13 +61,22 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def make_optimizer(model: Model, config: TrainConfig) -> torch.optim.Optimizer:
-    """Embedding rows are regularised per batch (`embedding_l2`), so weight decay skips them."""
+def make_optimizer(
+    model: Model, config: TrainConfig, exclude: list[torch.nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
+    """Embedding rows are regularised per batch (`embedding_l2`), so weight decay skips them.
+
+    Parameters that do not require grad (e.g. a frozen DNIS alpha) or are in `exclude` are left out.
+    """
+    skip = {id(p) for p in exclude or []}
     embedding_ids = {id(p) for p in model.embedding.parameters()}
-    dense = [p for p in model.parameters() if id(p) not in embedding_ids]
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     groups = [
-        {"params": list(model.embedding.parameters()), "weight_decay": 0.0},
-        {"params": dense, "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if id(p) in embedding_ids], "weight_decay": 0.0},
+        {
+            "params": [p for p in trainable if id(p) not in embedding_ids],
+            "weight_decay": config.weight_decay,
+        },
     ]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)

@@ -1,0 +1,83 @@
+"""The input-layer interface every model reads through, whatever stores the vectors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dnis.embeddings.layout import FieldLayout
+
+
+class FieldPooling(nn.Module):
+    """Turns per-slot vectors [B, S, d] into per-field vectors [B, F, d] without a Python loop.
+
+    Sequence slots holding id 0 are padding and are masked; categorical slots always count (their
+    id 0 is the learned OOV row). Mean-pooled fields divide by the number of real ids (min 1).
+    """
+
+    def __init__(self, layout: FieldLayout) -> None:
+        super().__init__()
+        self.num_fields = layout.num_fields
+        self.identity = not layout.has_sequences
+        slot_fields = torch.tensor(layout.slot_fields, dtype=torch.long)
+        sequence = torch.tensor(layout.sequence_fields)
+        self.register_buffer("slot_fields", slot_fields, persistent=False)
+        self.register_buffer("sequence_slot", sequence[slot_fields], persistent=False)
+        self.register_buffer("mean_field", torch.tensor(layout.mean_pooled), persistent=False)
+
+    def forward(self, ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return vectors
+        weights = ((ids != 0) | ~self.sequence_slot).to(vectors.dtype)  # [B, S]
+        batch, _, dim = vectors.shape
+        pooled = vectors.new_zeros(batch, self.num_fields, dim)
+        pooled.index_add_(1, self.slot_fields, vectors * weights.unsqueeze(-1))
+        counts = weights.new_zeros(batch, self.num_fields).index_add_(1, self.slot_fields, weights)
+        divisor = torch.where(self.mean_field, counts.clamp(min=1.0), torch.ones_like(counts))
+        return pooled / divisor.unsqueeze(-1)
+
+
+class FieldEmbedding(nn.Module):
+    """Base of every input layer: ids [B, S] -> field vectors [B, F, dim].
+
+    All fields live in one row space (field f's id i is row offset_f + i), so a batch is one
+    `lookup` of global rows, then pooling of sequence slots. Subclasses decide how rows are stored
+    (one dense table, a soft-selected table, compact mixed-width tables) by implementing `lookup`
+    and `num_parameters`; models only ever see this interface.
+    """
+
+    def __init__(self, layout: FieldLayout, dim: int) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"embedding dim must be >= 1, got {dim}")
+        self.layout = layout
+        self.dim = dim
+        self.register_buffer("slot_offsets", layout.slot_offsets(), persistent=False)
+        self.register_buffer("field_offsets", layout.field_offsets(), persistent=False)
+        self.pooling = FieldPooling(layout)
+        self.last_l2 = torch.zeros(())  # mean squared norm of the last training batch's rows
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Vectors [..., dim] of global rows (any shape)."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        """Bytes needed to store the rows, index overhead included (default: the parameters)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        vectors = self.lookup(ids + self.slot_offsets)
+        if self.training:
+            self.last_l2 = vectors.pow(2).sum() / ids.shape[0]
+        return self.pooling(ids, vectors)
+
+    def field_rows(self, field: int) -> torch.Tensor:
+        """Every row of one field [cardinality, dim], e.g. all items for full ranking."""
+        start = int(self.field_offsets[field])
+        rows = torch.arange(
+            start, start + self.layout.cardinalities[field], device=self.slot_offsets.device
+        )
+        return self.lookup(rows)

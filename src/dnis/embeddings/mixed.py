@@ -1,0 +1,121 @@
+"""Materialised search results: embeddings whose memory really shrinks to the budget.
+
+- `BlockMixedEmbedding` (block granularity): every frequency block k keeps its own set of dims
+  D_k, stored as a dense [n_k, |D_k|] table; all blocks live in one flat buffer.
+- `RaggedEmbedding` (element granularity): every row keeps its own dims, stored as CSR (values,
+  int16 dim indices, int32 row pointers); its memory counts those indices.
+
+Both return vectors padded to the full width d, zeros at pruned dims, so any model built for
+width d reads them unchanged, and predictions equal the masked soft-selected model's. A lookup is
+a fixed number of vectorised gathers per batch, never a Python loop over fields or blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dnis.embeddings.base import FieldEmbedding
+from dnis.embeddings.blocks import BlockLayout
+from dnis.embeddings.layout import FieldLayout
+
+
+class BlockMixedEmbedding(FieldEmbedding):
+    def __init__(
+        self, layout: FieldLayout, dim: int, blocks: BlockLayout, keep: torch.Tensor
+    ) -> None:
+        """`keep` [num_blocks, dim] (bool) says which dims each block keeps."""
+        super().__init__(layout, dim)
+        keep = keep.bool()
+        if keep.shape != (blocks.num_blocks, dim):
+            raise ValueError(f"keep must be [{blocks.num_blocks}, {dim}], got {list(keep.shape)}")
+        self.blocks = blocks
+        widths = keep.sum(dim=1)
+        sizes = torch.tensor(blocks.size)
+        base = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), sizes * widths]), 0)
+        self.values = nn.Parameter(torch.zeros(int(base[-1])))
+        # position of dim j inside a row of block k (0 where pruned; `keep` masks it out)
+        position = torch.cumsum(keep.long(), dim=1) - 1
+        self.register_buffer("keep", keep)
+        self.register_buffer("position", torch.where(keep, position, 0))
+        self.register_buffer("widths", widths)
+        self.register_buffer("base", base[:-1])
+        self.register_buffer("block_start", torch.tensor(blocks.start))
+
+    def _row_index(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        block = torch.searchsorted(self.block_start, rows, right=True) - 1
+        first = self.base[block] + (rows - self.block_start[block]) * self.widths[block]
+        keep = self.keep[block]
+        return torch.where(keep, first.unsqueeze(-1) + self.position[block], 0), keep
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.values.numel() == 0:
+            return torch.zeros(*rows.shape, self.dim)
+        index, keep = self._row_index(rows)
+        return self.values[index] * keep
+
+    @torch.no_grad()
+    def load_dense(self, table: torch.Tensor) -> None:
+        """Copy the kept entries of a dense [rows, dim] table (e.g. alpha-folded weights)."""
+        rows = torch.arange(table.shape[0])
+        index, keep = self._row_index(rows)
+        self.values[index[keep]] = table[keep]
+
+    def reset_parameters(self, std: float = 0.01) -> None:
+        nn.init.normal_(self.values, std=std)
+
+    def num_parameters(self) -> int:
+        return self.values.numel()
+
+    def dims_per_block(self) -> list[int]:
+        return self.widths.tolist()
+
+
+class RaggedEmbedding(FieldEmbedding):
+    def __init__(self, layout: FieldLayout, dim: int, keep: torch.Tensor) -> None:
+        """`keep` [rows, dim] (bool) says which entries of every row survive."""
+        super().__init__(layout, dim)
+        keep = keep.bool()
+        if keep.shape != (layout.total_rows, dim):
+            raise ValueError(f"keep must be [{layout.total_rows}, {dim}], got {list(keep.shape)}")
+        if dim > torch.iinfo(torch.int16).max:
+            raise ValueError("RaggedEmbedding stores dim indices as int16: dim must be < 32768")
+        rows, dims = keep.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=layout.total_rows)
+        indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+        self.values = nn.Parameter(torch.zeros(len(rows)))
+        self.register_buffer("dims", dims.to(torch.int16))
+        self.register_buffer("indptr", indptr.to(torch.int32))
+
+    def _entries(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position in `flat`, index into `values`) of every stored entry of the given rows."""
+        starts = self.indptr[flat].long()
+        lengths = self.indptr[flat + 1].long() - starts
+        owner = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        shift = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+        return owner, shift + torch.arange(int(lengths.sum()))
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1)
+        owner, entry = self._entries(flat)
+        out = self.values.new_zeros(len(flat), self.dim)
+        out = out.index_put((owner, self.dims[entry].long()), self.values[entry])
+        return out.view(*rows.shape, self.dim)
+
+    @torch.no_grad()
+    def load_dense(self, table: torch.Tensor) -> None:
+        owner, entry = self._entries(torch.arange(table.shape[0]))
+        self.values[entry] = table[owner, self.dims[entry].long()]
+
+    def reset_parameters(self, std: float = 0.01) -> None:
+        nn.init.normal_(self.values, std=std)
+
+    def num_parameters(self) -> int:
+        return self.values.numel()
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.dims, self.indptr))
+
+    def widths(self) -> torch.Tensor:
+        """Number of kept dims of every row."""
+        return (self.indptr[1:] - self.indptr[:-1]).long()
