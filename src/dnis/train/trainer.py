@@ -123,6 +123,8 @@ class Trainer:
         if resume:
             state = self._resume()
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+            if cfg.patience and state["stale"] >= cfg.patience:
+                break  # early-stopped (checked first, so a run resumed at that point stops too)
             started = time.perf_counter()
             loss = self._train_epoch(epoch)
             valid = task.evaluate(self.model, "valid", cfg.eval_batch_size)
@@ -148,8 +150,6 @@ class Trainer:
             state["epoch"] = epoch
             self._save(state)
             self.progress.epoch_end(record)
-            if cfg.patience and state["stale"] >= cfg.patience:
-                break
         if state["best_state"] is not None:
             self.model.load_state_dict(state["best_state"])
         best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
