@@ -78,6 +78,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps({"run_dir": str(result.run_dir), "test": result.metrics["test"]}, indent=2))
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from dnis.report import metric_table
+    from dnis.report.search_report import result_rows
+    from dnis.search.run import search_run
+
+    overrides = list(args.set)
+    budgets = args.budgets or ([args.budget] if args.budget is not None else None)
+    if budgets:
+        overrides.append(f"search.budgets={list(budgets)}")
+    config = load_config(args.config, overrides)
+    progress = None if args.quiet else RichProgress(config.run_name())
+    results = search_run(config, progress=progress)
+    rows = result_rows(results, results[0].metric)
+    print(metric_table(rows, list(rows[0])))
+    print(f"report: {config.run_dir() / 'report.md'}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dnis.train.run import evaluate
 
@@ -128,6 +145,14 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(run=cmd_train)
+
+    search = sub.add_parser("search", help="DNIS: search dims, prune to budgets, retrain")
+    search.add_argument("--config", required=True, type=Path)
+    search.add_argument("--budget", type=float, help="fraction of the full embedding, e.g. 0.25")
+    search.add_argument("--budgets", type=float, nargs="+", help="several budgets, one search")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--quiet", action="store_true")
+    search.set_defaults(run=cmd_search)
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate a finished run")
     evaluate.add_argument("run_dir", type=Path)

@@ -19,6 +19,7 @@ import yaml
 
 from dnis.data.schema import check_keys
 from dnis.errors import ConfigError
+from dnis.search.dnis import DnisConfig
 from dnis.train.trainer import TrainConfig
 
 
@@ -72,6 +73,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: DnisConfig = field(default_factory=DnisConfig)
     name: str | None = None  # run name; default model-dataset-task
     seed: int = 0  # data split and training seed
     output_dir: str = "runs"

@@ -65,8 +65,8 @@ class FieldEmbedding(nn.Module):
         raise NotImplementedError
 
     def memory_bytes(self) -> int:
-        """Bytes needed to store the rows, index overhead included (default: the parameters)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of everything saved with the module: parameters and index buffers alike."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         vectors = self.lookup(ids + self.slot_offsets)

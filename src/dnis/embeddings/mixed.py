@@ -113,9 +113,6 @@ class RaggedEmbedding(FieldEmbedding):
     def num_parameters(self) -> int:
         return self.values.numel()
 
-    def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.values, self.dims, self.indptr))
-
     def widths(self) -> torch.Tensor:
         """Number of kept dims of every row."""
         return (self.indptr[1:] - self.indptr[:-1]).long()

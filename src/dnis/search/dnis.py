@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class DnisConfig:
     normalize_alpha_grad: bool = True  # per-block gradient normalisation
     granularity: str = "block"  # block | element
     retrain: str = "finetune"  # finetune: start from the searched weights; scratch: re-initialise
+    budgets: list[float] = field(default_factory=lambda: [0.25])  # fractions of the full table
 
     def __post_init__(self) -> None:
         if self.block_mode not in BLOCK_MODES:
@@ -66,6 +67,8 @@ class DnisConfig:
             raise ConfigError("search.retrain must be 'finetune' or 'scratch'")
         if self.alpha_optimizer not in ("sgd", "adam"):
             raise ConfigError("search.alpha_optimizer must be 'sgd' or 'adam'")
+        for budget in self.budgets:
+            budget_params(budget, 1 << 62)  # refuses 0, negatives and non-integral counts > 1
         if self.search_epochs < 1 or self.num_blocks < 1 or self.warmup_epochs < 0:
             raise ConfigError(
                 "search: search_epochs and num_blocks must be >= 1, warmup_epochs >= 0"
@@ -87,8 +90,8 @@ class SearchState:
 
 def alpha_stats(alpha: torch.Tensor, blocks: BlockLayout, names: Sequence[str]) -> dict[str, Any]:
     a = alpha.detach()
-    field = torch.tensor(blocks.field)
-    per_field = {n: round(float(a[field == f].mean()), 4) for f, n in enumerate(names)}
+    block_field = torch.tensor(blocks.field)
+    per_field = {n: round(float(a[block_field == f].mean()), 4) for f, n in enumerate(names)}
     return {
         "alpha_mean": round(float(a.mean()), 4),
         "alpha_below_0.01": round(float((a < 0.01).float().mean()), 4),
@@ -272,6 +275,7 @@ def retrain(
     test = task.evaluate(model, "test", train.eval_batch_size)
     return SearchResult(
         method="dnis",
+        metric=task.metric,
         budget=budget,
         full_params=state.embedding.weight.numel(),
         embedding_params=compact.num_parameters(),

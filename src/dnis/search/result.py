@@ -11,6 +11,7 @@ from dnis.models.base import Model
 @dataclass
 class SearchResult:
     method: str
+    metric: str  # the task's primary validation metric, e.g. "auc"
     budget: float  # as asked: a fraction of the full embedding, or a parameter count
     full_params: int  # embedding parameters of the full-width model
     embedding_params: int  # embedding parameters of the compact model
@@ -31,6 +32,7 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "metric": self.metric,
             "budget": self.budget,
             "full_params": self.full_params,
             "embedding_params": self.embedding_params,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dnis import models
 from dnis.config import Config, DatasetConfig, load_config
@@ -56,13 +58,20 @@ def load_dataset(config: DatasetConfig, seed: int) -> EncodedDataset:
     )
 
 
+def model_factory(config: Config, dataset: EncodedDataset) -> Callable[[nn.Module], Model]:
+    """Builds the configured model around whatever embedding it is given (search swaps it)."""
+    return lambda embedding: models.build(
+        config.model.name, dataset.schema, embedding, **config.model.params
+    )
+
+
 def build_model(config: Config, dataset: EncodedDataset) -> Model:
     """The model, around a full-width fused embedding, initialised from the run's seed."""
     torch.manual_seed(config.seed)
     embedding = FusedEmbedding(
         FieldLayout.from_dataset(dataset), config.embedding.dim, config.embedding.init_std
     )
-    return models.build(config.model.name, dataset.schema, embedding, **config.model.params)
+    return model_factory(config, dataset)(embedding)
 
 
 def parameter_counts(model: Model) -> dict[str, int]:
@@ -71,13 +80,19 @@ def parameter_counts(model: Model) -> dict[str, int]:
     return {"embedding": embedding, "other": total - embedding, "total": total}
 
 
+def start_run(config: Config, run_dir: Path) -> EncodedDataset:
+    """Write the resolved config, load the data, save its encoders: the start of every run."""
+    write_yaml(run_dir / "config.yaml", config.to_dict())
+    dataset = load_dataset(config.dataset, config.seed)
+    dataset.encoder.save(run_dir / "encoder.json")
+    return dataset
+
+
 def train(config: Config, *, resume: bool = False, progress: Progress | None = None) -> RunResult:
     run_dir = config.run_dir()
     if not resume and (run_dir / "checkpoint.pt").exists():
         (run_dir / "checkpoint.pt").unlink()  # a fresh run must not inherit an old resume point
-    write_yaml(run_dir / "config.yaml", config.to_dict())
-    dataset = load_dataset(config.dataset, config.seed)
-    dataset.encoder.save(run_dir / "encoder.json")
+    dataset = start_run(config, run_dir)
     model = build_model(config, dataset)
     task = make_task(dataset)
     trainer = Trainer(model, task, config.train, run_dir=run_dir, progress=progress)
