@@ -80,6 +80,7 @@ def plot_dims_heatmap(results: Sequence[SearchResult], path: Path, max_dim: int)
         for (i, j), value in np.ndenumerate(matrix):
             if not np.isnan(value):
                 axis.text(j, i, f"{value:.0f}", ha="center", va="center", color="white", fontsize=7)
+    figure.subplots_adjust(wspace=0.45)
     figure.colorbar(image, ax=axes[0].tolist(), label="kept dims")
     save_figure(figure, path)
 

@@ -1,0 +1,256 @@
+"""DNIS: blocks, soft selection, pruning, exact materialisation, and the planted ground truth."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from dnis import models
+from dnis.data.synthetic import load_synthetic
+from dnis.embeddings.blocks import BlockLayout, block_edges, frequency_blocks
+from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.embeddings.soft_selection import SoftSelectionEmbedding
+from dnis.errors import ConfigError
+from dnis.search.dnis import DnisConfig, materialize, retrain, search
+from dnis.search.prune import budget_params, prune_blocks, prune_elements
+from dnis.tasks.base import predict
+from dnis.train import TrainConfig
+
+
+def test_block_edges_equal_counts_and_ties_never_straddle():
+    counts = np.array([10, 9, 9, 9, 5, 5, 3, 2, 1, 1])
+    edges = block_edges(counts, 3, "count")
+    assert edges[-1] == len(counts)
+    for cut in edges[:-1]:
+        assert counts[cut - 1] != counts[cut], f"edge {cut} splits a run of equal counts"
+    assert block_edges(np.ones(8, dtype=int), 4, "count") == [8]  # all tied: one block
+
+
+def test_block_edges_mass_puts_fewer_ids_in_frequent_blocks():
+    counts = np.array([100, 50, 20, 10, 5, 4, 3, 2, 1, 1, 1, 1])
+    edges = block_edges(counts, 3, "mass")
+    sizes = np.diff([0, *edges])
+    assert sizes[0] < sizes[-1]
+
+
+def test_frequency_blocks_cover_every_row_once_with_oov_in_first_block():
+    layout = FieldLayout(("a", "b"), (11, 5), (0, 1), (False, False), (False, False))
+    freqs = [np.r_[0, np.arange(10, 0, -1)], np.r_[0, [4, 3, 2, 1]]]
+    blocks = frequency_blocks(layout, freqs, num_blocks=3)
+    row_block = blocks.row_block()
+    assert len(row_block) == 16
+    assert torch.all(row_block[1:] >= row_block[:-1])  # contiguous ranges
+    assert blocks.start[blocks.blocks_of(1)[0]] == 11  # field b starts at its offset (its OOV row)
+    assert sum(blocks.size) == 16
+    assert blocks.frequency[0] > blocks.frequency[blocks.blocks_of(0)[-1]]
+
+
+def _soft(seed: int = 0) -> tuple[SoftSelectionEmbedding, BlockLayout]:
+    torch.manual_seed(seed)
+    layout = FieldLayout(
+        ("a", "b", "s"), (30, 20, 8), (0, 1, 2, 2), (False, False, True), (False, False, True)
+    )
+    freqs = [
+        np.r_[0, np.arange(29, 0, -1)],
+        np.r_[0, np.arange(19, 0, -1)],
+        np.r_[0, np.arange(7, 0, -1)],
+    ]
+    blocks = frequency_blocks(layout, freqs, num_blocks=4)
+    soft = SoftSelectionEmbedding(layout, 8, blocks, init_std=1.0)
+    with torch.no_grad():
+        soft.alpha.uniform_(0, 1)
+    return soft, blocks
+
+
+def test_soft_selection_scales_each_row_by_its_block_alpha():
+    soft, blocks = _soft()
+    rows = torch.tensor([0, 5, 29, 31, 55])
+    expected = soft.weight[rows] * soft.alpha[soft.row_block[rows]]
+    assert torch.allclose(soft.lookup(rows), expected)
+    loss = soft(torch.tensor([[1, 2, 3, 0]])).sum()
+    loss.backward()
+    assert soft.alpha.grad is not None and soft.alpha.grad.abs().sum() > 0
+
+
+def test_budget_params_validates():
+    assert budget_params(0.25, 1000) == 250
+    assert budget_params(300, 1000) == 300
+    for bad in (0, -0.5, 2.5, 5000):
+        with pytest.raises(ConfigError):
+            budget_params(bad, 1000)
+
+
+def test_prune_blocks_keeps_largest_alpha_within_budget():
+    soft, blocks = _soft()
+    budget = 120
+    keep = prune_blocks(soft.alpha, blocks, budget)
+    sizes = torch.tensor(blocks.size).unsqueeze(1)
+    spent = int((keep * sizes).sum())
+    assert spent <= budget
+    assert spent >= budget - max(blocks.size)  # nothing that fits was left out
+    # every kept entry of a given cost has alpha >= every dropped entry of the same or lower cost
+    kept_min = soft.alpha[keep].min()
+    dropped = soft.alpha[~keep]
+    cheapest = min(blocks.size)
+    assert torch.all(dropped[(sizes.expand_as(keep)[~keep] >= cheapest)] <= 1.0)
+    assert kept_min >= 0
+
+
+def test_prune_elements_hits_budget_exactly_and_skips_sequence_padding():
+    soft, _ = _soft()
+    table = soft.selected_weight().detach()
+    keep = prune_elements(table, soft.layout, 100)
+    assert int(keep.sum()) == 100
+    padding_row = int(soft.layout.field_offsets()[2])
+    assert not keep[padding_row].any()
+    kept = table.abs()[keep].min()
+    keep[padding_row] = True  # padding excluded from the comparison
+    assert kept >= table.abs()[~keep].max()
+
+
+@pytest.mark.parametrize("kind", ["block", "element"])
+def test_materialised_embedding_equals_masked_soft_selection(kind):
+    soft, blocks = _soft()
+    ids = torch.tensor([[1, 2, 3, 0], [0, 19, 7, 7], [29, 0, 0, 0]])
+    table = soft.selected_weight().detach()
+    if kind == "block":
+        keep = prune_blocks(soft.alpha, blocks, 150)
+        compact = BlockMixedEmbedding(soft.layout, soft.dim, blocks, keep)
+        with torch.no_grad():
+            soft.alpha.mul_(keep)
+        expected_params = int((keep.sum(1) * torch.tensor(blocks.size)).sum())
+    else:
+        keep = prune_elements(table, soft.layout, 150)
+        compact = RaggedEmbedding(soft.layout, soft.dim, keep)
+        with torch.no_grad():
+            soft.weight.mul_(keep)
+        expected_params = 150
+    compact.load_dense(table)
+    assert torch.allclose(compact(ids), soft(ids), atol=1e-6)
+    assert compact.num_parameters() == expected_params
+    compact(ids).sum().backward()
+    assert compact.values.grad is not None and compact.values.grad.abs().sum() > 0
+
+
+def test_ragged_memory_counts_its_indices():
+    soft, _ = _soft()
+    keep = prune_elements(soft.selected_weight().detach(), soft.layout, 100)
+    compact = RaggedEmbedding(soft.layout, soft.dim, keep)
+    rows = soft.layout.total_rows
+    assert compact.memory_bytes() == 100 * 4 + 100 * 2 + (rows + 1) * 4
+
+
+# ---------------------------------------------------------------- end to end on planted structure
+
+TRAIN = TrainConfig(epochs=4, batch_size=512, lr=3e-3, patience=2)
+SEARCH = DnisConfig(num_blocks=4, warmup_epochs=2, search_epochs=4, alpha_lr=0.01, alpha_l1=1e-4)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    torch.set_num_threads(1)
+    ds = load_synthetic(
+        task="ctr", n_rows=30_000, ranks=(8, 4, 2), noise_fields=2, vocab=300, seed=0
+    )
+
+    def make(embedding):
+        return models.build("fm", ds.schema, embedding)
+
+    state = search(make, ds, dim=16, config=SEARCH, train=TRAIN)
+    return ds, make, state
+
+
+def _field_dims(dims: dict, name: str) -> float:
+    return float(np.mean(dims[name]["block_dims"]))
+
+
+def test_search_finds_the_planted_structure(planted):
+    ds, make, state = planted
+    result = retrain(
+        state, make, 0.25, config=SEARCH, train=TrainConfig(epochs=1, batch_size=512, lr=3e-3)
+    )
+    dims = result.dims
+    signal = [_field_dims(dims, f"signal{i}") for i in range(3)]
+    noise = [_field_dims(dims, f"noise{i}") for i in range(2)]
+    assert max(noise) <= 2.0, f"noise fields kept dims: {noise}"
+    assert signal[0] > signal[2], f"rank-8 field should get more dims than rank-2: {signal}"
+    assert min(signal) > max(noise)
+    for i in range(3):  # frequent blocks keep more dims than the rarest block of the same field
+        blocks = dims[f"signal{i}"]["block_dims"]
+        assert blocks[0] > blocks[-1], f"signal{i}: {blocks}"
+    # alpha itself ranks the fields the same way
+    alpha_means = state.history[-1]["alpha_field_mean"]
+    assert (
+        alpha_means["signal0"] > alpha_means["noise0"]
+        and alpha_means["signal0"] > alpha_means["noise1"]
+    )
+
+
+@pytest.mark.parametrize("granularity", ["block", "element"])
+def test_compact_model_predicts_like_the_pruned_soft_model(planted, granularity):
+    ds, make, state = planted
+    compact = materialize(state, 0.2, granularity)
+    model = make(compact)
+    dense = {k: v for k, v in state.model.state_dict().items() if not k.startswith("embedding.")}
+    model.load_state_dict(dense, strict=False)
+    soft = state.embedding
+    saved = soft.state_dict()
+    full = soft.weight.numel()
+    with torch.no_grad():
+        if granularity == "block":
+            keep = prune_blocks(soft.alpha, state.blocks, budget_params(0.2, full))
+            soft.alpha.mul_(keep)
+        else:
+            keep = prune_elements(soft.selected_weight(), soft.layout, budget_params(0.2, full))
+            soft.weight.mul_(keep)
+    expected = predict(state.model, ds.valid.ids)
+    soft.load_state_dict(saved)
+    got = predict(model, ds.valid.ids)
+    assert torch.allclose(got, expected, atol=1e-5)
+    params = compact.num_parameters()
+    assert params <= budget_params(0.2, full)
+    if granularity == "element":
+        assert params == budget_params(0.2, full)
+
+    # the saved compact table shrinks in proportion to the budget (plus, for element, its index)
+    def size(module):
+        buffer = io.BytesIO()
+        torch.save(module.state_dict(), buffer)
+        return buffer.tell()
+
+    ratio = size(compact) / size(soft)
+    if granularity == "block":
+        # a few KiB of block metadata and zip entries on top of the kept values
+        assert size(compact) < 0.2 * size(soft) + 8192, f"saved compact is {ratio:.2f} of the full"
+    else:
+        expected_bytes = params * (4 + 2) + (soft.layout.total_rows + 1) * 4
+        assert compact.memory_bytes() == expected_bytes
+        assert size(compact) < 1.1 * expected_bytes + 4096
+        assert ratio < 0.2 * 1.5 + 0.1
+
+
+def test_one_search_serves_many_budgets(planted):
+    ds, make, state = planted
+    quick = TrainConfig(epochs=1, batch_size=1024, lr=3e-3)
+    results = [retrain(state, make, b, config=SEARCH, train=quick) for b in (0.05, 0.5)]
+    assert results[0].embedding_params < results[1].embedding_params
+    assert all(r.search_seconds == state.seconds for r in results)
+    assert set(results[0].metrics) == {"valid", "test"}
+
+
+def test_dnis_runs_through_every_model():
+    ds = load_synthetic(task="ctr", n_rows=3000, ranks=(4, 2), noise_fields=1, vocab=50, seed=1)
+    config = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=1)
+    quick = TrainConfig(epochs=1, batch_size=512)
+    for name in ("mf", "bprmf", "neumf", "fm", "widedeep", "deepfm"):
+
+        def make(embedding, name=name):
+            return models.build(name, ds.schema, embedding)
+
+        state = search(make, ds, dim=8, config=config, train=quick)
+        result = retrain(state, make, 0.3, config=config, train=quick)
+        assert np.isfinite(result.metrics["test"]["auc"]), name
