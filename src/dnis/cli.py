@@ -102,27 +102,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Train one model per config and print one table of their test metrics."""
-    from dnis.train.run import train
+    """DNIS next to the uniform grid for each config; one table per config."""
+    from dnis.demo import run_demo
 
-    table = Table(title="dnis demo: test metrics on the bundled data")
-    for column in ("task", "dataset", "model", "dim", "metrics", "params", "seconds"):
+    out = Console()
+    for section in run_demo(args.configs, args.grid, args.set, progress=RichProgress):
+        out.print(rich_table(section.title, section.rows))
+        if section.truth:
+            out.print(rich_table("planted truth vs what DNIS found", section.truth))
+        if section.report:
+            out.print(f"report: {section.report}\n")
+
+
+def rich_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in rows[0]:
         table.add_column(column)
-    for path in args.configs:
-        config = load_config(path, args.set)
-        result = train(config, progress=RichProgress(config.run_name()))
-        m = result.metrics
-        shown = {k: v for k, v in m["test"].items() if k != "users"}
-        table.add_row(
-            config.dataset.task,
-            config.dataset.name or "custom",
-            config.model.name,
-            str(config.embedding.dim),
-            "  ".join(f"{k}={v:.4f}" for k, v in shown.items()),
-            f"{m['params']['total']:,}",
-            f"{m['wall_seconds']:.1f}",
-        )
-    Console().print(table)
+    for row in rows:
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,6 +159,13 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train the example configs and print a results table")
     demo.add_argument("configs", nargs="+", type=Path)
+    demo.add_argument(
+        "--grid",
+        type=int,
+        nargs="+",
+        default=[2, 8, 32],
+        help="uniform widths trained beside each DNIS search",
+    )
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(run=cmd_demo)
     return root
