@@ -7,6 +7,7 @@ data whose licence forbids redistribution is read from a path the user gives.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,24 @@ def load(
             f"dataset {name!r} may not be redistributed, so it is not bundled: download it yourself "
             f"and pass its folder, e.g. dnis.data.load({name!r}, task={task!r}, path='/data/{name}')"
         )
+    check_options(entry, options)
     return entry.loader(task=task, path=None if path is None else Path(path), seed=seed, **options)
+
+
+def check_options(entry: DatasetInfo, options: dict[str, Any]) -> None:
+    """Refuse an option the loader does not take, with a "did you mean" (typos never pass)."""
+    parameters = inspect.signature(entry.loader).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # the loader validates its own options
+    allowed = sorted(set(parameters) - {"task", "path", "seed"})
+    for key in options:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"dataset {entry.name!r} has no option {key!r}.{suggestion} "
+                f"Its options: {', '.join(allowed) or 'none'}"
+            )
 
 
 def _ensure_builtins() -> None:

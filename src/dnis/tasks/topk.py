@@ -3,7 +3,8 @@
 Protocol: each user's last interaction is the test item and the one before the validation item
 (leave-last-out split). Every item is ranked for every evaluated user, with the items the user
 already interacted with masked (training items for validation; training and validation items for
-test). Scores are computed in chunks of users, so the user x item matrix is never held whole.
+test). Scores are computed in chunks of users, so the user x item matrix is never held whole (a chunk
+holds at least one user's full item list, so `row_budget` below the item count means one user).
 """
 
 from __future__ import annotations

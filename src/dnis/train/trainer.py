@@ -171,7 +171,7 @@ class Trainer:
                 loss = loss + cfg.embedding_l2 * self.model.embedding.last_l2
             if not torch.isfinite(loss):
                 raise DnisError(
-                    f"the training loss became {float(loss)} in epoch {epoch}; lower train.lr or "
+                    f"the training loss became {float(loss.detach())} in epoch {epoch}; lower train.lr or "
                     "add regularisation (the last good checkpoint is kept)"
                 )
             self.optimizer.zero_grad(set_to_none=True)

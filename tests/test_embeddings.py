@@ -1,0 +1,161 @@
+"""FusedEmbedding: one table with per-field offsets, one gather, sequence pooling, sparse gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dnis.data.schema import FeatureSpec, Schema
+from dnis.embeddings import FieldLayout, FusedEmbedding
+
+SCHEMA = Schema(
+    features=(
+        FeatureSpec("user"),
+        FeatureSpec("tags", kind="sequence", max_len=4, pooling="mean"),
+        FeatureSpec("item"),
+        FeatureSpec("words", kind="sequence", max_len=3, pooling="sum"),
+        FeatureSpec("age", kind="numeric", buckets=5),
+    )
+)
+CARDS = [7, 5, 11, 4, 6]
+
+
+def layout() -> FieldLayout:
+    return FieldLayout.from_schema(SCHEMA, CARDS)
+
+
+def random_ids(n: int, seed: int = 0, padding: float = 0.4) -> torch.Tensor:
+    """Ids for every slot of SCHEMA, with many zeros (padding in sequences, OOV elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    lay = layout()
+    cols = []
+    for field in lay.slot_fields:
+        col = torch.randint(0, CARDS[field], (n,), generator=g)
+        col[torch.rand(n, generator=g) < padding] = 0
+        cols.append(col)
+    return torch.stack(cols, dim=1)
+
+
+def reference(emb: FusedEmbedding, ids: torch.Tensor) -> torch.Tensor:
+    """Plain per-row, per-field Python: what the fused, vectorised forward must equal."""
+    lay = emb.layout
+    out = torch.zeros(len(ids), lay.num_fields, emb.dim, dtype=torch.float64)
+    weight = emb.weight.detach().double()
+    for b in range(len(ids)):
+        slot = 0
+        for f in range(lay.num_fields):
+            width = lay.slot_fields.count(f)
+            offset = sum(CARDS[:f])
+            values = [int(v) for v in ids[b, slot : slot + width]]
+            slot += width
+            if not lay.sequence_fields[f]:
+                out[b, f] = weight[offset + values[0]]  # id 0 is the OOV row, a real lookup
+                continue
+            real = [v for v in values if v != 0]
+            if not real:
+                continue  # all padding: zero vector
+            total = sum(weight[offset + v] for v in real)
+            out[b, f] = total / len(real) if lay.mean_pooled[f] else total
+    return out
+
+
+def test_layout_offsets_and_slots() -> None:
+    lay = layout()
+    assert lay.num_fields == 5 and lay.num_slots == 1 + 4 + 1 + 3 + 1
+    assert lay.total_rows == sum(CARDS)
+    assert lay.field_offsets().tolist() == [0, 7, 12, 23, 27]
+    assert lay.slot_fields == (0, 1, 1, 1, 1, 2, 3, 3, 3, 4)
+    assert lay.slot_offsets().tolist() == [0, 7, 7, 7, 7, 12, 23, 23, 23, 27]
+    assert lay.sequence_fields == (False, True, False, True, False)
+    assert lay.mean_pooled == (False, True, False, False, False)
+
+
+def test_output_shape_and_single_table() -> None:
+    emb = FusedEmbedding(layout(), dim=6)
+    ids = random_ids(13)
+    out = emb(ids)
+    assert out.shape == (13, 5, 6)
+    params = list(emb.parameters())
+    assert len(params) == 1 and params[0].shape == (sum(CARDS), 6)
+    assert emb.num_parameters() == sum(CARDS) * 6
+
+
+def test_field_rows_are_slices_of_the_one_table() -> None:
+    emb = FusedEmbedding(layout(), dim=3)
+    start = 0
+    for f, card in enumerate(CARDS):
+        rows = emb.field_rows(f)
+        assert rows.shape == (card, 3)
+        assert torch.equal(rows, emb.weight[start : start + card])
+        start += card
+
+
+def test_lookup_of_id_k_in_field_f_is_row_offset_plus_k() -> None:
+    lay = FieldLayout.from_schema(Schema(features=(FeatureSpec("a"), FeatureSpec("b"))), [4, 9])
+    emb = FusedEmbedding(lay, dim=5)
+    with torch.no_grad():
+        emb.weight.copy_(torch.randn(13, 5))
+    for k in range(9):
+        ids = torch.tensor([[k % 4, k]])
+        out = emb(ids)
+        assert torch.equal(out[0, 0], emb.weight[k % 4])
+        assert torch.equal(out[0, 1], emb.weight[4 + k])
+        assert torch.equal(out[0, 1], emb.field_rows(1)[k])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pooling_matches_python_reference(seed: int) -> None:
+    torch.manual_seed(seed)
+    emb = FusedEmbedding(layout(), dim=4, init_std=1.0)
+    ids = random_ids(50, seed=seed)
+    got = emb(ids).double()
+    torch.testing.assert_close(got, reference(emb, ids), rtol=1e-5, atol=1e-6)
+    # eval mode gives the same vectors
+    emb.eval()
+    torch.testing.assert_close(emb(ids).double(), got)
+
+
+def test_all_padding_sequence_is_zero_but_categorical_oov_is_a_real_row() -> None:
+    emb = FusedEmbedding(layout(), dim=4, init_std=1.0)
+    ids = torch.zeros(2, layout().num_slots, dtype=torch.long)
+    out = emb(ids)
+    for f in (1, 3):  # sequence fields: everything is padding
+        assert torch.equal(out[:, f], torch.zeros(2, 4))
+    for f, offset in ((0, 0), (2, 12), (4, 27)):  # categorical/numeric: id 0 = OOV row
+        assert torch.equal(out[0, f], emb.weight[offset])
+        assert out[0, f].abs().sum() > 0
+
+
+def test_mean_pooling_ignores_padding_position() -> None:
+    emb = FusedEmbedding(layout(), dim=2, init_std=1.0)
+    ids = torch.zeros(2, layout().num_slots, dtype=torch.long)
+    ids[0, 1:5] = torch.tensor([2, 3, 0, 0])
+    ids[1, 1:5] = torch.tensor([0, 2, 0, 3])
+    out = emb(ids)
+    expected = (emb.weight[7 + 2] + emb.weight[7 + 3]) / 2
+    torch.testing.assert_close(out[0, 1], expected)
+    torch.testing.assert_close(out[1, 1], expected)
+
+
+def test_gradients_reach_only_looked_up_rows() -> None:
+    emb = FusedEmbedding(layout(), dim=3, init_std=1.0)
+    ids = random_ids(6, seed=3)
+    emb(ids).sum().backward()
+    grad = emb.weight.grad
+    assert grad is not None
+    used = set()
+    lay = layout()
+    offsets = lay.slot_offsets()
+    for b in range(len(ids)):
+        for s, field in enumerate(lay.slot_fields):
+            k = int(ids[b, s])
+            if lay.sequence_fields[field] and k == 0:
+                continue  # padding contributes nothing
+            used.add(int(offsets[s]) + k)
+    touched = {int(r) for r in torch.nonzero(grad.abs().sum(dim=1) > 0).flatten()}
+    assert touched == used
+
+
+def test_rejects_non_positive_dim() -> None:
+    with pytest.raises(ValueError, match="dim"):
+        FusedEmbedding(layout(), dim=0)
