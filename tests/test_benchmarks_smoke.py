@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -23,7 +21,6 @@ def run(args: list[str], timeout: int = 120) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(not BENCH.is_dir(), reason="no benchmarks folder")
 def test_quality_quick(tmp_path: Path) -> None:
     out, rows_json = tmp_path / "quality.md", tmp_path / "quality.json"
     stdout = run(
@@ -50,7 +47,6 @@ def test_quality_quick(tmp_path: Path) -> None:
         assert peer[0]["metrics"] or "unavailable" in peer[0]["note"]
 
 
-@pytest.mark.skipif(not BENCH.is_dir(), reason="no benchmarks folder")
 def test_throughput_small() -> None:
     stdout = run([str(BENCH / "throughput.py"), "--rows", "20000", "--repeats", "1"])
     rates = dict(re.findall(r"^(ours|handwritten) samples/s:\s+([\d,]+)", stdout, re.MULTILINE))
@@ -58,3 +54,38 @@ def test_throughput_small() -> None:
     assert all(int(v.replace(",", "")) > 0 for v in rates.values())
     ratio = float(re.search(r"ratio ours/handwritten: ([\d.]+)", stdout).group(1))
     assert ratio > 0  # the >= 0.8 goal is judged by the full-size run, not this tiny smoke run
+
+
+def test_dnis_vs_uniform_quick(tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    stdout = run(
+        [
+            str(BENCH / "dnis_vs_uniform.py"),
+            "--quick",
+            "--jobs",
+            "2",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--output",
+            str(out),
+        ],
+        timeout=300,
+    )
+    text = out.read_text(encoding="utf-8")
+    assert "| DNIS | 0.25 |" in text and "| uniform | d=64 |" in text
+    assert re.search(r"Search cost: .* ratio \d+\.\d+", text)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 8  # 7 uniform widths + 1 search
+    rerun = run(
+        [
+            str(BENCH / "dnis_vs_uniform.py"),
+            "--quick",
+            "--jobs",
+            "2",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--output",
+            str(out),
+        ],
+    )
+    assert "8 cells cached, 0 to run" in rerun
+    assert stdout
