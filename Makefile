@@ -17,7 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dnis demo configs/movielens-rating-mf.yaml configs/movielens-ctr-deepfm.yaml configs/movielens-topk-bprmf.yaml
+	$(BIN)/dnis demo configs/synthetic-ctr-fm-dnis.yaml configs/movielens-rating-mf.yaml configs/movielens-ctr-deepfm.yaml configs/movielens-topk-bprmf.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,86 @@
+"""`dnis search` and `dnis demo` end to end on a small synthetic config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "dataset": {
+        "name": "synthetic",
+        "task": "ctr",
+        "options": {"n_rows": 4000, "ranks": [4, 2], "noise_fields": 1, "vocab": 60},
+    },
+    "model": {"name": "fm"},
+    "embedding": {"dim": 8},
+    "train": {"epochs": 2, "batch_size": 512, "lr": 0.003},
+    "search": {"num_blocks": 3, "warmup_epochs": 1, "search_epochs": 1, "budgets": [0.5]},
+}
+
+
+def dnis(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dnis", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def write_config(tmp_path: Path) -> Path:
+    config = dict(TINY, output_dir=str(tmp_path / "runs"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_search_writes_reports_and_compact_models_per_budget(tmp_path):
+    config = write_config(tmp_path)
+    result = dnis(
+        "search", "--config", str(config), "--budgets", "0.1", "0.4", "--quiet", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    for name in (
+        "config.yaml",
+        "encoder.json",
+        "search.json",
+        "dims.json",
+        "results.json",
+        "report.md",
+        "dims.png",
+        "metric.png",
+        "model-0.1.pt",
+        "model-0.4.pt",
+    ):
+        assert (run_dir / name).exists(), name
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["budget"] for r in results] == [0.1, 0.4]
+    for r in results:
+        assert r["embedding_params"] <= round(r["budget"] * r["full_params"])
+        assert 0.5 <= r["metrics"]["test"]["auc"] <= 1.0
+    dims = json.loads((run_dir / "dims.json").read_text())
+    assert set(dims["0.1"]) == {"signal0", "signal1", "noise0"}
+    assert (run_dir / "model-0.1.pt").stat().st_size < (run_dir / "model-0.4.pt").stat().st_size
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["search"]["budgets"] == [0.1, 0.4]  # the resolved config records what ran
+    assert "| dnis |" in result.stdout
+
+
+def test_search_refuses_an_impossible_budget(tmp_path):
+    config = write_config(tmp_path)
+    result = dnis("search", "--config", str(config), "--budget", "0", "--quiet", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "budget must be > 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_prints_dnis_beside_the_uniform_grid_and_the_planted_truth(tmp_path):
+    config = write_config(tmp_path)
+    result = dnis("demo", str(config), "--grid", "2", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "DNIS" in result.stdout and "d=2" in result.stdout and "d=8" in result.stdout
+    assert "planted truth" in result.stdout and "true rank" in result.stdout
