@@ -254,3 +254,19 @@ def test_dnis_runs_through_every_model():
         state = search(make, ds, dim=8, config=config, train=quick)
         result = retrain(state, make, 0.3, config=config, train=quick)
         assert np.isfinite(result.metrics["test"]["auc"]), name
+
+
+def test_the_readme_python_example_runs(tmp_path):
+    from dnis import data, search
+
+    ds = data.load("synthetic", task="ctr", n_rows=3000, vocab=50)
+
+    def make_model(emb):
+        return models.FM(ds.schema, emb)
+
+    quick = TrainConfig(epochs=1, batch_size=512)
+    config = DnisConfig(warmup_epochs=0, search_epochs=1, num_blocks=2)
+    result = search.dnis(make_model, ds, dim=8, budget=0.2, config=config, train=quick)
+    report = result.report(tmp_path / "run")
+    assert report.exists() and (tmp_path / "run" / "dims.json").exists()
+    assert result.embedding_params <= 0.2 * result.full_params + 1

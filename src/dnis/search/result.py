@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dnis.models.base import Model
@@ -24,6 +25,13 @@ class SearchResult:
     retrain_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch search log
     model: Model | None = None  # the retrained compact model
+
+    def report(self, out_dir: str | Path) -> Path:
+        """Write dims.json, results.json, report.md and plots into `out_dir`; returns report.md."""
+        from dnis.report import write_search_report
+
+        dim = int(self.model.embedding.dim) if self.model is not None else 64
+        return write_search_report([self], out_dir, metric=self.metric, dim=dim)
 
     @property
     def fraction(self) -> float:
