@@ -270,3 +270,17 @@ def test_the_readme_python_example_runs(tmp_path):
     report = result.report(tmp_path / "run")
     assert report.exists() and (tmp_path / "run" / "dims.json").exists()
     assert result.embedding_params <= 0.2 * result.full_params + 1
+
+
+def test_explicit_block_edges_from_the_config():
+    ds = load_synthetic(task="ctr", n_rows=3000, ranks=(4,), noise_fields=1, vocab=100, seed=2)
+    config = DnisConfig(block_mode=[0.1, 0.5], warmup_epochs=0, search_epochs=1)
+
+    def make(embedding):
+        return models.build("fm", ds.schema, embedding)
+
+    state = search(make, ds, dim=4, config=config, train=TrainConfig(epochs=1, batch_size=512))
+    for field in range(2):
+        assert len(state.blocks.blocks_of(field)) <= 3
+    with pytest.raises(ConfigError):
+        DnisConfig(block_mode="quantiles")

@@ -47,7 +47,9 @@ class DnisConfig:
     """Hyper-parameters of the search (the `search:` section of a config)."""
 
     num_blocks: int = 6  # frequency blocks per field
-    block_mode: str = "count"  # count: equal id counts; mass: equal training frequency mass
+    # count: equal id counts; mass: equal training frequency mass; or explicit edges as fractions
+    # of each field's ids, e.g. [0.05, 0.2, 0.5] (then num_blocks is ignored)
+    block_mode: str | list[float] = "count"
     warmup_epochs: int = 1  # plain training before alpha starts to move
     search_epochs: int = 10  # bilevel epochs
     alpha_lr: float = 0.01
@@ -59,8 +61,10 @@ class DnisConfig:
     budgets: list[float] = field(default_factory=lambda: [0.25])  # fractions of the full table
 
     def __post_init__(self) -> None:
-        if self.block_mode not in BLOCK_MODES:
-            raise ConfigError(f"search.block_mode must be one of {BLOCK_MODES}")
+        if isinstance(self.block_mode, str) and self.block_mode not in BLOCK_MODES:
+            raise ConfigError(
+                f"search.block_mode must be one of {BLOCK_MODES} or a list of edge fractions"
+            )
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"search.granularity must be one of {GRANULARITIES}")
         if self.retrain not in ("finetune", "scratch"):
