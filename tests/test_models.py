@@ -154,7 +154,7 @@ class PerFieldEmbedding(nn.Module):
         self.calls += 1
         slot_fields = self.layout.slot_fields
         vectors = torch.stack([self.tables[f](ids[:, s]) for s, f in enumerate(slot_fields)], dim=1)
-        return self.pooling(ids, vectors)
+        return self.pooling(vectors, self.pooling.slot_weights(ids, vectors.dtype))
 
 
 @pytest.mark.parametrize("name", NAMES)

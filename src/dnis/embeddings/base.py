@@ -25,10 +25,15 @@ class FieldPooling(nn.Module):
         self.register_buffer("sequence_slot", sequence[slot_fields], persistent=False)
         self.register_buffer("mean_field", torch.tensor(layout.mean_pooled), persistent=False)
 
-    def forward(self, ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def slot_weights(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """1 for a slot that counts, 0 for sequence padding; None when there are no sequences."""
         if self.identity:
+            return None
+        return ((ids != 0) | ~self.sequence_slot).to(dtype)  # [B, S]
+
+    def forward(self, vectors: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        if weights is None:
             return vectors
-        weights = ((ids != 0) | ~self.sequence_slot).to(vectors.dtype)  # [B, S]
         batch, _, dim = vectors.shape
         pooled = vectors.new_zeros(batch, self.num_fields, dim)
         pooled.index_add_(1, self.slot_fields, vectors * weights.unsqueeze(-1))
@@ -55,7 +60,9 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("slot_offsets", layout.slot_offsets(), persistent=False)
         self.register_buffer("field_offsets", layout.field_offsets(), persistent=False)
         self.pooling = FieldPooling(layout)
-        self.last_l2 = torch.zeros(())  # mean squared norm of the last training batch's rows
+        # squared norms of the last training batch's looked-up rows (padding excluded), summed and
+        # divided by the batch size: the per-batch L2 term that `TrainConfig.embedding_l2` weighs
+        self.last_l2 = torch.zeros(())
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Vectors [..., dim] of global rows (any shape)."""
@@ -70,9 +77,13 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         vectors = self.lookup(ids + self.slot_offsets)
+        weights = self.pooling.slot_weights(ids, vectors.dtype)
         if self.training:
-            self.last_l2 = vectors.pow(2).sum() / ids.shape[0]
-        return self.pooling(ids, vectors)
+            squared = vectors.pow(2).sum(dim=-1)
+            if weights is not None:
+                squared = squared * weights
+            self.last_l2 = squared.sum() / ids.shape[0]
+        return self.pooling(vectors, weights)
 
     def field_rows(self, field: int) -> torch.Tensor:
         """Every row of one field [cardinality, dim], e.g. all items for full ranking."""
