@@ -58,34 +58,11 @@ def test_throughput_small() -> None:
 
 def test_dnis_vs_uniform_quick(tmp_path: Path) -> None:
     out = tmp_path / "results.md"
-    stdout = run(
-        [
-            str(BENCH / "dnis_vs_uniform.py"),
-            "--quick",
-            "--jobs",
-            "2",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--output",
-            str(out),
-        ],
-        timeout=300,
-    )
+    args = [str(BENCH / "dnis_vs_uniform.py"), "--quick", "--jobs", "2",
+            "--cache", str(tmp_path / "cache"), "--output", str(out)]  # fmt: skip
+    run(args, timeout=300)
     text = out.read_text(encoding="utf-8")
     assert "| DNIS | 0.25 |" in text and "| uniform | d=64 |" in text
     assert re.search(r"Search cost: .* ratio \d+\.\d+", text)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 8  # 7 uniform widths + 1 search
-    rerun = run(
-        [
-            str(BENCH / "dnis_vs_uniform.py"),
-            "--quick",
-            "--jobs",
-            "2",
-            "--cache",
-            str(tmp_path / "cache"),
-            "--output",
-            str(out),
-        ],
-    )
-    assert "8 cells cached, 0 to run" in rerun
-    assert stdout
+    assert "8 cells cached, 0 to run" in run(args)  # a rerun resumes from the cache

@@ -42,19 +42,8 @@ class WideDeep(Model):
         return self.linear(ids) + self.mlp(fields.flatten(1)).squeeze(1)
 
 
-class DeepFM(Model):
+class DeepFM(WideDeep):
     """score = linear terms + FM interaction + MLP, all three reading the same field vectors."""
-
-    def __init__(
-        self,
-        schema: Schema,
-        embedding: nn.Module,
-        hidden: Sequence[int] = (400, 400, 400),
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__(schema, embedding)
-        self.linear = LinearTerms(embedding.layout)
-        self.mlp = MLP(self.num_fields * self.dim, hidden, out_dim=1, dropout=dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         fields = self.embedding(ids)
