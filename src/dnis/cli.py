@@ -95,6 +95,32 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"report: {config.run_dir() / 'report.md'}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from dnis.report.compare_report import write_compare_report
+    from dnis.search.compare import compare
+
+    overrides = list(args.set)
+    for key in ("methods", "budgets", "seeds"):
+        value = getattr(args, key)
+        if value:
+            overrides.append(
+                f"compare.{key}={value!r}" if key != "methods" else f"compare.methods={list(value)}"
+            )
+    config = load_config(args.config, overrides)
+    console.print(f"comparing {config.compare.methods} at budgets {config.compare.budgets} "
+                  f"x {config.compare.seeds} seeds in {config.run_dir()}")  # fmt: skip
+
+    def done(name: str, seed: int, seconds: float) -> None:
+        console.print(f"  {name} seed {seed}: {seconds:.1f} s")
+
+    rows = compare(config, on_cell=done)
+    metric = rows[0]["metric"]
+    report = write_compare_report(
+        rows, config.run_dir(), metric, f"dnis compare: {config.run_name()}"
+    )
+    print(report.read_text(encoding="utf-8"))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dnis.train.run import evaluate
 
@@ -151,6 +177,14 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--quiet", action="store_true")
     search.set_defaults(run=cmd_search)
+
+    compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
+    compare.add_argument("--config", required=True, type=Path)
+    compare.add_argument("--methods", nargs="+", help="e.g. dnis uniform mde hashing qr random")
+    compare.add_argument("--budgets", type=float, nargs="+")
+    compare.add_argument("--seeds", type=int)
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    compare.set_defaults(run=cmd_compare)
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate a finished run")
     evaluate.add_argument("run_dir", type=Path)

@@ -68,12 +68,36 @@ class EmbeddingConfig:
 
 
 @dataclass
+class CompareConfig:
+    """The `compare:` section: the grid of `dnis compare`."""
+
+    methods: list[str] = field(default_factory=lambda: ["dnis", "uniform"])
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    seeds: int = 3  # training seeds per cell
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method hyper-parameters
+    inference_batch: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
+        for budget in self.budgets:
+            if not 0 < budget <= 1:
+                raise ConfigError(f"compare.budgets are fractions in (0, 1], got {budget}")
+        unknown = set(self.options) - set(self.methods)
+        if unknown:
+            raise ConfigError(
+                f"compare.options names methods not in compare.methods: {sorted(unknown)}"
+            )
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     search: DnisConfig = field(default_factory=DnisConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     name: str | None = None  # run name; default model-dataset-task
     seed: int = 0  # data split and training seed
     output_dir: str = "runs"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +34,11 @@ from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.search.prune import GRANULARITIES, budget_params, prune_blocks, prune_elements
 from dnis.search.result import SearchResult
+from dnis.search.training import ModelFactory, block_report
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress, SilentProgress
 from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
-
-ModelFactory = Callable[[FieldEmbedding], Model]
 
 
 @dataclass
@@ -223,17 +222,10 @@ def dims_report(
     compact: FieldEmbedding, blocks: BlockLayout, names: Sequence[str]
 ) -> dict[str, Any]:
     """Per field: kept dims of every block (block granularity) or width statistics (element)."""
-    out: dict[str, Any] = {}
     if isinstance(compact, BlockMixedEmbedding):
-        widths = compact.dims_per_block()
-        for f, name in enumerate(names):
-            ids = blocks.blocks_of(f)
-            out[name] = {
-                "block_dims": [widths[b] for b in ids],
-                "block_rows": [blocks.size[b] for b in ids],
-            }
-        return out
+        return block_report(compact.dims_per_block(), blocks, names)
     assert isinstance(compact, RaggedEmbedding)
+    out: dict[str, Any] = {}
     widths = compact.widths()
     for f, name in enumerate(names):
         start = int(compact.field_offsets[f])

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
-import torch
-
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.fused import FusedEmbedding
 from dnis.embeddings.layout import FieldLayout
 from dnis.search.dnis import ModelFactory
 from dnis.search.result import SearchResult
+from dnis.search.training import train_compact
 from dnis.tasks import make_task
 from dnis.train.progress import Progress
-from dnis.train.trainer import TrainConfig, Trainer
+from dnis.train.trainer import TrainConfig
 
 
 def uniform(
@@ -28,14 +25,12 @@ def uniform(
 ) -> SearchResult:
     """Train the model with every field at width `dim`; the budget is reported against `full_dim`."""
     train = train or TrainConfig()
-    started = time.perf_counter()
-    torch.manual_seed(train.seed)
     layout = FieldLayout.from_dataset(dataset)
-    embedding = FusedEmbedding(layout, dim, init_std)
-    model = make_model(embedding)
     task = make_task(dataset)
-    fit = Trainer(model, task, train, progress=progress).fit()
-    test = task.evaluate(model, "test", train.eval_batch_size)
+    trained = train_compact(
+        make_model, lambda: FusedEmbedding(layout, dim, init_std), task, train, progress=progress
+    )
+    embedding = trained.embedding
     full = layout.total_rows * full_dim
     return SearchResult(
         method="uniform",
@@ -45,7 +40,7 @@ def uniform(
         embedding_params=embedding.num_parameters(),
         memory_bytes=embedding.memory_bytes(),
         dims={name: {"block_dims": [dim]} for name in layout.names},
-        metrics={"valid": fit.valid, "test": test},
-        retrain_seconds=time.perf_counter() - started,
-        model=model,
+        metrics={"valid": trained.valid, "test": trained.test},
+        retrain_seconds=trained.seconds,
+        model=trained.model,
     )

@@ -1,0 +1,104 @@
+"""The `dnis compare` outputs: compare.csv (every run), compare.md (mean +- std, Pareto cells
+marked) and pareto.png (test metric against embedding parameters, one line per method)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dnis.io import write_text  # noqa: E402
+from dnis.report.search_report import metric_table, save_figure  # noqa: E402
+
+LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
+
+
+def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per method x budget x seed with the test metrics as columns."""
+    flat = []
+    for r in rows:
+        flat.append({
+            "method": r["method"], "budget": r["budget"], "seed": r["seed"],
+            "embedding_params": r["embedding_params"], "memory_bytes": r["memory_bytes"],
+            **{f"test_{k}": v for k, v in r["metrics"]["test"].items() if k != "users"},
+            **{f"valid_{k}": v for k, v in r["metrics"]["valid"].items() if k != "users"},
+            "search_seconds": r["search_seconds"], "retrain_seconds": r["retrain_seconds"],
+            "latency_ms": r.get("latency_ms"), "peak_memory_mb": r.get("peak_memory_mb"),
+        })  # fmt: skip
+    return pd.DataFrame(flat)
+
+
+def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean and std per (method, budget), with a `pareto` flag on the non-dominated cells."""
+    column = f"test_{metric}"
+    grouped = frame.groupby(["method", "budget"], sort=True)
+    table = grouped.agg(
+        params=("embedding_params", "mean"),
+        memory_bytes=("memory_bytes", "mean"),
+        mean=(column, "mean"),
+        std=(column, "std"),
+        seeds=("seed", "count"),
+        search_s=("search_seconds", "mean"),
+        train_s=("retrain_seconds", "mean"),
+        latency_ms=("latency_ms", "first"),
+        peak_memory_mb=("peak_memory_mb", "first"),
+    ).reset_index()
+    table["std"] = table["std"].fillna(0.0)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    score = sign * table["mean"]
+    table["pareto"] = [
+        not ((table["params"] <= p) & (score >= s) & ((table["params"] < p) | (score > s))).any()
+        for p, s in zip(table["params"], score, strict=True)
+    ]
+    return table
+
+
+def plot_pareto(table: pd.DataFrame, metric: str, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, group in table.groupby("method"):
+        group = group.sort_values("params")
+        axis.errorbar(
+            group["params"], group["mean"], yerr=group["std"], marker="o", capsize=3, label=name
+        )
+    best = table[table["pareto"]]
+    axis.scatter(best["params"], best["mean"], s=160, facecolors="none", edgecolors="black",
+                 label="Pareto-optimal")  # fmt: skip
+    axis.set_xscale("log")
+    axis.set_xlabel("embedding parameters (log scale)")
+    axis.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def write_compare_report(
+    rows: list[dict[str, Any]], out_dir: str | Path, metric: str, title: str
+) -> Path:
+    out = Path(out_dir)
+    frame = flatten(rows)
+    write_text(out / "compare.csv", frame.to_csv(index=False))
+    table = summarize(frame, metric)
+    shown = [
+        {
+            "method": r.method, "budget": r.budget, "params": int(round(r.params)),
+            "memory": f"{r.memory_bytes / 1024:.1f} KiB",
+            f"test {metric}": f"{r.mean:.4f} ± {r.std:.4f}" + (" ★" if r.pareto else ""),
+            "seeds": r.seeds, "search s": round(r.search_s, 1), "train s": round(r.train_s, 1),
+            "latency ms/batch": None if pd.isna(r.latency_ms) else round(r.latency_ms, 2),
+            "peak MiB": None if pd.isna(r.peak_memory_mb) else round(r.peak_memory_mb, 1),
+        }
+        for r in table.itertuples()
+    ]  # fmt: skip
+    text = (
+        f"# {title}\n\nTest {metric}, mean ± std over seeds; ★ = Pareto-optimal (no other cell has "
+        "as few parameters and a metric as good). Latency and peak memory: the first seed's model, "
+        "one batch, a fresh process.\n\n" + metric_table(shown, list(shown[0]))
+    )
+    write_text(out / "compare.md", text)
+    plot_pareto(table, metric, out / "pareto.png")
+    return out / "compare.md"

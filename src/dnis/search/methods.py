@@ -1,0 +1,92 @@
+"""Search methods by name: one interface, one result type, so `compare` is a loop.
+
+A method is `fn(make_model, dataset, *, budgets, dim, train, options) -> list[SearchResult]`,
+one result per budget (in order). `budgets` are fractions of the full-width (`dim`) model's
+embedding parameters; `options` are the method's own hyper-parameters from the config
+(`compare.options.<method>`), refused with a clear error when unknown. A method that can serve many
+budgets from one search (DNIS) does so; the others run once per budget.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any, Protocol
+
+from dnis.data.dataset import EncodedDataset
+from dnis.errors import ConfigError
+from dnis.search.dnis import DnisConfig, ModelFactory, dnis
+from dnis.search.result import SearchResult
+from dnis.search.uniform import uniform
+from dnis.train.trainer import TrainConfig
+
+
+class Method(Protocol):
+    def __call__(
+        self,
+        make_model: ModelFactory,
+        dataset: EncodedDataset,
+        *,
+        budgets: Sequence[float],
+        dim: int,
+        train: TrainConfig,
+        options: dict[str, Any],
+    ) -> list[SearchResult]: ...
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    def decorate(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def method(name: str) -> Method:
+    _ensure_builtins()
+    if name not in METHODS:
+        hint = difflib.get_close_matches(name, list(METHODS), n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(
+            f"unknown method {name!r}.{suggestion} Known: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[name]
+
+
+def check_options(name: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
+    for key in options:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, list(allowed), n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"method {name!r} has no option {key!r}.{suggestion} Its options: {', '.join(allowed) or 'none'}"
+            )
+
+
+@register_method("dnis")
+def dnis_method(make_model, dataset, *, budgets, dim, train, options):
+    """DNIS: one search, then prune and retrain per budget."""
+    check_options("dnis", options, [f.name for f in fields(DnisConfig) if f.name != "budgets"])
+    config = DnisConfig(**options, budgets=list(budgets))
+    return dnis(make_model, dataset, dim=dim, budget=list(budgets), config=config, train=train)
+
+
+@register_method("uniform")
+def uniform_method(make_model, dataset, *, budgets, dim, train, options):
+    """Every field at the widest uniform width that fits the budget: floor(budget * dim), >= 1."""
+    check_options("uniform", options, [])
+    results = []
+    for b in budgets:
+        result = uniform(make_model, dataset, dim=max(1, int(b * dim)), full_dim=dim, train=train)
+        result.budget = b
+        results.append(result)
+    return results
+
+
+def _ensure_builtins() -> None:
+    """Import the modules that register the other built-in methods."""
+    from dnis.search import hashing, mde, qr, random_search  # noqa: F401

@@ -1,0 +1,60 @@
+"""Training a model around a compact embedding, shared by the search methods."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dnis.embeddings.base import FieldEmbedding
+from dnis.embeddings.blocks import BlockLayout
+from dnis.models.base import Model
+from dnis.tasks.base import Task
+from dnis.train.progress import Progress
+from dnis.train.trainer import TrainConfig, Trainer
+
+ModelFactory = Callable[[FieldEmbedding], Model]
+
+
+@dataclass
+class Trained:
+    model: Model
+    embedding: FieldEmbedding
+    valid: dict[str, float]
+    test: dict[str, float] | None
+    seconds: float
+
+
+def train_compact(
+    make_model: ModelFactory,
+    build_embedding: Callable[[], FieldEmbedding],
+    task: Task,
+    train: TrainConfig,
+    *,
+    test: bool = True,
+    progress: Progress | None = None,
+) -> Trained:
+    """Seed, build the embedding and the model around it, train, and evaluate (test optional)."""
+    started = time.perf_counter()
+    torch.manual_seed(train.seed)
+    embedding = build_embedding()
+    model = make_model(embedding)
+    fit = Trainer(model, task, train, progress=progress).fit()
+    metrics = task.evaluate(model, "test", train.eval_batch_size) if test else None
+    return Trained(model, embedding, fit.valid, metrics, time.perf_counter() - started)
+
+
+def block_report(
+    widths: Sequence[int], blocks: BlockLayout, names: Sequence[str]
+) -> dict[str, Any]:
+    """Per field: the width and row count of each of its blocks."""
+    return {
+        name: {
+            "block_dims": [int(widths[b]) for b in blocks.blocks_of(f)],
+            "block_rows": [blocks.size[b] for b in blocks.blocks_of(f)],
+        }
+        for f, name in enumerate(names)
+    }

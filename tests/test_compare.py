@@ -1,0 +1,123 @@
+"""`dnis compare`: the grid, its outputs, parameter accounting, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from dnis.config import load_config
+from dnis.report.compare_report import summarize
+from dnis.search.compare import compare
+
+GRID = {
+    "name": "grid",
+    "seed": 0,
+    "dataset": {
+        "name": "synthetic",
+        "task": "ctr",
+        "options": {"n_rows": 3000, "ranks": [4, 2], "noise_fields": 1, "vocab": 40},
+    },
+    "model": {"name": "fm"},
+    "embedding": {"dim": 8},
+    "train": {"epochs": 1, "batch_size": 512, "lr": 0.003},
+    "compare": {
+        "methods": ["dnis", "uniform"],
+        "budgets": [0.25, 0.5],
+        "seeds": 2,
+        "options": {"dnis": {"num_blocks": 2, "warmup_epochs": 0, "search_epochs": 1}},
+    },
+}
+
+
+def write(tmp_path: Path, **changes) -> Path:
+    config = {**GRID, "output_dir": str(tmp_path / "runs"), **changes}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_grid_rows_and_parameter_accounting(tmp_path):
+    config = load_config(write(tmp_path))
+    rows = compare(config)
+    assert len(rows) == 2 * 2 * 2  # methods x budgets x seeds
+    total_rows = 41 + 41 + 41  # three fields of 40 ids plus the OOV id (vocab 40, all seen)
+    by = {(r["method"], r["budget"], r["seed"]): r for r in rows}
+    for seed in range(2):
+        # uniform at budget b uses width floor(b * 8): exactly rows x width parameters
+        assert by[("uniform", 0.25, seed)]["embedding_params"] == total_rows * 2
+        assert by[("uniform", 0.5, seed)]["embedding_params"] == total_rows * 4
+        assert by[("uniform", 0.5, seed)]["memory_bytes"] == total_rows * 4 * 4
+        for budget in (0.25, 0.5):
+            assert by[("dnis", budget, seed)]["embedding_params"] <= round(budget * total_rows * 8)
+    assert all(r["full_params"] == total_rows * 8 for r in rows)
+    first = [r for r in rows if r["seed"] == 0]
+    assert all(r["latency_ms"] > 0 and r["peak_memory_mb"] >= 0 for r in first)
+
+
+def test_pareto_marks_only_non_dominated_cells():
+    frame = pd.DataFrame(
+        [
+            {"method": "a", "budget": 0.1, "seed": 0, "embedding_params": 10, "memory_bytes": 40,
+             "test_auc": 0.70, "search_seconds": 0, "retrain_seconds": 1, "latency_ms": 1, "peak_memory_mb": 1},
+            {"method": "b", "budget": 0.1, "seed": 0, "embedding_params": 12, "memory_bytes": 48,
+             "test_auc": 0.69, "search_seconds": 0, "retrain_seconds": 1, "latency_ms": 1, "peak_memory_mb": 1},
+            {"method": "b", "budget": 0.5, "seed": 0, "embedding_params": 50, "memory_bytes": 200,
+             "test_auc": 0.75, "search_seconds": 0, "retrain_seconds": 1, "latency_ms": 1, "peak_memory_mb": 1},
+        ]
+    )  # fmt: skip
+    table = summarize(frame, "auc").set_index(["method", "budget"])
+    assert table.loc[("a", 0.1), "pareto"]
+    assert not table.loc[("b", 0.1), "pareto"]  # more params and worse than a
+    assert table.loc[("b", 0.5), "pareto"]
+    rmse = summarize(frame.rename(columns={"test_auc": "test_rmse"}), "rmse").set_index(
+        ["method", "budget"]
+    )
+    assert rmse.loc[("b", 0.1), "pareto"]  # lower is better for RMSE: 0.69 beats 0.70
+
+
+def test_cli_writes_outputs_and_resumes_after_sigkill(tmp_path):
+    config_path = write(tmp_path)
+    command = [sys.executable, "-m", "dnis", "compare", "--config", str(config_path)]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    cells = tmp_path / "runs"
+    deadline = time.monotonic() + 240
+    finished: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        finished = sorted(cells.glob("*/cells/*.json"))
+        if finished:
+            break
+        time.sleep(0.2)
+    assert finished, "no cell finished before the deadline"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {p.name: p.read_bytes() for p in cells.glob("*/cells/*.json")}
+    assert 1 <= len(before) < 4, "the kill should land mid-grid"
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    run_dir = next(cells.iterdir())
+    after = {p.name: p.read_bytes() for p in (run_dir / "cells").glob("*.json")}
+    assert len(after) == 4
+    for name, content in before.items():
+        assert after[name] == content, f"{name} was recomputed"
+    recomputed = [
+        line
+        for line in result.stderr.splitlines()
+        if " seed " in line and line.strip().endswith(" s")
+    ]
+    assert len(recomputed) == 4 - len(before)
+    for name in ("compare.csv", "compare.md", "pareto.png"):
+        assert (run_dir / name).exists()
+    frame = pd.read_csv(run_dir / "compare.csv")
+    assert len(frame) == 8 and set(frame["method"]) == {"dnis", "uniform"}
+    assert "★" in (run_dir / "compare.md").read_text(encoding="utf-8")
+    assert json.loads((run_dir / "cells" / "dnis-seed0.json").read_text())[0]["method"] == "dnis"
