@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ def run_cell(
         budgets=compare.budgets,
         dim=config.embedding.dim,
         train=train,
-        options=compare.options.get(method_name, {}),
+        options=method_options(config, method_name),
     )
     rows = []
     full = sum(dataset.cardinalities) * config.embedding.dim
@@ -53,6 +53,15 @@ def run_cell(
             row["peak_memory_mb"] = peak_memory_mb(result.model, ids, compare.inference_batch)
         rows.append(row)
     return rows
+
+
+def method_options(config: Config, method_name: str) -> dict[str, Any]:
+    """A method's options from `compare.options`; DNIS starts from the `search:` section."""
+    options = dict(config.compare.options.get(method_name, {}))
+    if method_name == "dnis":
+        search = {k: v for k, v in asdict(config.search).items() if k != "budgets"}
+        options = {**search, **options}
+    return options
 
 
 def compare(
