@@ -68,7 +68,7 @@ def run_cell(cell: dict[str, Any], data_root: str, quick: bool) -> dict[str, Any
     path = Path(data_root) / cell["folder"] if cell["folder"] else None
     ds = data.load(cell["dataset"], cell["task"], path=path, seed=cell["seed"])
     train_args = dict(TRAIN[cell["model"]], seed=cell["seed"])
-    search_args = dict(SEARCH)
+    search_args = {**SEARCH, **cell.get("variant", {})}
     if quick:
         train_args.update(epochs=2)
         search_args.update(warmup_epochs=1, search_epochs=1)
@@ -93,7 +93,9 @@ def run_cell(cell: dict[str, Any], data_root: str, quick: bool) -> dict[str, Any
     return {**cell, "results": out, "wall_seconds": time.perf_counter() - started}
 
 
-def cells(seeds: int, settings: list[tuple]) -> list[dict[str, Any]]:
+def cells(
+    seeds: int, settings: list[tuple], variants: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     out = []
     for dataset, task, model, folder in settings:
         for seed in range(seeds):
@@ -104,13 +106,31 @@ def cells(seeds: int, settings: list[tuple]) -> list[dict[str, Any]]:
                 "folder": folder,
                 "seed": seed,
             }
-            out.append({**base, "method": "dnis", "dim": FULL_DIM})
+            out += [{**base, "method": "dnis", "dim": FULL_DIM, "variant": v} for v in variants]
             out += [{**base, "method": "uniform", "dim": d} for d in GRID]
     return out
 
 
+def variant_label(cell: dict[str, Any]) -> str:
+    """Empty for the default DNIS settings, else e.g. "[granularity=element]"."""
+    variant = cell.get("variant") or {}
+    return "[" + ",".join(f"{k}={v}" for k, v in sorted(variant.items())) + "]" if variant else ""
+
+
 def cell_key(cell: dict[str, Any]) -> str:
-    return f"{cell['dataset']}-{cell['task']}-{cell['model']}-{cell['method']}-{cell['dim']}-s{cell['seed']}"
+    return (
+        f"{cell['dataset']}-{cell['task']}-{cell['model']}-{cell['method']}{variant_label(cell)}"
+        f"-{cell['dim']}-s{cell['seed']}"
+    )
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """ "granularity=element,num_blocks=10" -> {"granularity": "element", "num_blocks": 10}."""
+    import yaml
+
+    return {
+        k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)
+    }
 
 
 def summarize(done: list[dict[str, Any]], machine: str) -> str:
@@ -131,7 +151,7 @@ def summarize(done: list[dict[str, Any]], machine: str) -> str:
         for cell in group:
             for r in cell["results"]:
                 key = (
-                    ("DNIS", f"{r['budget']:g}")
+                    ("DNIS" + variant_label(cell), f"{r['budget']:g}")
                     if cell["method"] == "dnis"
                     else ("uniform", f"d={cell['dim']}")
                 )
@@ -155,17 +175,17 @@ def summarize(done: list[dict[str, Any]], machine: str) -> str:
             "\nAt each budget, DNIS against the best uniform model with no more parameters:\n"
         )
         lines.append(
-            f"| budget | DNIS params | DNIS {metric} | best uniform <= params | its {metric} | DNIS - uniform | verdict |"
+            f"| DNIS | budget | params | DNIS {metric} | best uniform <= params | its {metric} | DNIS - uniform | verdict |"
         )
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|")
         uniforms = {k: v for k, v in stats.items() if k[0] == "uniform"}
         for key, (params, mean, _) in stats.items():
-            if key[0] != "DNIS":
+            if not key[0].startswith("DNIS"):
                 continue
             fitting = {k: v for k, v in uniforms.items() if v[0] <= params}
             if not fitting:
                 lines.append(
-                    f"| {key[1]} | {params:,.0f} | {mean:.4f} | none fits | | | DNIS only |"
+                    f"| {key[0]} | {key[1]} | {params:,.0f} | {mean:.4f} | none fits | | | DNIS only |"
                 )
                 continue
             best_key = max(fitting, key=lambda k: fitting[k][1] if higher else -fitting[k][1])
@@ -173,11 +193,13 @@ def summarize(done: list[dict[str, Any]], machine: str) -> str:
             delta = mean - best
             wins = delta >= 0 if higher else delta <= 0
             lines.append(
-                f"| {key[1]} | {params:,.0f} | {mean:.4f} | {best_key[1]} | {best:.4f} | "
+                f"| {key[0]} | {key[1]} | {params:,.0f} | {mean:.4f} | {best_key[1]} | {best:.4f} | "
                 f"{delta:+.4f} | {'DNIS at least as good' if wins else 'uniform better'} |"
             )
         full = [r for key, rs in rows.items() if key == ("uniform", f"d={FULL_DIM}") for r in rs]
-        searches = [r["search_seconds"] for key, rs in rows.items() if key[0] == "DNIS" for r in rs]
+        searches = [
+            r["search_seconds"] for key, rs in rows.items() if key[0].startswith("DNIS") for r in rs
+        ]
         if full and searches:
             plain = float(np.mean([r["retrain_seconds"] for r in full]))
             ratio = float(np.mean(searches)) / plain
@@ -201,6 +223,13 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--only", nargs="*", help="dataset names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, latest-small only")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=[""],
+        metavar="K=V,K=V",
+        help='DNIS settings to run besides SEARCH, "" = the defaults, e.g. "" granularity=element',
+    )
     args = parser.parse_args()
     settings = [s for s in SETTINGS if not args.only or s[0] in args.only]
     if args.quick:
@@ -212,7 +241,8 @@ def main() -> None:
         )
     args.cache.mkdir(parents=True, exist_ok=True)
     todo, done = [], []
-    for cell in cells(args.seeds, settings):
+    variants = [parse_variant(v) for v in args.variants]
+    for cell in cells(args.seeds, settings, variants):
         cached = args.cache / f"{cell_key(cell)}{'-quick' if args.quick else ''}.json"
         if cached.exists():
             done.append(json.loads(cached.read_text()))
