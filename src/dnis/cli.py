@@ -131,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """DNIS next to the uniform grid for each config; one table per config."""
     from dnis.demo import run_demo
 
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 120)
     for section in run_demo(args.configs, args.grid, args.set, progress=RichProgress):
         out.print(rich_table(section.title, section.rows))
         if section.truth:
@@ -143,10 +143,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def rich_table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in rows[0]:
-        table.add_column(column)
+        table.add_column(
+            column, justify="right" if isinstance(rows[0][column], int | float) else "left"
+        )
     for row in rows:
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(_cell(k, v) for k, v in row.items()))
     return table
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.1f}" if key in ("seconds", "mean dims") else f"{value:.4f}"
 
 
 def parser() -> argparse.ArgumentParser:

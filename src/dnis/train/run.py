@@ -82,6 +82,8 @@ def parameter_counts(model: Model) -> dict[str, int]:
 
 def start_run(config: Config, run_dir: Path) -> EncodedDataset:
     """Write the resolved config, load the data, save its encoders: the start of every run."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     dataset = load_dataset(config.dataset, config.seed)  # bad data fails before a folder exists
     write_yaml(run_dir / "config.yaml", config.to_dict())
     dataset.encoder.save(run_dir / "encoder.json")
