@@ -223,6 +223,12 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--only", nargs="*", help="dataset names to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, latest-small only")
+    parser.add_argument("--machine", help="describe where the cached cells ran (for the summary)")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="write the summary from the cached cells, run nothing",
+    )
     parser.add_argument(
         "--variants",
         nargs="*",
@@ -249,6 +255,9 @@ def main() -> None:
         else:
             todo.append((cell, cached))
     # biggest first, so the long DNIS cells do not trail at the end
+    if args.summarize_only:
+        print(f"summarizing {len(done)} cached cells; {len(todo)} not run", flush=True)
+        todo = []
     todo.sort(key=lambda t: (t[0]["method"] != "dnis", -t[0]["dim"]))
     print(f"{len(done)} cells cached, {len(todo)} to run on {args.jobs} processes", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -267,7 +276,9 @@ def main() -> None:
                 f"done {cell_key(cell)} in {result['wall_seconds']:.0f}s ({len(done)} cells)",
                 flush=True,
             )
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} processes x 1 torch thread"
+    machine = args.machine or (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} processes x 1 torch thread"
+    )
     text = summarize(done, machine)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
