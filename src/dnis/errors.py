@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -40,3 +42,9 @@ class DataError(DnisError):
         if fix:
             text += f"\n  fix: {fix}"
         super().__init__(text)
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """ " Did you mean 'x'?" for the closest known name, or "" when none is close."""
+    hint = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" Did you mean {hint[0]!r}?" if hint else ""

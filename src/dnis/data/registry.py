@@ -6,7 +6,6 @@ data whose licence forbids redistribution is read from a path the user gives.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import ConfigError
+from dnis.errors import ConfigError, did_you_mean
 
 Loader = Callable[..., EncodedDataset]
 
@@ -44,8 +43,7 @@ def datasets() -> list[DatasetInfo]:
 def info(name: str) -> DatasetInfo:
     _ensure_builtins()
     if name not in _REGISTRY:
-        hint = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        suggestion = did_you_mean(name, _REGISTRY)
         raise ConfigError(
             f"unknown dataset {name!r}.{suggestion} Known: {', '.join(sorted(_REGISTRY))} "
             "(run `dnis datasets`); for your own files use dataset: {format: csv, path: ..., schema: ...}"
@@ -77,8 +75,7 @@ def check_options(entry: DatasetInfo, options: dict[str, Any]) -> None:
     allowed = sorted(set(parameters) - {"task", "path", "seed"})
     for key in options:
         if key not in allowed:
-            hint = difflib.get_close_matches(key, allowed, n=1)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            suggestion = did_you_mean(key, allowed)
             raise ConfigError(
                 f"dataset {entry.name!r} has no option {key!r}.{suggestion} "
                 f"Its options: {', '.join(allowed) or 'none'}"

@@ -6,14 +6,13 @@ inputs of a model go through one fused table and a search method can size every 
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from dnis.errors import ConfigError
+from dnis.errors import ConfigError, did_you_mean
 
 FeatureKind = Literal["categorical", "numeric", "sequence"]
 KINDS: tuple[str, ...] = ("categorical", "numeric", "sequence")
@@ -163,8 +162,7 @@ def check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
     """Refuse unknown keys with a "did you mean" hint: typos must never pass silently."""
     for key in data:
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            suggestion = did_you_mean(key, sorted(allowed))
             raise ConfigError(
                 f"{where}: unknown key {key!r}{suggestion} (allowed: {', '.join(sorted(allowed))})"
             )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 from torch import nn
 
 from dnis.data.schema import Schema
-from dnis.errors import ConfigError
+from dnis.errors import ConfigError, did_you_mean
 from dnis.models.base import Model
 from dnis.models.fm import FM, DeepFM, WideDeep
 from dnis.models.mf import BPRMF, MF
@@ -28,8 +27,7 @@ MODELS: dict[str, type[Model]] = {
 def model_class(name: str) -> type[Model]:
     key = name.lower().replace("-", "").replace("_", "").replace("&", "")
     if key not in MODELS:
-        hint = difflib.get_close_matches(key, list(MODELS), n=1)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        suggestion = did_you_mean(key, MODELS)
         raise ConfigError(f"unknown model {name!r}.{suggestion} Known: {', '.join(MODELS)}")
     return MODELS[key]
 
@@ -49,8 +47,7 @@ def build(name: str, schema: Schema, embedding: nn.Module, **params: Any) -> Mod
     allowed = model_params(name)
     for key in params:
         if key not in allowed:
-            hint = difflib.get_close_matches(key, list(allowed), n=1)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            suggestion = did_you_mean(key, allowed)
             raise ConfigError(
                 f"model {name!r} has no parameter {key!r}.{suggestion} "
                 f"Its parameters: {allowed or 'none'}"

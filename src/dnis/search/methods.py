@@ -9,13 +9,12 @@ budgets from one search (DNIS) does so; the others run once per budget.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, Protocol
 
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import ConfigError
+from dnis.errors import ConfigError, did_you_mean
 from dnis.search.dnis import DnisConfig, ModelFactory, dnis
 from dnis.search.result import SearchResult
 from dnis.search.uniform import uniform
@@ -49,8 +48,7 @@ def register_method(name: str) -> Callable[[Method], Method]:
 def method(name: str) -> Method:
     _ensure_builtins()
     if name not in METHODS:
-        hint = difflib.get_close_matches(name, list(METHODS), n=1)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        suggestion = did_you_mean(name, METHODS)
         raise ConfigError(
             f"unknown method {name!r}.{suggestion} Known: {', '.join(sorted(METHODS))}"
         )
@@ -60,8 +58,7 @@ def method(name: str) -> Method:
 def check_options(name: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
     for key in options:
         if key not in allowed:
-            hint = difflib.get_close_matches(key, list(allowed), n=1)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            suggestion = did_you_mean(key, allowed)
             raise ConfigError(
                 f"method {name!r} has no option {key!r}.{suggestion} Its options: {', '.join(allowed) or 'none'}"
             )
