@@ -82,11 +82,16 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs-compare")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "compare.md")
     parser.add_argument("--only", nargs="*", help="dataset names to run (default: all)")
+    parser.add_argument("--tasks", nargs="*", help="tasks to run, e.g. rating (default: all)")
     parser.add_argument(
         "--quick", action="store_true", help="1 epoch, 1 seed, latest-small rating only"
     )
     args = parser.parse_args()
-    settings = [s for s in SETTINGS if not args.only or s[0] in args.only]
+    settings = [
+        s
+        for s in SETTINGS
+        if (not args.only or s[0] in args.only) and (not args.tasks or s[1] in args.tasks)
+    ]
     if args.quick:
         settings, args.seeds = settings[:1], 1
     raws = [setting_config(s, args.data, args.runs, args.seeds, args.quick) for s in settings]
