@@ -62,7 +62,11 @@ class TopKTask(Task):
         return History(ids[:, self.user_slot], ids[:, self.item_slot], self.num_users)
 
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
-        """BPR: -log sigmoid(s(u, i) - s(u, j)) with j drawn uniformly from the known items."""
+        """BPR: -log sigmoid(s(u, i) - s(u, j)), j drawn uniformly from all items (ids 1..n-1).
+
+        As in Rendle et al., a sampled j may be one of the user's own positives; with thousands
+        of items that is rare and keeps sampling free of per-user Python.
+        """
         negatives = ids.clone()
         negatives[:, self.item_slot] = torch.randint(
             1, self.num_items, (len(ids),), generator=generator
