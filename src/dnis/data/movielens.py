@@ -9,7 +9,11 @@ Each supports three tasks:
 - ``topk``: every rating is an implicit interaction; features user and item; per-user
   leave-last-out split by timestamp.
 
-Option ``min_count`` (default 1) applies to every categorical and sequence feature.
+Options: ``min_count`` (default 1) applies to every categorical and sequence feature.
+``history_len`` (ctr only, ignored by the other tasks; default None: no history field) adds the
+sequence field ``history``: the user's ``history_len`` most recent items rated *before* the
+current rating, most recent first (see `user_history`); DIN reads it as its behaviour sequence.
+Typical: ``history_len=20``. It is off by default so the ctr fields stay what they were.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import numpy as np
 import pandas as pd
 
 from dnis.data.dataset import EncodedDataset, build_dataset
+from dnis.data.encode import as_strings
 from dnis.data.readers import check_numeric, read_csv
 from dnis.data.registry import DatasetInfo, register
 from dnis.data.schema import FeatureSpec, Schema, check_keys
-from dnis.errors import DataError
+from dnis.errors import ConfigError, DataError
 
 TASKS: tuple[str, ...] = ("rating", "ctr", "topk")
 BUNDLED = Path(__file__).parent / "bundled" / "movielens-latest-small"
@@ -44,7 +49,7 @@ def load_latest_small(
     *, task: str, path: Path | None = None, seed: int = 0, **options: Any
 ) -> EncodedDataset:
     """MovieLens latest-small (100,836 ratings, 0.5-5 stars); `path` overrides the bundled copy."""
-    min_count = _min_count(options, "movielens-latest-small")
+    min_count, history_len = _options(options, "movielens-latest-small")
     folder = _folder(path or BUNDLED, ["ratings.csv", "movies.csv", "tags.csv"])
     ratings = _ratings(
         read_csv(folder / "ratings.csv").rename(columns={"userId": "user", "movieId": "item"})
@@ -67,7 +72,13 @@ def load_latest_small(
             FeatureSpec("item_tags", "sequence", min_count=min_count, max_len=MAX_TAGS),
         ]
     return build_task(
-        ratings, task, extra, name="movielens-latest-small", seed=seed, min_count=min_count
+        ratings,
+        task,
+        extra,
+        name="movielens-latest-small",
+        seed=seed,
+        min_count=min_count,
+        history_len=history_len,
     )
 
 
@@ -75,7 +86,7 @@ def load_100k(
     *, task: str, path: Path | None = None, seed: int = 0, **options: Any
 ) -> EncodedDataset:
     """MovieLens-100K from a folder holding u.data, u.item and u.user (ratings 1-5)."""
-    min_count = _min_count(options, "movielens-100k")
+    min_count, history_len = _options(options, "movielens-100k")
     folder = _folder(path, ["u.data", "u.item", "u.user"])
     ratings = _ratings(
         read_csv(folder / "u.data", delimiter="\t", header=False, names=RATING_COLUMNS)
@@ -103,14 +114,22 @@ def load_100k(
         users["zip"] = users["zip"].str[:3]
         ratings = _join_side(ratings, items[["item", "genres", "year"]], users)
         extra = _side_specs(min_count, FeatureSpec("age", "numeric"))
-    return build_task(ratings, task, extra, name="movielens-100k", seed=seed, min_count=min_count)
+    return build_task(
+        ratings,
+        task,
+        extra,
+        name="movielens-100k",
+        seed=seed,
+        min_count=min_count,
+        history_len=history_len,
+    )
 
 
 def load_1m(
     *, task: str, path: Path | None = None, seed: int = 0, **options: Any
 ) -> EncodedDataset:
     """MovieLens-1M from a folder holding ratings.dat, movies.dat and users.dat (`::`, Latin-1)."""
-    min_count = _min_count(options, "movielens-1m")
+    min_count, history_len = _options(options, "movielens-1m")
     folder = _folder(path, ["ratings.dat", "movies.dat", "users.dat"])
     dat = {"delimiter": "::", "header": False, "encoding": "latin-1", "quotechar": None}
     ratings = _ratings(read_csv(folder / "ratings.dat", names=RATING_COLUMNS, **dat))
@@ -124,7 +143,15 @@ def load_1m(
         users["zip"] = users["zip"].str[:3]
         ratings = _join_side(ratings, movies[["item", "genres", "year"]], users)
         extra = _side_specs(min_count, FeatureSpec("age", min_count=min_count))
-    return build_task(ratings, task, extra, name="movielens-1m", seed=seed, min_count=min_count)
+    return build_task(
+        ratings,
+        task,
+        extra,
+        name="movielens-1m",
+        seed=seed,
+        min_count=min_count,
+        history_len=history_len,
+    )
 
 
 def build_task(
@@ -135,18 +162,57 @@ def build_task(
     name: str,
     seed: int,
     min_count: int,
+    history_len: int | None = None,
 ) -> EncodedDataset:
-    """Encode and split a ratings frame (user, item, numeric rating and timestamp) for `task`."""
+    """Encode and split a ratings frame (user, item, numeric rating and timestamp) for `task`.
+
+    For ctr with `history_len`, the sequence field ``history`` (see `user_history`) comes last.
+    """
     base = [FeatureSpec("user", min_count=min_count), FeatureSpec("item", min_count=min_count)]
     if task == "topk":
         schema = Schema(tuple(base), user="user", item="item", time="timestamp")
         return build_dataset(ratings, schema, task, name=name, split="leave_last_out", seed=seed)
     if task == "ctr":
         ratings = ratings.assign(label=(ratings["rating"] >= CTR_THRESHOLD).astype(np.float32))
+        if history_len:
+            ratings = ratings.assign(history=user_history(ratings, history_len))
+            extra = [
+                *extra,
+                FeatureSpec("history", "sequence", min_count=min_count, max_len=history_len),
+            ]
         schema = Schema(tuple(base + extra), label="label")
     else:
         schema = Schema(tuple(base), label="rating")
     return build_dataset(ratings, schema, task, name=name, split="random", seed=seed)
+
+
+def user_history(ratings: pd.DataFrame, history_len: int) -> pd.Series:
+    """Per rating, the items its user rated before it: most recent first, at most `history_len`.
+
+    Ratings are ordered per user by (timestamp, row order of the file), so ties in the timestamp
+    are broken by file order; a rating's history holds only ratings strictly before it in that
+    order, never itself or a later one. Vectorised: one sort by (user, timestamp, row), then one
+    gather of the L previous rows of the sorted order, masked where they lie before the user's
+    first rating. Each value is a list of item strings (None where the user has fewer earlier
+    ratings; the encoder skips those), the same canonical strings the ``item`` field is encoded
+    from. The split is random, so a history may name items whose rating landed in another split:
+    only the items, never their ratings or labels.
+    """
+    n = len(ratings)
+    users = pd.factorize(ratings["user"])[0]
+    position = np.arange(n)
+    order = np.lexsort((position, ratings["timestamp"].to_numpy(), users))
+    sorted_users = users[order]
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = sorted_users[1:] != sorted_users[:-1]
+    rank = position - np.maximum.accumulate(np.where(new_user, position, 0))  # index in user
+    items = as_strings(ratings["item"]).to_numpy(dtype=object, na_value=None)[order]
+    back = np.arange(1, history_len + 1)
+    source = position[:, None] - back[None, :]  # [n, L]: k-th previous rating, k = 1..L
+    history = np.where(rank[:, None] >= back[None, :], items[np.maximum(source, 0)], None)
+    out = np.empty((n, history_len), dtype=object)
+    out[order] = history
+    return pd.Series(out.tolist(), index=ratings.index, dtype=object)
 
 
 def title_year(titles: pd.Series) -> pd.Series:
@@ -212,9 +278,26 @@ def _side_specs(min_count: int, age: FeatureSpec) -> list[FeatureSpec]:
     ]
 
 
+def _options(options: dict[str, Any], dataset: str) -> tuple[int, int | None]:
+    """(min_count, history_len) from a MovieLens loader's options, refusing unknown keys."""
+    return _min_count(options, dataset), _history_len(options, dataset)
+
+
 def _min_count(options: dict[str, Any], dataset: str) -> int:
-    check_keys(options, {"min_count"}, f"dataset {dataset!r} options")
+    check_keys(options, {"min_count", "history_len"}, f"dataset {dataset!r} options")
     return int(options.get("min_count", 1))
+
+
+def _history_len(options: dict[str, Any], dataset: str) -> int | None:
+    value = options.get("history_len")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(
+            f"dataset {dataset!r} option history_len must be a positive integer "
+            f"(the ctr task's history length, e.g. 20) or null, got {value!r}"
+        )
+    return int(value)
 
 
 def _folder(path: Path | None, files: list[str]) -> Path:

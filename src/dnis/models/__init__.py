@@ -9,7 +9,12 @@ from torch import nn
 
 from dnis.data.schema import Schema
 from dnis.errors import ConfigError, did_you_mean
+from dnis.models.armnet import ARMNet
+from dnis.models.autoint import AutoInt
 from dnis.models.base import Model
+from dnis.models.dcn import DCNv2
+from dnis.models.din import DIN
+from dnis.models.fgcnn import FGCNN
 from dnis.models.fm import FM, DeepFM, WideDeep
 from dnis.models.mf import BPRMF, MF
 from dnis.models.neumf import NeuMF
@@ -21,6 +26,11 @@ MODELS: dict[str, type[Model]] = {
     "fm": FM,
     "widedeep": WideDeep,
     "deepfm": DeepFM,
+    "autoint": AutoInt,
+    "dcnv2": DCNv2,
+    "fgcnn": FGCNN,
+    "din": DIN,
+    "armnet": ARMNet,
 }
 
 
@@ -55,4 +65,7 @@ def build(name: str, schema: Schema, embedding: nn.Module, **params: Any) -> Mod
     return model_class(name)(schema, embedding, **params)
 
 
-__all__ = ["BPRMF", "FM", "MF", "MODELS", "DeepFM", "Model", "NeuMF", "WideDeep", "build"]
+__all__ = [
+    "BPRMF", "DIN", "FGCNN", "FM", "MF", "MODELS", "ARMNet", "AutoInt", "DCNv2", "DeepFM", "Model",
+    "NeuMF", "WideDeep", "build",
+]  # fmt: skip
