@@ -238,3 +238,14 @@ def test_unseen_category_at_evaluation_is_oov() -> None:
     assert ds.valid.ids.tolist() == [[0, 1]]
     assert ds.test.ids.tolist() == [[2, 0]]
     assert ds.cardinalities == [3, 3]
+
+
+def test_non_ascii_compatible_encoding_is_refused_clearly(tmp_path):
+    from dnis.data.readers import read_csv
+    from dnis.errors import DataError
+
+    path = tmp_path / "utf16.csv"
+    path.write_bytes("a,b\n1,2\n".encode("utf-16"))
+    with pytest.raises(DataError, match="not ASCII-compatible") as error:
+        read_csv(path, encoding="utf-16")
+    assert str(path) in str(error.value) and "UTF-8" in str(error.value)

@@ -43,6 +43,13 @@ def read_csv(
     characters, in which case the csv module walks it record by record.
     """
     path = Path(path)
+    if "\n,".encode(encoding, errors="replace") != b"\n,":
+        raise DataError(
+            f"encoding {encoding!r} is not ASCII-compatible (e.g. UTF-16), which the line and "
+            "field checks rely on",
+            path=path,
+            fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with the default encoding",
+        )
     raw = _read_bytes(path)
     _check_encoding(raw, path, encoding)
     sep = delimiter.encode(encoding)

@@ -97,7 +97,9 @@ def train(config: Config, *, resume: bool = False, progress: Progress | None = N
     dataset = start_run(config, run_dir)
     model = build_model(config, dataset)
     task = make_task(dataset)
-    trainer = Trainer(model, task, config.train, run_dir=run_dir, progress=progress)
+    trainer = Trainer(
+        model, task, config.train, run_dir=run_dir, progress=progress, config_hash=config.digest()
+    )
     started = time.perf_counter()
     result = trainer.fit(resume=resume)
     atomic_write(run_dir / "model.pt", lambda handle: torch.save(model.state_dict(), handle))

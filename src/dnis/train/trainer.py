@@ -8,6 +8,7 @@ the same steps.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from dnis.errors import ConfigError, DnisError
 from dnis.io import write_text
 from dnis.models.base import Model
 from dnis.tasks.base import Task
-from dnis.train.checkpoint import load_checkpoint, save_checkpoint
+from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
@@ -85,6 +86,12 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=config.lr)
 
 
+def train_config_hash(config: TrainConfig) -> str:
+    """Short hash of a TrainConfig: the default config hash of a Trainer's checkpoints."""
+    text = json.dumps(asdict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
 
@@ -97,13 +104,17 @@ class Trainer:
         config: TrainConfig,
         run_dir: str | Path | None = None,
         progress: Progress | None = None,
+        config_hash: str | None = None,
     ) -> None:
+        """`config_hash` is stored in checkpoints and must match to resume (a run passes its
+        `Config.digest()`); by default it is `train_config_hash(config)`."""
         self.model = model
         self.task = task
         self.config = config
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.progress = progress or SilentProgress()
         self.optimizer = make_optimizer(model, config)
+        self.config_hash = train_config_hash(config) if config_hash is None else config_hash
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -192,6 +203,7 @@ class Trainer:
                 "config": asdict(self.config),
                 **state,
             },
+            self.config_hash,
         )
         lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in state["history"])
         write_text(self.run_dir / "metrics.jsonl", lines)  # type: ignore[operator]
@@ -200,11 +212,12 @@ class Trainer:
         path = self.checkpoint_path
         if path is None or not path.exists():
             raise DnisError(f"cannot resume: no checkpoint at {path}; start without --resume")
-        saved = load_checkpoint(path)
+        found, saved = read_checkpoint(path)  # refuses a corrupt file
         if saved["config"] != asdict(self.config):
             raise DnisError(
                 f"cannot resume from {path}: it was written with a different train config"
             )
+        check_config_hash(path, found, self.config_hash)
         self.model.load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         saved.pop("config")
