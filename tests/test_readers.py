@@ -249,3 +249,18 @@ def test_non_ascii_compatible_encoding_is_refused_clearly(tmp_path):
     with pytest.raises(DataError, match="not ASCII-compatible") as error:
         read_csv(path, encoding="utf-16")
     assert str(path) in str(error.value) and "UTF-8" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"a,b\nx\ry,1\n", b"a\nx\ry\n", b"a\n \nx\n"],
+    ids=["lone-cr-ragged", "lone-cr", "whitespace-line"],
+)
+def test_rows_are_never_lost_or_invented_silently(tmp_path, content):
+    from dnis.data.readers import read_csv
+    from dnis.errors import DataError
+
+    path = tmp_path / "odd.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="non-blank data lines"):
+        read_csv(path)

@@ -93,7 +93,16 @@ def read_csv(
         )
     except (ValueError, pd.errors.ParserError) as error:
         raise DataError(f"could not parse the file: {error}", path=path) from None
-    return _with_lines(frame, path, lines[1:] if header else lines)
+    data_lines = lines[1:] if header else lines
+    if len(frame) != len(data_lines):  # never lose or invent rows silently
+        raise DataError(
+            f"the parser read {len(frame)} rows but the file has {len(data_lines)} non-blank data "
+            "lines",
+            path=path,
+            fix="look for a lone carriage return (\\r) inside a line or a line holding only spaces, "
+            "and remove it (or save the file with \\n or \\r\\n line endings)",
+        )
+    return _with_lines(frame, path, data_lines)
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
