@@ -17,15 +17,14 @@ JSON, so an interrupted run resumes. The summary goes to docs/results.md:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _grid import run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (1, 2, 4, 8, 16, 32, 64)
@@ -56,7 +55,7 @@ SETTINGS = [  # (dataset, task, model, needs a path under --data)
 ]
 
 
-def run_cell(cell: dict[str, Any], data_root: str, quick: bool) -> dict[str, Any]:
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """One uniform training or one DNIS search with its retrains, in a fresh process."""
     import torch
 
@@ -65,7 +64,8 @@ def run_cell(cell: dict[str, Any], data_root: str, quick: bool) -> dict[str, Any
     from dnis.search import DnisConfig, dnis, uniform
     from dnis.train import TrainConfig
 
-    path = Path(data_root) / cell["folder"] if cell["folder"] else None
+    path = Path(cell["data"]) / cell["folder"] if cell["folder"] else None
+    quick = cell["quick"]
     ds = data.load(cell["dataset"], cell["task"], path=path, seed=cell["seed"])
     train_args = dict(TRAIN[cell["model"]], seed=cell["seed"])
     search_args = {**SEARCH, **cell.get("variant", {})}
@@ -94,18 +94,13 @@ def run_cell(cell: dict[str, Any], data_root: str, quick: bool) -> dict[str, Any
 
 
 def cells(
-    seeds: int, settings: list[tuple], variants: list[dict[str, Any]]
+    seeds: int, settings: list[tuple], variants: list[dict[str, Any]], data: str, quick: bool
 ) -> list[dict[str, Any]]:
     out = []
     for dataset, task, model, folder in settings:
         for seed in range(seeds):
-            base = {
-                "dataset": dataset,
-                "task": task,
-                "model": model,
-                "folder": folder,
-                "seed": seed,
-            }
+            base = {"dataset": dataset, "task": task, "model": model, "folder": folder,
+                    "seed": seed, "data": data, "quick": quick}  # fmt: skip
             out += [{**base, "method": "dnis", "dim": FULL_DIM, "variant": v} for v in variants]
             out += [{**base, "method": "uniform", "dim": d} for d in GRID]
     return out
@@ -245,37 +240,12 @@ def main() -> None:
         raise SystemExit(
             f"data folders missing under {args.data}: {missing} (use --data or --only)"
         )
-    args.cache.mkdir(parents=True, exist_ok=True)
-    todo, done = [], []
     variants = [parse_variant(v) for v in args.variants]
-    for cell in cells(args.seeds, settings, variants):
-        cached = args.cache / f"{cell_key(cell)}{'-quick' if args.quick else ''}.json"
-        if cached.exists():
-            done.append(json.loads(cached.read_text()))
-        else:
-            todo.append((cell, cached))
-    # biggest first, so the long DNIS cells do not trail at the end
-    if args.summarize_only:
-        print(f"summarizing {len(done)} cached cells; {len(todo)} not run", flush=True)
-        todo = []
-    todo.sort(key=lambda t: (t[0]["method"] != "dnis", -t[0]["dim"]))
-    print(f"{len(done)} cells cached, {len(todo)} to run on {args.jobs} processes", flush=True)
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {
-            pool.submit(run_cell, cell, str(args.data), args.quick): (cell, path)
-            for cell, path in todo
-        }
-        for future in as_completed(futures):
-            cell, path = futures[future]
-            result = future.result()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result))
-            tmp.replace(path)
-            done.append(result)
-            print(
-                f"done {cell_key(cell)} in {result['wall_seconds']:.0f}s ({len(done)} cells)",
-                flush=True,
-            )
+    grid = cells(args.seeds, settings, variants, str(args.data), args.quick)
+    grid.sort(key=lambda c: (c["method"] != "dnis", -c["dim"]))  # long DNIS cells first
+    suffix = "-quick" if args.quick else ""
+    done = run_grid(grid, run_cell, args.cache, lambda c: cell_key(c) + suffix, args.jobs,
+                    run=not args.summarize_only)  # fmt: skip
     machine = args.machine or (
         f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} processes x 1 torch thread"
     )

@@ -66,3 +66,17 @@ def test_dnis_vs_uniform_quick(tmp_path: Path) -> None:
     assert re.search(r"Search cost: .* ratio \d+\.\d+", text)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 8  # 7 uniform widths + 1 search
     assert "8 cells cached, 0 to run" in run(args)  # a rerun resumes from the cache
+
+
+def test_model_zoo_quick(tmp_path: Path) -> None:
+    out = tmp_path / "models.md"
+    args = [str(BENCH / "model_zoo.py"), "--quick", "--jobs", "2", "--models", "fm",
+            "--cache", str(tmp_path / "cache"), "--output", str(out)]  # fmt: skip
+    run(args, timeout=300)
+    rows = [
+        line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| fm |")
+    ]
+    assert len(rows) == 1
+    cells = rows[0].split("|")
+    full_auc, dnis_auc = float(cells[2].split("±")[0]), float(cells[5].split("±")[0])
+    assert 0.5 < full_auc <= 1 and 0.5 < dnis_auc <= 1
