@@ -104,7 +104,7 @@ def main() -> None:
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for title, report in reports:
-        plot = args.output.parent / f"compare-{report.parent.name}.png"
+        plot = args.output.parent / f"{report.parent.name}.png"
         shutil.copyfile(report.parent / "pareto.png", plot)
         body = report.read_text(encoding="utf-8").split("\n", 1)[1]
         lines += [f"\n## {title}\n", body, f"\n![Pareto plot]({plot.name})\n"]
