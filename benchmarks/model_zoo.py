@@ -114,14 +114,16 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "results" / "model_zoo")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "models.md")
     parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--only", nargs="*", help="dataset names to run (default: all)")
     parser.add_argument(
         "--quick", action="store_true", help="1 epoch, 1 seed, latest-small, 2 models"
     )
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
-    datasets, models, seeds = DATASETS, args.models, args.seeds
+    datasets = [d for d in DATASETS if not args.only or d[0] in args.only]
+    models, seeds = args.models, args.seeds
     if args.quick:
-        datasets, models, seeds = DATASETS[:1], args.models[:2], 1
+        datasets, models, seeds = datasets[:1], args.models[:2], 1
     grid = [
         {"dataset": name, "folder": folder, "model": model, "method": method, "seed": seed,
          "data": str(args.data), "quick": args.quick}
