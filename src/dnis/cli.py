@@ -89,7 +89,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         overrides.append(f"search.budgets={list(budgets)}")
     config = load_config(args.config, overrides)
     progress = None if args.quiet else RichProgress(config.run_name())
-    results = search_run(config, progress=progress)
+    _, results = search_run(config, progress=progress)
     rows = result_rows(results, results[0].metric)
     print(metric_table(rows, list(rows[0])))
     print(f"report: {config.run_dir() / 'report.md'}")

@@ -14,7 +14,7 @@ from dnis.search.result import SearchResult
 from dnis.search.run import search_run
 from dnis.search.uniform import uniform
 from dnis.train.progress import Progress
-from dnis.train.run import load_dataset, model_factory, train
+from dnis.train.run import model_factory, train
 
 
 @dataclass
@@ -77,9 +77,8 @@ def run_demo(
                 DemoSection(title, [_row("uniform", f"d={config.embedding.dim}", run.metrics)])
             )
             continue
-        results = search_run(config, progress=bar)
+        dataset, results = search_run(config, progress=bar)
         rows = [_row("DNIS", f"budget {r.budget:g}", r) for r in results]
-        dataset = load_dataset(config.dataset, config.seed)
         make = model_factory(config, dataset)
         for dim in (d for d in grid if d <= config.embedding.dim):
             base = uniform(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from dnis.config import Config
+from dnis.data.dataset import EncodedDataset
 from dnis.io import atomic_write, write_json
 from dnis.report import write_search_report
 from dnis.search.dnis import retrain, search
@@ -24,7 +25,8 @@ def search_run(
     config: Config,
     budgets: Sequence[float] | None = None,
     progress: Progress | None = None,
-) -> list[SearchResult]:
+) -> tuple[EncodedDataset, list[SearchResult]]:
+    """The dataset it loaded (callers reuse it) and one result per budget."""
     run_dir = config.run_dir()
     dataset = start_run(config, run_dir)
     make_model = model_factory(config, dataset)
@@ -63,4 +65,4 @@ def search_run(
         dim=config.embedding.dim,
         title=f"DNIS on {dataset.name} ({dataset.task}, {config.model.name})",
     )
-    return results
+    return dataset, results
