@@ -140,6 +140,59 @@ def cmd_demo(args: argparse.Namespace) -> None:
             out.print(f"report: {section.report}\n")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from dnis.export import export_run
+
+    result = export_run(args.run_dir, args.format, budget=args.budget, output=args.output)
+    m = result.manifest
+    params = m["parameters"]
+    budget = "full width" if m["budget"] is None else f"budget {m['budget']:g}"
+    console.print(
+        f"exported {m['model']} ({m['task']}, {budget}) as {m['format']} to {result.path}\n"
+        f"  {m['model_file']}: {m['model_bytes']:,} bytes; embedding {params['embedding']:,} of "
+        f"{params['full_embedding']:,} full-width parameters ({m['embedding_fraction']:.1%}), "
+        f"{m['embedding_bytes']:,} bytes\n"
+        f"  max |exported - PyTorch| on {m['check']['rows']} rows: {m['check']['max_abs_diff']:.2e}",
+        highlight=False,
+    )
+    print(json.dumps({"path": str(result.path), "model_bytes": m["model_bytes"],
+                      "bytes": m["bytes"], "budget": m["budget"]}, indent=2))  # fmt: skip
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from dnis.export import load, predict_file
+
+    predictor = load(args.source, budget=args.budget)
+    bar = RichBar(
+        TextColumn("[bold]scoring[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=args.quiet,
+    )
+    task = bar.add_task("rows", total=None)
+
+    def advance(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    with bar:
+        result = predict_file(
+            predictor,
+            args.input,
+            args.output,
+            batch_size=args.batch_size,
+            keep=args.keep,
+            on_batch=advance,
+        )
+    console.print(
+        f"scored {result.rows:,} rows with {predictor.backend} -> {result.output} "
+        f"(columns: {', '.join(result.columns)})",
+        highlight=False,
+    )
+
+
 def rich_table(title: str, rows: list[dict[str, Any]]) -> Table:
     table = Table(title=title, title_justify="left")
     for column in rows[0]:
@@ -212,6 +265,38 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(run=cmd_demo)
+
+    export = sub.add_parser(
+        "export", help="export a run's compact model with its encoders (TorchScript or ONNX)"
+    )
+    export.add_argument("run_dir", type=Path, help="a train or search run folder")
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    export.add_argument(
+        "--budget",
+        help="which model of the run folder: a search budget (e.g. 0.25) or 'full' (the train "
+        "run's model); needed when the folder holds several",
+    )
+    export.add_argument(
+        "--output", type=Path, help="export folder (default: RUN_DIR/export-FORMAT[-BUDGET])"
+    )
+    export.set_defaults(run=cmd_export)
+
+    predict = sub.add_parser("predict", help="score a CSV/Parquet file with a run or an export")
+    predict.add_argument("source", type=Path, help="an export folder or a run folder")
+    predict.add_argument("--input", required=True, type=Path, help=".csv, .tsv or .parquet")
+    predict.add_argument(
+        "--output", required=True, type=Path, help=".csv, .tsv or .parquet (by extension)"
+    )
+    predict.add_argument("--batch-size", type=int, default=8192)
+    predict.add_argument("--budget", help="which model of a run folder: a budget or 'full'")
+    predict.add_argument(
+        "--keep",
+        nargs="*",
+        metavar="COLUMN",
+        help="input columns copied next to the score (default: id columns; none if empty)",
+    )
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(run=cmd_predict)
     return root
 
 

@@ -1,0 +1,19 @@
+"""Ship a compact model: export it with its encoders, load it back, score raw values.
+
+    from dnis import export
+    result = export.export_run("runs/deepfm-ml-ctr-1a2b3c4d", "onnx", budget=0.25)
+    predictor = export.load(result.path)          # or a run folder: the PyTorch model itself
+    scores = predictor.predict({"user": ["1"], "item": ["31"], ...})
+
+See `dnis.export.artifact` for the folder layout and the manifest.
+"""
+
+from dnis.export.artifact import FORMATS, ExportResult, export_run, read_manifest
+from dnis.export.predictor import Predictor, load
+from dnis.export.scoring import ScoredFile, predict_file
+from dnis.export.source import RunModel, load_run
+
+__all__ = [
+    "FORMATS", "ExportResult", "Predictor", "RunModel", "ScoredFile", "export_run", "load",
+    "load_run", "predict_file", "read_manifest",
+]  # fmt: skip

@@ -1,0 +1,246 @@
+"""The compact model of a finished run, rebuilt on the CPU from the files the run wrote.
+
+A train run (`dnis train`) holds `model.pt`: the model around a full-width `FusedEmbedding`. A
+search run (`dnis search`) holds `model-<budget>.pt` per budget: the model around the compact
+embedding the search materialised, a `BlockMixedEmbedding` (block granularity) or a
+`RaggedEmbedding` (element granularity). Both hold `config.yaml` and `encoder.json`. The compact
+structure is rebuilt from what is saved (the kept dims of every block, or the CSR indices), the
+frequency blocks from the encoder's training counts, so no data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dnis import models
+from dnis.config import Config, parse
+from dnis.data.encode import Encoder
+from dnis.embeddings import FieldLayout, FusedEmbedding
+from dnis.embeddings.base import FieldEmbedding
+from dnis.embeddings.blocks import frequency_blocks
+from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.errors import DnisError
+from dnis.export.traceable import ragged_keep
+from dnis.models.base import Model
+
+RUN_FIX = "pass a folder written by `dnis train` or `dnis search` (runs/<name>-<hash>/)"
+
+
+@dataclass
+class RunModel:
+    """A run's model, ready to score encoded ids, with what is needed to encode raw values."""
+
+    run_dir: Path
+    kind: str  # "train" or "search"
+    model: Model
+    encoder: Encoder
+    config: Config
+    budget: float | None  # the search budget of this model; None for a train run
+    weights: Path  # the file the weights came from
+
+    @property
+    def task(self) -> str:
+        return self.config.dataset.task
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.name
+
+    def parameter_counts(self) -> dict[str, int]:
+        embedding = sum(p.numel() for p in self.model.embedding.parameters())
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"embedding": embedding, "other": total - embedding, "total": total}
+
+    def full_embedding_params(self) -> int:
+        """Parameters of the full-width table the budget is a fraction of."""
+        return sum(self.encoder.cardinalities) * self.config.embedding.dim
+
+
+FULL = "full"  # the --budget value that picks a train run's full-width model.pt
+
+
+def budgets_of(run_dir: Path) -> dict[float, Path]:
+    """{budget: model file} of the search models in a run folder."""
+    found = {}
+    for path in run_dir.glob("model-*.pt"):
+        try:
+            found[float(path.stem.removeprefix("model-"))] = path
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+def parse_budget(value: float | str | None) -> float | str | None:
+    """None, "full" or a float (a CLI string such as "0.25" becomes 0.25)."""
+    if value is None or isinstance(value, int | float):
+        return value
+    if str(value).strip().lower() == FULL:
+        return FULL
+    try:
+        return float(value)
+    except ValueError:
+        raise DnisError(
+            f"--budget {value!r} is neither a number (e.g. 0.25) nor {FULL!r}"
+        ) from None
+
+
+def available(run_dir: Path) -> str:
+    """The models of a run folder, as a user picks them."""
+    parts = []
+    if (run_dir / "model.pt").is_file():
+        parts.append(f"the full-width model of `dnis train` (--budget {FULL})")
+    budgets = budgets_of(run_dir)
+    if budgets:
+        listed = ", ".join(f"{b:g}" for b in budgets)
+        parts.append(f"search models for budgets {listed} (e.g. --budget {next(iter(budgets)):g})")
+    return " and ".join(parts)
+
+
+def pick_weights(run_dir: Path, budget: float | str | None) -> tuple[str, float | None, Path]:
+    """("train" | "search", budget, weights file) of a run folder, or a DnisError saying why not.
+
+    A train run and a search run of the same config share a folder; `budget` picks: None when
+    the folder holds one model only, "full" for the train run's model.pt, a number for a search
+    model.
+    """
+    budget = parse_budget(budget)
+    budgets = budgets_of(run_dir)
+    full = run_dir / "model.pt"
+    if not budgets and not full.is_file():
+        raise DnisError(
+            f"{run_dir} holds no trained model (neither model.pt nor model-<budget>.pt): the run "
+            "has not finished; let it finish (or resume it with --resume), then try again"
+        )
+    if budget is None:
+        if len(budgets) + full.is_file() > 1:
+            raise DnisError(f"{run_dir} holds several models: {available(run_dir)}; pick one")
+        budget = FULL if full.is_file() else next(iter(budgets))
+    if budget == FULL:
+        if not full.is_file():
+            raise DnisError(f"{run_dir} has no full-width model.pt; it holds {available(run_dir)}")
+        return "train", None, full
+    match = [b for b in budgets if math.isclose(b, budget, rel_tol=1e-9, abs_tol=1e-12)]
+    if not match:
+        raise DnisError(
+            f"{run_dir} has no model for budget {budget:g}; it holds {available(run_dir)}"
+        )
+    return "search", match[0], budgets[match[0]]
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The run's resolved config; the training device is set to cpu (exports run on the CPU)."""
+    path = run_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise DnisError(f"{path} cannot be read ({error}); {RUN_FIX}") from None
+    if not isinstance(data, dict):
+        raise DnisError(f"{path} is not a run config (not a mapping); {RUN_FIX}")
+    train = data.get("train")
+    if isinstance(train, dict) and "device" in train:
+        train["device"] = "cpu"  # a GPU-trained run is exported on a machine without one
+    return parse(Config, data, where=str(path))
+
+
+def read_encoder(path: Path) -> Encoder:
+    try:
+        return Encoder.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DnisError(
+            f"{path} is not a readable encoder file ({type(error).__name__}: {error}); "
+            "it was damaged after the run: rerun it"
+        ) from None
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A saved state dict (plain, or inside a checksummed checkpoint envelope)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise DnisError(f"{path} is corrupt or not a model file ({error}); rerun the run") from None
+    if isinstance(state, dict) and "payload" in state and "sha256" in state:
+        from dnis.train.checkpoint import read_checkpoint
+
+        _, state = read_checkpoint(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DnisError(f"{path} does not hold model weights (a state dict); rerun the run")
+    return state
+
+
+def compact_embedding(
+    state: dict[str, torch.Tensor],
+    layout: FieldLayout,
+    encoder: Encoder,
+    config: Config,
+    path: Path,
+) -> FieldEmbedding:
+    """The embedding module the saved weights belong to, with its saved structure."""
+    dim = config.embedding.dim
+    if "embedding.keep" in state:
+        frequencies = [field.frequencies() for field in encoder.fields]
+        blocks = frequency_blocks(
+            layout, frequencies, config.search.num_blocks, config.search.block_mode
+        )
+        keep = state["embedding.keep"]
+        if tuple(keep.shape) != (blocks.num_blocks, dim):
+            raise DnisError(
+                f"{path}: its block structure {list(keep.shape)} does not match the run's "
+                f"{blocks.num_blocks} frequency blocks x {dim} dims (config.yaml or encoder.json "
+                "changed after the search); rerun the search"
+            )
+        return BlockMixedEmbedding(layout, dim, blocks, keep)
+    if "embedding.indptr" in state:
+        indptr, dims = state["embedding.indptr"], state["embedding.dims"]
+        if indptr.numel() != layout.total_rows + 1:
+            raise DnisError(
+                f"{path}: its ragged table has {indptr.numel() - 1} rows but the run's encoders "
+                f"have {layout.total_rows}; rerun the search"
+            )
+        return RaggedEmbedding(layout, dim, ragged_keep(indptr, dims, layout.total_rows, dim))
+    if "embedding.weight" in state:
+        return FusedEmbedding(layout, dim, config.embedding.init_std)
+    raise DnisError(
+        f"{path} holds an embedding dnis cannot rebuild (keys {sorted(state)[:6]}...); only "
+        "train runs and DNIS search runs can be exported"
+    )
+
+
+def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel:
+    """The model of a train run, or of one budget of a search run, on the CPU in eval mode.
+
+    `budget`: a search model's budget, "full" for the train run's model, or None when the folder
+    holds one model only.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DnisError(f"{run_dir} is not a folder; {RUN_FIX}")
+    for required in ("config.yaml", "encoder.json"):
+        if not (run_dir / required).is_file():
+            raise DnisError(f"{run_dir} is not a dnis run: {required} is missing; {RUN_FIX}")
+    kind, budget, weights = pick_weights(run_dir, budget)
+    config = read_run_config(run_dir)
+    encoder = read_encoder(run_dir / "encoder.json")
+    layout = FieldLayout.from_schema(encoder.schema, encoder.cardinalities)
+    state = read_state(weights)
+    embedding = compact_embedding(state, layout, encoder, config, weights)
+    model = models.build(config.model.name, encoder.schema, embedding, **config.model.params)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0:3]
+        raise DnisError(
+            f"{weights} does not fit the model its config.yaml describes ({' '.join(first)}); "
+            "the config or the encoders changed after the run: rerun it"
+        ) from None
+    return RunModel(run_dir, kind, model.eval(), encoder, config, budget, weights)
+
+
+def run_summary(run: RunModel) -> dict[str, Any]:
+    """What the manifest says about where the model came from."""
+    return {"run": run.run_dir.name, "kind": run.kind, "weights": run.weights.name}
