@@ -121,3 +121,49 @@ def test_cli_writes_outputs_and_resumes_after_sigkill(tmp_path):
     assert len(frame) == 8 and set(frame["method"]) == {"dnis", "uniform"}
     assert "★" in (run_dir / "compare.md").read_text(encoding="utf-8")
     assert json.loads((run_dir / "cells" / "dnis-seed0.json").read_text())[0]["method"] == "dnis"
+
+
+def test_parallel_cells_give_the_same_rows_as_one_process(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    serial_config = load_config(write(tmp_path / "a"), ["compare.seeds=1"])
+    serial = compare(serial_config)
+    parallel_config = load_config(write(tmp_path / "b"), ["compare.seeds=1", "compare.jobs=2"])
+    parallel = compare(parallel_config)
+    assert parallel_config.run_dir().name == serial_config.run_dir().name
+    drop = ("latency_ms", "peak_memory_mb", "search_seconds", "retrain_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in parallel] == [
+        {k: v for k, v in r.items() if k not in drop} for r in serial
+    ]
+
+
+def test_a_budget_below_a_methods_floor_is_an_infeasible_row_not_a_stopped_grid(tmp_path):
+    from dnis.report.compare_report import write_compare_report
+
+    # 3 fields of 41 ids at width 8 (984 params): 0.1% buys 1 row of 8, hashing needs one row per
+    # field (3 rows) -> infeasible; 50% fits.
+    grid = {"methods": ["hashing", "uniform"], "budgets": [0.001, 0.5], "seeds": 1}
+    config = load_config(write(tmp_path, compare=grid))
+    rows = compare(config)
+    infeasible = [r for r in rows if "infeasible" in r]
+    # uniform's floor is width 1 = 1/8 of the embedding: 0.001 is below it too
+    assert [(r["method"], r["budget"]) for r in infeasible] == [
+        ("hashing", 0.001),
+        ("uniform", 0.001),
+    ]
+    assert "one row per field" in infeasible[0]["infeasible"]
+    trained = {(r["method"], r["budget"]) for r in rows if "infeasible" not in r}
+    assert trained == {("hashing", 0.5), ("uniform", 0.5)}
+    report = write_compare_report(rows, config.run_dir(), "auc", "t").read_text(encoding="utf-8")
+    assert "hashing at 0.001: hashing needs at least one row per field" in report
+
+
+def test_adding_a_method_or_seed_reuses_the_finished_cells(tmp_path):
+    first = load_config(write(tmp_path))
+    compare(first)
+    more = load_config(write(tmp_path), ["compare.methods=['dnis', 'uniform', 'hashing']"])
+    assert more.run_dir() == first.run_dir()
+    cell = more.run_dir() / "cells" / "dnis-seed0.json"
+    before = cell.stat().st_mtime_ns
+    compare(more)
+    assert cell.stat().st_mtime_ns == before

@@ -76,8 +76,11 @@ class CompareConfig:
     seeds: int = 3  # training seeds per cell
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method hyper-parameters
     inference_batch: int = 4096
+    jobs: int = 1  # cells run in parallel processes (each with `threads` torch threads)
 
     def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"compare.jobs must be >= 1, got {self.jobs}")
         if self.seeds < 1:
             raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
         for budget in self.budgets:
@@ -115,10 +118,17 @@ class Config:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Short hash of everything that changes results (not where or how fast they are made)."""
+        """Short hash of everything that changes results (not where or how fast they are made).
+
+        The compare grid's method list and seed count only choose which cells run (each cell is
+        cached per method and seed), so adding a method or a seed reuses the finished cells.
+        """
         data = self.to_dict()
         data.pop("output_dir")
         data.pop("threads")
+        data["train"].pop("device")
+        for key in ("jobs", "methods", "seeds"):
+            data["compare"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:

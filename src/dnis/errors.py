@@ -15,6 +15,13 @@ class ConfigError(DnisError):
     """A config file or an option is wrong: unknown key, wrong type, impossible value."""
 
 
+class BudgetError(ConfigError):
+    """A method cannot build any model within the asked budget (below its structural floor).
+
+    `compare` records such a cell as infeasible instead of stopping the grid.
+    """
+
+
 class DataError(DnisError):
     """An input file is malformed. Carries the file, line and column so the user can find it."""
 

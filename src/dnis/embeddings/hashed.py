@@ -97,6 +97,7 @@ class HashedEmbedding(FieldEmbedding):
         out = []
         for f in range(self.layout.num_fields):
             start = int(self.field_offsets[f])
-            rows = torch.arange(start, start + self.layout.cardinalities[f])
+            end = start + self.layout.cardinalities[f]
+            rows = torch.arange(start, end, device=self.field_offsets.device)
             out.append(count_collisions(self.buckets(rows)[1]))
         return out

@@ -54,17 +54,17 @@ class BlockMixedEmbedding(FieldEmbedding):
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         if self.values.numel() == 0:
-            return torch.zeros(*rows.shape, self.dim)
+            return torch.zeros(*rows.shape, self.dim, device=rows.device)
         index, weight = self._row_index(rows)
         return self.values.index_select(0, index.reshape(-1)).view(index.shape) * weight
 
     @torch.no_grad()
     def load_dense(self, table: torch.Tensor) -> None:
         """Copy the kept entries of a dense [rows, dim] table (e.g. alpha-folded weights)."""
-        rows = torch.arange(table.shape[0])
+        rows = torch.arange(table.shape[0], device=self.keep.device)
         index, weight = self._row_index(rows)
         kept = weight.bool()
-        self.values[index[kept].long()] = table[kept]
+        self.values[index[kept].long()] = table.to(self.values.device)[kept]
 
     def reset_parameters(self, std: float = 0.01) -> None:
         nn.init.normal_(self.values, std=std)
@@ -96,9 +96,10 @@ class RaggedEmbedding(FieldEmbedding):
         """(position in `flat`, index into `values`) of every stored entry of the given rows."""
         starts = self.indptr[flat].long()
         lengths = self.indptr[flat + 1].long() - starts
-        owner = torch.repeat_interleave(torch.arange(len(flat)), lengths)
+        device = flat.device
+        owner = torch.repeat_interleave(torch.arange(len(flat), device=device), lengths)
         shift = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-        return owner, shift + torch.arange(int(lengths.sum()))
+        return owner, shift + torch.arange(int(lengths.sum()), device=device)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)
@@ -109,7 +110,8 @@ class RaggedEmbedding(FieldEmbedding):
 
     @torch.no_grad()
     def load_dense(self, table: torch.Tensor) -> None:
-        owner, entry = self._entries(torch.arange(table.shape[0]))
+        owner, entry = self._entries(torch.arange(table.shape[0], device=self.indptr.device))
+        table = table.to(self.values.device)
         self.values[entry] = table[owner, self.dims[entry].long()]
 
     def reset_parameters(self, std: float = 0.01) -> None:

@@ -21,7 +21,7 @@ LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
 def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per method x budget x seed with the test metrics as columns."""
     flat = []
-    for r in rows:
+    for r in feasible(rows):
         flat.append({
             "method": r["method"], "budget": r["budget"], "seed": r["seed"],
             "embedding_params": r["embedding_params"], "memory_bytes": r["memory_bytes"],
@@ -31,6 +31,16 @@ def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "latency_ms": r.get("latency_ms"), "peak_memory_mb": r.get("peak_memory_mb"),
         })  # fmt: skip
     return pd.DataFrame(flat)
+
+
+def feasible(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of trained models (not the budgets a method could not meet)."""
+    return [r for r in rows if "infeasible" not in r]
+
+
+def grid_metric(rows: list[dict[str, Any]]) -> str:
+    """The task's primary metric, read from the first trained row."""
+    return feasible(rows)[0]["metric"]
 
 
 def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -99,6 +109,12 @@ def write_compare_report(
         "as few parameters and a metric as good). Latency and peak memory: the first seed's model, "
         "one batch, a fresh process.\n\n" + metric_table(shown, list(shown[0]))
     )
+    infeasible = sorted({(r["method"], r["budget"], r["infeasible"]) for r in rows
+                         if "infeasible" in r})  # fmt: skip
+    if infeasible:
+        text += "\nNot run (the budget is below the method's smallest structure):\n\n" + "".join(
+            f"- {name} at {budget}: {reason}\n" for name, budget, reason in infeasible
+        )
     write_text(out / "compare.md", text)
     plot_pareto(table, metric, out / "pareto.png")
     return out / "compare.md"

@@ -3,25 +3,35 @@
 Each (method, seed) cell runs a method for all budgets (so DNIS searches once per seed) and is
 cached as JSON in `<run>/cells/`; a rerun skips finished cells, so a killed grid resumes where it
 stopped. The data split is the run's seed; the seeds of the grid vary initialisation and
-shuffling. Inference cost (batch latency, peak memory in a fresh process) is measured for the
-first seed of every method and budget.
+shuffling. Inference cost (batch latency, peak memory in a fresh process, on the CPU) is measured
+for the first seed of every method and budget.
+
+With `compare.jobs` > 1, cells run in that many fresh processes (each loads the data itself), so a
+16-core machine or one GPU shared by several processes runs the grid at once; latencies measured
+then share the machine with the other cells. A budget below a method's structural floor (e.g. one
+row per field for hashing) gives an `infeasible` row with the reason, not a stopped grid.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from dnis.config import Config
+from dnis.data.dataset import EncodedDataset
+from dnis.errors import BudgetError
 from dnis.io import write_json
 from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
 from dnis.search.prune import budget_params
-from dnis.train.run import model_factory, start_run
+from dnis.search.result import SearchResult
+from dnis.train.run import load_dataset, model_factory, start_run
 
 
 def cell_path(run_dir: Path, method_name: str, seed: int) -> Path:
@@ -33,24 +43,37 @@ def run_cell(
 ) -> list[dict[str, Any]]:
     compare = config.compare
     train = replace(config.train, seed=config.seed + seed)
-    results = method(method_name)(
-        model_factory(config, dataset),
-        dataset,
-        budgets=compare.budgets,
-        dim=config.embedding.dim,
-        train=train,
-        options=method_options(config, method_name),
-    )
-    rows = []
+
+    def run(budgets: list[float]) -> list[SearchResult]:
+        return method(method_name)(
+            model_factory(config, dataset),
+            dataset,
+            budgets=budgets,
+            dim=config.embedding.dim,
+            train=train,
+            options=method_options(config, method_name),
+        )
+
+    rows: list[dict[str, Any]] = []
+    try:
+        results = run(compare.budgets)
+    except BudgetError:  # some budget is below the method's floor: run the budgets one by one
+        results = []
+        for budget in compare.budgets:
+            try:
+                results += run([budget])
+            except BudgetError as error:
+                rows.append({"method": method_name, "budget": budget, "seed": seed,
+                             "infeasible": str(error)})  # fmt: skip
     full = sum(dataset.cardinalities) * config.embedding.dim
     for result in results:
         if result.embedding_params > budget_params(result.budget, full):
             raise AssertionError(f"{method_name} broke its budget {result.budget}")  # a method bug
         row = {**result.to_dict(), "seed": seed}
         if measure_inference and result.model is not None:
-            ids = dataset.test.ids
-            row["latency_ms"] = batch_latency_ms(result.model, ids, compare.inference_batch)
-            row["peak_memory_mb"] = peak_memory_mb(result.model, ids, compare.inference_batch)
+            ids, model = dataset.test.ids, result.model.cpu()  # serving cost is measured on CPU
+            row["latency_ms"] = batch_latency_ms(model, ids, compare.inference_batch)
+            row["peak_memory_mb"] = peak_memory_mb(model, ids, compare.inference_batch)
         rows.append(row)
     return rows
 
@@ -67,22 +90,54 @@ def method_options(config: Config, method_name: str) -> dict[str, Any]:
 def compare(
     config: Config, on_cell: Callable[[str, int, float], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the grid; returns one row per method x budget x seed."""
+    """Run (or resume) the grid; returns one row per method x budget x seed, in grid order."""
     run_dir = config.run_dir()
     dataset = start_run(config, run_dir)
     for name in config.compare.methods:
         method(name)  # unknown names fail before any training
+    grid = [(name, seed) for name in config.compare.methods for seed in range(config.compare.seeds)]
+    todo = [cell for cell in grid if not cell_path(run_dir, *cell).exists()]
+    if config.compare.jobs == 1:
+        for name, seed in todo:
+            _finish(run_dir, name, seed, *_timed_cell(config, dataset, name, seed), on_cell)
+    elif todo:
+        # spawn: a forked child must not inherit torch's threads or a CUDA context
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(config.compare.jobs, mp_context=context) as pool:
+            futures = {pool.submit(_cell_process, config, *cell): cell for cell in todo}
+            for future in as_completed(futures):
+                _finish(run_dir, *futures[future], *future.result(), on_cell)
     rows: list[dict[str, Any]] = []
-    for name in config.compare.methods:
-        for seed in range(config.compare.seeds):
-            path = cell_path(run_dir, name, seed)
-            if path.exists():
-                rows += json.loads(path.read_text(encoding="utf-8"))
-                continue
-            started = time.perf_counter()
-            cell = run_cell(config, dataset, name, seed, measure_inference=seed == 0)
-            write_json(path, cell)
-            rows += cell
-            if on_cell:
-                on_cell(name, seed, time.perf_counter() - started)
+    for cell in grid:
+        rows += json.loads(cell_path(run_dir, *cell).read_text(encoding="utf-8"))
     return rows
+
+
+def _timed_cell(
+    config: Config, dataset: EncodedDataset, name: str, seed: int
+) -> tuple[list[dict[str, Any]], float]:
+    started = time.perf_counter()
+    rows = run_cell(config, dataset, name, seed, measure_inference=seed == 0)
+    return rows, time.perf_counter() - started
+
+
+def _cell_process(config: Config, name: str, seed: int) -> tuple[list[dict[str, Any]], float]:
+    """One cell in a worker process: it loads the data itself (the same seed gives the same split)."""
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return _timed_cell(config, load_dataset(config.dataset, config.seed), name, seed)
+
+
+def _finish(
+    run_dir: Path,
+    name: str,
+    seed: int,
+    rows: list[dict[str, Any]],
+    seconds: float,
+    on_cell: Callable[[str, int, float], None] | None,
+) -> None:
+    write_json(cell_path(run_dir, name, seed), rows)
+    if on_cell:
+        on_cell(name, seed, seconds)

@@ -13,7 +13,7 @@ from typing import Any
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.hashed import HashedEmbedding
 from dnis.embeddings.layout import FieldLayout
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError
 from dnis.search.dnis import ModelFactory
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
@@ -29,7 +29,7 @@ def hash_rows(cardinalities: Sequence[int], budget_rows: int) -> list[int]:
     """Rows per field: its share of `budget_rows` by cardinality, clamped to [1, cardinality]."""
     total = sum(cardinalities)
     if budget_rows < len(cardinalities):
-        raise ConfigError(
+        raise BudgetError(
             f"hashing needs at least one row per field ({len(cardinalities)} rows), "
             f"the budget buys {budget_rows}"
         )

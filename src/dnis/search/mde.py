@@ -23,7 +23,7 @@ from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.projected import ProjectedBlockEmbedding
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.search.dnis import ModelFactory
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
@@ -68,7 +68,7 @@ def mde_widths(
 
     smallest = mde_cost(np.ones_like(n), n, dim)
     if smallest > budget:
-        raise ConfigError(
+        raise BudgetError(
             f"mde needs at least {smallest} parameters (width 1 and a 1 x {dim} projection per "
             f"block) but the budget is {budget}; use fewer num_blocks or a larger budget"
         )

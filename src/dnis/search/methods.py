@@ -14,7 +14,7 @@ from dataclasses import fields
 from typing import Any, Protocol
 
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import ConfigError, did_you_mean
+from dnis.errors import BudgetError, ConfigError, did_you_mean
 from dnis.search.dnis import DnisConfig, ModelFactory, dnis
 from dnis.search.result import SearchResult
 from dnis.search.uniform import uniform
@@ -74,11 +74,16 @@ def dnis_method(make_model, dataset, *, budgets, dim, train, options):
 
 @register_method("uniform")
 def uniform_method(make_model, dataset, *, budgets, dim, train, options):
-    """Every field at the widest uniform width that fits the budget: floor(budget * dim), >= 1."""
+    """Every field at the widest uniform width that fits the budget: floor(budget * dim)."""
     check_options("uniform", options, [])
     results = []
     for b in budgets:
-        result = uniform(make_model, dataset, dim=max(1, int(b * dim)), full_dim=dim, train=train)
+        if int(b * dim) < 1:
+            raise BudgetError(
+                f"uniform needs at least width 1 ({1 / dim:.4g} of the width-{dim} embedding), "
+                f"the budget is {b}"
+            )
+        result = uniform(make_model, dataset, dim=int(b * dim), full_dim=dim, train=train)
         result.budget = b
         results.append(result)
     return results

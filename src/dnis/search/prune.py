@@ -46,7 +46,7 @@ def prune_blocks(alpha: torch.Tensor, blocks: BlockLayout, budget: int) -> torch
     """keep [num_blocks, dim]: the entries of largest alpha whose total rows fit `budget`."""
     sizes = torch.tensor(blocks.size, dtype=torch.long)
     cost = sizes.unsqueeze(1).expand_as(alpha).reshape(-1)
-    value = alpha.detach().reshape(-1)
+    value = alpha.detach().cpu().reshape(-1)  # a structure decision: made on the CPU
     order = torch.argsort(value, descending=True, stable=True)
     keep = torch.zeros_like(value, dtype=torch.bool)
     cumulative = torch.cumsum(cost[order], 0)
@@ -64,7 +64,7 @@ def prune_blocks(alpha: torch.Tensor, blocks: BlockLayout, budget: int) -> torch
 
 def prune_elements(table: torch.Tensor, layout: FieldLayout, budget: int) -> torch.Tensor:
     """keep [rows, dim]: the `budget` entries of largest magnitude."""
-    magnitude = table.detach().abs().clone()
+    magnitude = table.detach().abs().cpu()  # a copy: padding rows are overwritten below
     magnitude[padding_rows(layout)] = -1.0
     budget = min(budget, int((magnitude >= 0).sum()))
     keep = torch.zeros(magnitude.numel(), dtype=torch.bool)

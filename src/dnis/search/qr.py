@@ -19,7 +19,7 @@ import numpy as np
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.qr import QREmbedding, qr_rows
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError
 from dnis.search.dnis import ModelFactory
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
@@ -46,7 +46,7 @@ def choose_m(cardinalities: Sequence[int], dim: int, budget: int) -> list[int]:
     totals = field_rows(cardinalities, candidates).sum(axis=1) * dim
     fits = np.flatnonzero(totals <= budget)
     if len(fits) == 0:
-        raise ConfigError(
+        raise BudgetError(
             f"qr needs at least {int(totals.min())} parameters, the budget is {budget}"
         )
     m = int(candidates[fits[0]])

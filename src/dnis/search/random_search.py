@@ -21,7 +21,7 @@ from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.mixed import BlockMixedEmbedding
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.search.dnis import ModelFactory
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
@@ -57,7 +57,7 @@ def sample_widths(
     n = np.asarray(sizes, dtype=np.int64)
     level = rng.integers(0, len(candidates), size=len(n))
     if int((n * candidates[0]).sum()) > budget:
-        raise ConfigError(
+        raise BudgetError(
             f"random: even the smallest candidate width ({candidates[0]}) exceeds the budget"
         )
     while int((n * candidates[level]).sum()) > budget:

@@ -34,11 +34,21 @@ class Task(ABC):
         return new > best if self.higher_is_better else new < best
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live: batches are moved there, scores come back to the CPU."""
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 @torch.no_grad()
 def predict(model: Model, ids: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """Scores of every row, in batches, in eval mode (the caller's mode is restored)."""
+    """Scores of every row (on the CPU), in batches, in eval mode (the caller's mode is restored)."""
     was_training = model.training
     model.eval()
-    out = [model(ids[start : start + batch_size]) for start in range(0, len(ids), batch_size)]
+    device = model_device(model)
+    out = [
+        model(ids[start : start + batch_size].to(device)).cpu()
+        for start in range(0, len(ids), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from dnis.data.dataset import EncodedDataset
 from dnis.models.base import Model
-from dnis.tasks.base import Task, predict
+from dnis.tasks.base import Task, model_device, predict
 from dnis.tasks.metrics import auc, logloss, mae, rmse
 
 
@@ -24,7 +24,8 @@ class RatingTask(Task):
         self.low, self.high = float(labels.min()), float(labels.max())
 
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
-        return F.mse_loss(model(ids), labels)
+        device = model_device(model)
+        return F.mse_loss(model(ids.to(device)), labels.to(device))
 
     def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
         data = self.dataset.split(split)
@@ -38,7 +39,8 @@ class CTRTask(Task):
     higher_is_better = True
 
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(model(ids), labels)
+        device = model_device(model)
+        return F.binary_cross_entropy_with_logits(model(ids.to(device)), labels.to(device))
 
     def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
         data = self.dataset.split(split)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from dnis.data.dataset import EncodedDataset
 from dnis.models.base import Model
-from dnis.tasks.base import Task
+from dnis.tasks.base import Task, model_device
 from dnis.tasks.metrics import ranking_metrics
 
 KS: tuple[int, ...] = (10, 20)
@@ -71,7 +71,7 @@ class TopKTask(Task):
         negatives[:, self.item_slot] = torch.randint(
             1, self.num_items, (len(ids),), generator=generator
         )
-        scores = model(torch.cat([ids, negatives]))
+        scores = model(torch.cat([ids, negatives]).to(model_device(model)))
         positive, negative = scores[: len(ids)], scores[len(ids) :]
         return -F.logsigmoid(positive - negative).mean()
 
@@ -93,7 +93,7 @@ class TopKTask(Task):
         users, targets = rows[:, self.user_slot], rows[:, self.item_slot]
         grid = rows.repeat_interleave(self.num_items, dim=0)
         grid[:, self.item_slot] = torch.arange(self.num_items).repeat(len(rows))
-        scores = model(grid).view(len(rows), self.num_items)
+        scores = model(grid.to(model_device(model))).cpu().view(len(rows), self.num_items)
         target_scores = scores.gather(1, targets.unsqueeze(1))
         r, items = seen.pairs(users)
         scores[r, items] = float("-inf")

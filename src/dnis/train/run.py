@@ -29,7 +29,7 @@ from dnis.io import atomic_write, write_json, write_yaml
 from dnis.models.base import Model
 from dnis.tasks import make_task
 from dnis.train.progress import Progress
-from dnis.train.trainer import Trainer
+from dnis.train.trainer import Trainer, resolve_device
 
 
 @dataclass
@@ -59,10 +59,12 @@ def load_dataset(config: DatasetConfig, seed: int) -> EncodedDataset:
 
 
 def model_factory(config: Config, dataset: EncodedDataset) -> Callable[[nn.Module], Model]:
-    """Builds the configured model around whatever embedding it is given (search swaps it)."""
+    """Builds the configured model around whatever embedding it is given (search swaps it),
+    on the configured device: every method builds its models here, so none needs to know it."""
+    device = resolve_device(config.train.device)
     return lambda embedding: models.build(
         config.model.name, dataset.schema, embedding, **config.model.params
-    )
+    ).to(device)
 
 
 def build_model(config: Config, dataset: EncodedDataset) -> Model:

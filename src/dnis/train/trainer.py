@@ -21,7 +21,7 @@ from dnis.data.loader import batches, num_batches
 from dnis.errors import ConfigError, DnisError
 from dnis.io import write_text
 from dnis.models.base import Model
-from dnis.tasks.base import Task
+from dnis.tasks.base import Task, model_device
 from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
 
@@ -41,6 +41,7 @@ class TrainConfig:
     patience: int = 3  # epochs without validation improvement before stopping (0 = never stop)
     eval_batch_size: int = 8192
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -52,6 +53,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        resolve_device(self.device)  # a bad or unavailable device fails before any work
 
 
 @dataclass
@@ -84,6 +86,31 @@ def make_optimizer(
     if config.optimizer == "adagrad":
         return torch.optim.Adagrad(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when one is visible; asking for a GPU that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"train.device {name!r} is not a device; use cpu, cuda, cuda:N or auto"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device {name!r}: only cpu, cuda, cuda:N and auto are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device is {name!r} but torch sees no CUDA GPU; set train.device: cpu "
+                "(or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device is {name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return device
 
 
 def train_config_hash(config: TrainConfig) -> str:
@@ -174,7 +201,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         self.model.train()
         split = self.task.dataset.train
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=model_device(self.model))
         self.progress.epoch_start(epoch, num_batches(split, cfg.batch_size))
         for ids, labels in batches(split, cfg.batch_size, shuffle=True, generator=generator):
             loss = self.task.loss(self.model, ids, labels, generator)
