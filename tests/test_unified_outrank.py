@@ -17,7 +17,7 @@ from dnis.embeddings.field_subset import FieldSubsetEmbedding
 from dnis.embeddings.hashed import PRIME, hash_coefficients
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiplexed import MultiplexedEmbedding
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.search import methods
 from dnis.search.outrank import (
     batch_scores,
@@ -64,7 +64,7 @@ def test_unified_rows_buy_the_budget():
     assert unified_rows(647, 8) == 80  # never over: the rest buys less than a row
     assert unified_rows(647, 8, probes=2) == 161  # concat: rows of width 4
     assert unified_rows(647, 8, probes=2, combine="sum") == 80  # sum: rows of width 8
-    with pytest.raises(ConfigError, match="buys no row"):
+    with pytest.raises(BudgetError, match="buys no row"):  # compare: an infeasible row
         unified_rows(7, 8)
     with pytest.raises(ConfigError, match="does not divide"):
         unified_rows(640, 8, probes=3)

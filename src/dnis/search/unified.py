@@ -39,7 +39,7 @@ from typing import Any
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiplexed import COMBINES, MultiplexedEmbedding, chunk_width
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
@@ -58,7 +58,7 @@ def unified_rows(budget: int, dim: int, probes: int = 1, combine: str = "concat"
         raise ConfigError(f"unified: {error}") from None
     rows = budget // width
     if rows < 1:
-        raise ConfigError(f"unified: a budget of {budget} parameters buys no row of width {width}")
+        raise BudgetError(f"unified: a budget of {budget} parameters buys no row of width {width}")
     return rows
 
 
