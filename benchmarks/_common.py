@@ -34,3 +34,23 @@ def have(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def write_section(path: Path, key: str, text: str) -> None:
+    """Put `text` into its own marked section of the results page `path`, leaving the others.
+
+    Each benchmark script owns one section, so docs/results.md is regenerated piece by piece;
+    headings are shifted down one level to sit under the page's title.
+    """
+    body = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    page = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
+    if begin in page and end in page:
+        head, rest = page.split(begin, 1)
+        page = head + block + rest.split(end, 1)[1]
+    else:
+        page = page.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)

@@ -1,26 +1,39 @@
 """Every search method on one Pareto table per setting: the `dnis compare` grid, benchmarked.
 
-Settings: MovieLens latest-small and MovieLens-100K, rating (MF) and CTR (DeepFM); methods DNIS,
-uniform, random, MDE, hashing and QR; budgets 10%, 25% and 50% of the d=64 embedding; 3 seeds.
-Each setting is one `dnis compare` run (resumable: finished cells are cached in its run folder),
-settings run in parallel processes. The tables and Pareto plots are collected into
-docs/compare.md and docs/compare-<setting>.png.
+Settings: MovieLens latest-small and MovieLens-100K, rating (MF) and CTR (DeepFM); every
+registered method (DNIS, uniform, random, MDE, hashing, QR and the learned competitors); budgets
+10%, 25% and 50% of the d=64 embedding; 3 seeds. Each setting is one `dnis compare` run
+(resumable: finished cells are cached in its run folder); the settings run side by side, each with
+`--jobs` cell processes. The tables and Pareto plots go to the "compare" section of
+docs/results.md and docs/compare-<setting>.png.
 
-    .venv/bin/python benchmarks/compare_methods.py --jobs 2             # the full grid (hours on 2 cores)
-    .venv/bin/python benchmarks/compare_methods.py --quick --jobs 2     # smoke run
+    .venv/bin/python benchmarks/compare_methods.py --jobs 1                  # the full grid (hours on 2 cores)
+    .venv/bin/python benchmarks/compare_methods.py --jobs 4 --device cuda    # 4 settings x 4 cells on one GPU
+    .venv/bin/python benchmarks/compare_methods.py --quick                   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["dnis", "uniform", "random", "mde", "hashing", "qr"]
+BASELINES = ["dnis", "uniform", "random", "mde", "hashing", "qr"]
+
+
+def all_methods() -> list[str]:
+    """DNIS and the classic baselines first, then every other registered method."""
+    from dnis.search.methods import METHODS, _ensure_builtins
+
+    _ensure_builtins()
+    return BASELINES + sorted(set(METHODS) - set(BASELINES))
+
+
 TRAIN = {
     "mf": {"epochs": 25, "batch_size": 256, "lr": 3e-3, "embedding_l2": 0.1, "patience": 3},
     "deepfm": {"epochs": 25, "batch_size": 1024, "lr": 1e-3, "embedding_l2": 1e-2, "patience": 3},
@@ -34,10 +47,11 @@ SETTINGS = [  # (dataset, task, model, folder under --data or None)
 
 
 def setting_config(
-    setting: tuple, data: Path, output: Path, seeds: int, quick: bool
-) -> dict[str, Any]:
+    setting: tuple, data: Path, output: Path, seeds: int, quick: bool, methods: list[str],
+    jobs: int, device: str,
+) -> dict[str, Any]:  # fmt: skip
     dataset, task, model, folder = setting
-    train = dict(TRAIN[model], epochs=1) if quick else TRAIN[model]
+    train = {**(dict(TRAIN[model], epochs=1) if quick else TRAIN[model]), "device": device}
     return {
         "name": f"compare-{dataset}-{task}",
         "seed": 0,
@@ -51,24 +65,29 @@ def setting_config(
         "train": train,
         "search": {"warmup_epochs": 1 if quick else 2, "search_epochs": 1 if quick else 6},
         "compare": {
-            "methods": METHODS,
+            "methods": methods,
             "budgets": [0.1, 0.25, 0.5],
             "seeds": seeds,
+            "jobs": jobs,
             "options": {"random": {"trial_epochs": 1}} if quick else {},
         },
     }
 
 
 def run_setting(raw: dict[str, Any]) -> tuple[str, Path]:
-    """One `dnis compare` run in a fresh process with one torch thread."""
+    """One `dnis compare` run; its cells run in `compare.jobs` processes with one torch thread."""
     from dnis.config import Config, parse
-    from dnis.report.compare_report import write_compare_report
+    from dnis.report.compare_report import grid_metric, write_compare_report
     from dnis.search.compare import compare
 
     config = parse(Config, raw, where=raw["name"])
-    rows = compare(config)
+
+    def done(name: str, seed: int, seconds: float) -> None:
+        print(f"{raw['name']}: {name} seed {seed} done in {seconds:.0f} s", flush=True)
+
+    rows = compare(config, on_cell=done)
     title = f"{config.dataset.name} · {config.dataset.task} · {config.model.name}"
-    report = write_compare_report(rows, config.run_dir(), rows[0]["metric"], title)
+    report = write_compare_report(rows, config.run_dir(), grid_metric(rows), title)
     return title, report
 
 
@@ -76,11 +95,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--jobs", type=int, default=min(len(SETTINGS), os.cpu_count() or 1))
+    parser.add_argument("--jobs", type=int, default=1, help="cell processes per setting")
+    parser.add_argument("--device", default="cpu", help="train.device of every cell (cpu, cuda)")
+    parser.add_argument("--methods", nargs="*", help="methods to run (default: all registered)")
+    parser.add_argument("--machine", default="", help="where the cells ran, for the page")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs-compare")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "compare.md")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--only", nargs="*", help="dataset names to run (default: all)")
     parser.add_argument("--tasks", nargs="*", help="tasks to run, e.g. rating (default: all)")
     parser.add_argument(
@@ -94,13 +116,19 @@ def main() -> None:
     ]
     if args.quick:
         settings, args.seeds = settings[:1], 1
-    raws = [setting_config(s, args.data, args.runs, args.seeds, args.quick) for s in settings]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    methods = args.methods or all_methods()
+    raws = [
+        setting_config(s, args.data, args.runs, args.seeds, args.quick, methods, args.jobs,
+                       args.device)
+        for s in settings
+    ]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=len(raws)) as pool:  # each setting has its own processes
         reports = list(pool.map(run_setting, raws))
     lines = [
         "# Every method against the others\n",
         "Generated by `benchmarks/compare_methods.py` (one `dnis compare` run per setting; "
-        f"{args.seeds} seed(s); budgets are fractions of the d=64 embedding).\n",
+        f"{args.seeds} seed(s); budgets are fractions of the d=64 embedding; methods "
+        f"{', '.join(methods)}). {args.machine}\n",
     ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for title, report in reports:
@@ -108,8 +136,9 @@ def main() -> None:
         shutil.copyfile(report.parent / "pareto.png", plot)
         body = report.read_text(encoding="utf-8").split("\n", 1)[1]
         lines += [f"\n## {title}\n", body, f"\n![Pareto plot]({plot.name})\n"]
-    args.output.write_text("\n".join(lines), encoding="utf-8")
-    print(args.output.read_text(encoding="utf-8"))
+    text = "\n".join(lines)
+    write_section(args.output, "compare", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ For each (dataset, task, model) setting: the uniform grid d in {1, 2, 4, 8, 16, 
 at budgets of 10%, 25% and 50% of the d=64 model's embedding parameters, 3 seeds each, every run
 with the same data, split, training config and early stopping. DNIS searches once per seed and
 retrains per budget. Cells run in parallel processes (one torch thread each) and are cached as
-JSON, so an interrupted run resumes. The summary goes to docs/results.md:
+JSON, so an interrupted run resumes. The summary goes to its section of docs/results.md:
 
 - per setting, mean +- std of the test metric and the embedding parameters of every cell,
 - for each DNIS budget, the best uniform model with no more parameters, and the difference,
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import write_section
 from _grid import run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,8 +251,7 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} processes x 1 torch thread"
     )
     text = summarize(done, machine)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
+    write_section(args.output, "dnis-vs-uniform", text)
     print(text)
 
 

@@ -4,7 +4,8 @@ Models: FM, Wide&Deep, DeepFM, AutoInt, DCN-v2, FGCNN, DIN, ARM-Net (paper defau
 in MODEL_PARAMS); datasets: MovieLens latest-small and 100K as CTR with the user's previous items
 as a `history` sequence field (needed by DIN, given to every model so inputs are equal); width 16;
 3 seeds. Cells are cached (rerun resumes) and run in parallel processes with one torch thread.
-The table goes to docs/models.md.
+The table goes to its section of docs/results.md. `--device cuda` trains on a GPU (cells still
+run in `--jobs` processes, sharing it).
 
     .venv/bin/python benchmarks/model_zoo.py --jobs 2           # the full grid
     .venv/bin/python benchmarks/model_zoo.py --quick --jobs 2   # smoke run
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import write_section
 from _grid import run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +46,11 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     path = Path(cell["data"]) / cell["folder"] if cell["folder"] else None
     ds = data.load(cell["dataset"], "ctr", path=path, seed=0, history_len=20)
     train = TrainConfig(**{**TRAIN, "epochs": 1 if cell["quick"] else TRAIN["epochs"]},
-                        seed=cell["seed"])  # fmt: skip
+                        seed=cell["seed"], device=cell["device"])  # fmt: skip
     params = MODEL_PARAMS.get(cell["model"], {})
 
     def make(embedding):
-        return models.build(cell["model"], ds.schema, embedding, **params)
+        return models.build(cell["model"], ds.schema, embedding, **params).to(cell["device"])
 
     started = time.perf_counter()
     if cell["method"] == "full":
@@ -56,11 +58,14 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     else:
         search = {**SEARCH, "search_epochs": 1} if cell["quick"] else SEARCH
         result = dnis(make, ds, dim=DIM, budget=BUDGET, config=DnisConfig(**search), train=train)
-    return {**cell, "result": result.to_dict(), "wall_seconds": time.perf_counter() - started}
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs" if cell["device"] == "cpu"
+               else torch.cuda.get_device_name())  # fmt: skip
+    return {**cell, "result": result.to_dict(), "wall_seconds": time.perf_counter() - started,
+            "machine": machine}  # fmt: skip
 
 
 def key(cell: dict[str, Any]) -> str:
-    quick = "-quick" if cell["quick"] else ""
+    quick = "-quick" if cell["quick"] else ""  # the device is not in the key: a cell is a cell
     return f"{cell['dataset']}-{cell['model']}-{cell['method']}-s{cell['seed']}{quick}"
 
 
@@ -112,7 +117,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "results" / "model_zoo")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "models.md")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cells share the GPU)")
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--only", nargs="*", help="dataset names to run (default: all)")
     parser.add_argument(
@@ -126,15 +132,14 @@ def main() -> None:
         datasets, models, seeds = datasets[:1], args.models[:2], 1
     grid = [
         {"dataset": name, "folder": folder, "model": model, "method": method, "seed": seed,
-         "data": str(args.data), "quick": args.quick}
+         "data": str(args.data), "quick": args.quick, "device": args.device}
         for name, folder in datasets for model in models for seed in range(seeds)
         for method in ("dnis", "full")
     ]  # fmt: skip
     done = run_grid(grid, run_cell, args.cache, key, args.jobs, run=not args.summarize_only)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} processes x 1 torch thread"
-    text = summarize(done, machine)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
+    machines = {c.get("machine", "x86_64, 2 CPUs") for c in done}  # early cells predate the field
+    text = summarize(done, " and ".join(sorted(machines)))
+    write_section(args.output, "model-zoo", text)
     print(text)
 
 
