@@ -1,0 +1,185 @@
+"""AutoDim's search-time input layer: every field holds one candidate table per width.
+
+For candidate width c_m, every row owns a c_m-wide vector (one [rows, c_m] table per candidate,
+or, with `weight_sharing`, the first c_m dims of one [rows, max c_m] table). Field f maps its
+candidate-m vector to the model width with its own linear layer `e @ W[f, m] + b[f, m]`, then
+a batch norm without affine parameters (per field, candidate and output dim) makes the
+candidates' magnitudes comparable. The field's vector is the mixture
+`scale[f] * sum_m p[f, m] * BN(e_m W[f, m] + b[f, m])`, where `scale` [fields, dim] is learned,
+shared by the candidates (so they stay comparable) and starts at `init_std`, so the model first
+sees vectors of an ordinary embedding's size (unit-variance field vectors would swamp an FM's
+pairwise products); where p[f] is a Gumbel-softmax sample of the field's
+architecture weights `alpha[f]` at temperature `temperature` while training (a plain softmax of
+alpha at that temperature in eval mode), or the uniform 1/M during warm-up.
+
+A lookup is one gather and one `embedding_bag` per candidate (a Python loop over the few
+candidates, never over rows or fields): `e W[f, m]` is a weighted sum of the projection rows of
+field f, the same trick as `ProjectedBlockEmbedding`, so no [rows, c_m, dim] tensor is built.
+Batch statistics are per field, over the rows the batch looks up (sequence padding excluded).
+`last_l2` (the trainer's `embedding_l2` term) is taken on the stored candidate vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from dnis.embeddings.base import FieldEmbedding
+from dnis.embeddings.layout import FieldLayout
+
+
+class MultiWidthEmbedding(FieldEmbedding):
+    def __init__(
+        self,
+        layout: FieldLayout,
+        dim: int,
+        candidates: Sequence[int],
+        *,
+        init_std: float = 0.01,
+        batch_norm: bool = True,
+        weight_sharing: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> None:
+        """`candidates`: distinct widths in [1, dim], sorted ascending."""
+        super().__init__(layout, dim)
+        widths = [int(c) for c in candidates]
+        if not widths or widths != sorted(set(widths)) or widths[0] < 1 or widths[-1] > dim:
+            raise ValueError(
+                f"candidates must be distinct ascending widths in [1, {dim}], got {widths}"
+            )
+        self.candidates = tuple(widths)
+        self.batch_norm = batch_norm
+        self.weight_sharing = weight_sharing
+        self.momentum = momentum
+        self.eps = eps
+        rows, fields, count = layout.total_rows, layout.num_fields, len(widths)
+        if weight_sharing:
+            self.tables = nn.ParameterList([nn.Parameter(torch.empty(rows, widths[-1]))])
+        else:
+            self.tables = nn.ParameterList([nn.Parameter(torch.empty(rows, c)) for c in widths])
+        # projection m: rows f * c_m + j hold W[f, m][j]; one bias row per field
+        self.projections = nn.ParameterList(
+            [nn.Parameter(torch.empty(fields * c, dim)) for c in widths]
+        )
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(fields, dim)) for _ in widths])
+        self.scale = nn.Parameter(torch.empty(fields, dim))
+        self.alpha = nn.Parameter(torch.zeros(fields, count))  # equal architecture weights
+        self.register_buffer("running_mean", torch.zeros(count, fields, dim))
+        self.register_buffer("running_var", torch.ones(count, fields, dim))
+        sequence = torch.tensor(layout.sequence_fields, dtype=torch.bool)
+        self.register_buffer("sequence_field", sequence, persistent=False)
+        self.temperature = 1.0
+        self._raw_l2 = torch.zeros(())
+        self.warmup = False  # True: fixed uniform weights 1/M, no sampling
+        self.reset_parameters(init_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.01) -> None:
+        """Tables ~ N(0, std); projections Xavier-normal (as the Hetu reference); biases 0;
+        the output scale `std` with batch norm (1 without: the tables are already that small)."""
+        self.scale.fill_(std if self.batch_norm else 1.0)
+        for table in self.tables:
+            nn.init.normal_(table, std=std)
+        for c, projection in zip(self.candidates, self.projections, strict=True):
+            nn.init.normal_(projection, std=math.sqrt(2.0 / (c + self.dim)))
+        for bias in self.biases:
+            bias.zero_()
+        self.alpha.zero_()
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def mixture_weights(self) -> torch.Tensor:
+        """p [fields, candidates]: what each candidate contributes to its field's vector."""
+        if self.warmup:
+            return torch.full_like(self.alpha, 1.0 / self.alpha.shape[1])
+        logits = torch.log_softmax(self.alpha, dim=1)
+        if self.training:
+            uniform = torch.rand_like(logits).clamp(1e-10, 1.0 - 1e-7)
+            logits = logits - torch.log(-torch.log(uniform))
+        return torch.softmax(logits / self.temperature, dim=1)
+
+    def probabilities(self) -> torch.Tensor:
+        """softmax(alpha) [fields, candidates]: the architecture weights the selection reads."""
+        return torch.softmax(self.alpha.detach(), dim=1)
+
+    def _table(self, m: int) -> torch.Tensor:
+        if self.weight_sharing:
+            return self.tables[0][:, : self.candidates[m]]
+        return self.tables[m]
+
+    def _normalize(self, m: int, x: torch.Tensor, field: torch.Tensor, real: torch.Tensor):
+        """Batch norm of candidate m's projected rows, statistics per (field, output dim)."""
+        if not self.training:
+            mean, var = self.running_mean[m][field], self.running_var[m][field]
+            return (x - mean) / torch.sqrt(var + self.eps)
+        fields = self.layout.num_fields
+        weight = real.to(x.dtype).unsqueeze(1)
+        count = torch.zeros(fields, dtype=x.dtype, device=x.device).index_add_(
+            0, field, real.to(x.dtype)
+        )
+        denominator = count.clamp(min=1.0).unsqueeze(1)
+        mean = torch.zeros(fields, self.dim, dtype=x.dtype, device=x.device)
+        mean = mean.index_add(0, field, x * weight) / denominator
+        centred = x - mean[field]
+        var = torch.zeros_like(mean).index_add(0, field, centred.pow(2) * weight) / denominator
+        with torch.no_grad():
+            seen = (count > 0).unsqueeze(1)
+            unbiased = var * (count / (count - 1).clamp(min=1.0)).unsqueeze(1)
+            step = self.momentum
+            self.running_mean[m] = torch.where(
+                seen, (1 - step) * self.running_mean[m] + step * mean, self.running_mean[m]
+            )
+            self.running_var[m] = torch.where(
+                seen, (1 - step) * self.running_var[m] + step * unbiased, self.running_var[m]
+            )
+        return centred / torch.sqrt(var[field] + self.eps)
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1)
+        field = torch.searchsorted(self.field_offsets, flat, right=True) - 1
+        # sequence padding (id 0 of a sequence field) is never read by a model: keep it out of
+        # the batch statistics
+        real = ~(self.sequence_field[field] & (flat == self.field_offsets[field]))
+        p = self.mixture_weights()
+        out = None
+        squared = None
+        for m, width in enumerate(self.candidates):
+            vectors = self._table(m)[flat]  # [N, c_m]
+            if self.training:
+                norm = (vectors.pow(2).sum(dim=1) * real).sum()
+                squared = norm if squared is None else squared + norm
+            j = torch.arange(width, device=flat.device)
+            index = field.unsqueeze(1) * width + j
+            projected = functional.embedding_bag(
+                index, self.projections[m], per_sample_weights=vectors, mode="sum"
+            )
+            projected = projected + self.biases[m][field]
+            if self.batch_norm:
+                projected = self._normalize(m, projected, field, real)
+            term = p[field, m].unsqueeze(1) * projected
+            out = term if out is None else out + term
+        assert out is not None
+        out = out * self.scale[field]
+        if squared is not None:
+            self._raw_l2 = squared
+        return out.view(*rows.shape, self.dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(ids)
+        if self.training:  # L2 on the stored candidate vectors, not on their normalised mixture
+            self.last_l2 = self._raw_l2 / ids.shape[0]
+        return out
+
+    def num_parameters(self) -> int:
+        """Candidate tables, projections, biases and the output scale (alpha excluded)."""
+        tensors = [*self.tables, *self.projections, *self.biases, self.scale]
+        return sum(t.numel() for t in tensors)
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """What the model step updates (alpha has its own optimizer)."""
+        return [*self.tables, *self.projections, *self.biases, self.scale]

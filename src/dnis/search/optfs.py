@@ -1,0 +1,280 @@
+"""OptFS (Lyu, Tang, Liu, Chen, He, Liu, "Optimizing Feature Set for Click-Through Rate
+Prediction", WWW 2023; reference code github.com/fuyuanlyu/OptFS).
+
+OptFS selects feature values, not dims: every row of the table (every value of every field) has
+a gate. Lifecycle, as the reference code:
+1. Search: train the model, the table and the gate logits g jointly on training batches with
+   loss = task loss + reg_lambda * sum_i sigmoid(beta * g_i) (an L1 on the gates; the reference
+   sums over every feature value, not only the batch's), the embedding of row i being
+   `e_i * sigmoid(beta * g_i) / sigmoid(gate_init)`. Learning by continuation: beta is 1 in the
+   first epoch and multiplied by final_temperature ** (1 / (search_epochs - 1)) every epoch, so it
+   reaches final_temperature in the last; the gates harden to 0/1. Gates use the model's
+   optimizer and learning rate, without weight decay (the reference's second Adam, same lr).
+2. Select: a value is kept when its gate is open (g > 0).
+3. Retrain the kept values (lottery-ticket rewinding, as the reference): the weights (table and
+   dense layers) are reset to their values at the start of epoch `rewind_epoch` (0: the
+   initialisation) and the kept rows retrained with hard gates; dropped values read a shared
+   zero vector. `retrain: scratch` re-initialises instead.
+
+Defaults (the reference README's FM/Criteo row): search_epochs 10, final_temperature 1000,
+reg_lambda 2e-9, rewind_epoch 1; gate_init 0.5 (the reference's `mask_init`). reg_lambda
+multiplies a sum over all rows, so its useful size depends on the table; under Adam a row whose
+loss gradient is small closes at about lr per step whatever lambda is, which is why rare values
+close first.
+
+The budget (OptFS has none): a result may hold at most floor(budget / dim) rows. The open rows
+are ranked by gate logit (largest first) and the top ones kept until kept_rows * dim <= budget;
+when fewer are open, all open rows are kept and the result is under budget. embedding_params =
+kept_rows * dim; memory_bytes adds the int32 index of the kept rows (4 bytes each).
+
+Differences from the reference: the table is initialised N(0, init_std) as our other methods
+(the reference: Xavier-uniform); the constant 1/sigmoid(gate_init) is folded into the rewound
+rows at retraining (the reference keeps multiplying by it); our models' linear (wide) terms are
+outside the searched embedding, so a dropped value keeps its one linear weight (the reference
+FM has no linear term); the search evaluates every epoch only to log.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dnis.data.dataset import EncodedDataset
+from dnis.data.loader import batches
+from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
+from dnis.embeddings.layout import FieldLayout
+from dnis.errors import ConfigError
+from dnis.search.methods import check_options, register_method
+from dnis.search.prune import budget_params
+from dnis.search.result import SearchResult
+from dnis.search.training import ModelFactory
+from dnis.tasks import make_task
+from dnis.tasks.base import Task
+from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
+
+OPTFS_OPTIONS = (
+    "search_epochs",
+    "final_temperature",
+    "reg_lambda",
+    "gate_init",
+    "rewind_epoch",
+    "retrain",
+    "init_std",
+)
+
+
+@dataclass
+class OptFSConfig:
+    search_epochs: int = 10
+    final_temperature: float = 1000.0
+    reg_lambda: float = 2e-9
+    gate_init: float = 0.5
+    rewind_epoch: int = 1
+    retrain: str = "rewind"  # rewind | scratch
+    init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.search_epochs < 1:
+            raise ConfigError("optfs: search_epochs must be >= 1")
+        if not 0 <= self.rewind_epoch < self.search_epochs:
+            raise ConfigError(
+                f"optfs: rewind_epoch must be in [0, search_epochs - 1], got {self.rewind_epoch}"
+            )
+        if self.final_temperature < 1 or self.reg_lambda < 0 or self.gate_init <= 0:
+            raise ConfigError(
+                "optfs: final_temperature must be >= 1, reg_lambda >= 0, gate_init > 0"
+            )
+        if self.retrain not in ("rewind", "scratch"):
+            raise ConfigError("optfs: retrain must be 'rewind' or 'scratch'")
+
+
+@dataclass
+class OptFSState:
+    """What one search leaves behind: gate logits and the rewind point."""
+
+    gate: torch.Tensor  # logits [total_rows] (CPU)
+    open: torch.Tensor  # open and not padding [total_rows] (bool, CPU)
+    rewind: dict[str, torch.Tensor]  # model state at the start of epoch `rewind_epoch`
+    gate_scale: float
+    valid: dict[str, float]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def temperature(epoch: int, config: OptFSConfig) -> float:
+    """beta in epoch `epoch` (0-based): final_temperature ** (epoch / (search_epochs - 1))."""
+    if config.search_epochs == 1:
+        return 1.0
+    return float(config.final_temperature ** (epoch / (config.search_epochs - 1)))
+
+
+def open_fraction(open_rows: torch.Tensor, layout: FieldLayout) -> dict[str, float]:
+    """Share of every field's rows whose gate is open."""
+    counts = _per_field(open_rows, layout)
+    return {
+        name: round(counts[f] / layout.cardinalities[f], 4) for f, name in enumerate(layout.names)
+    }
+
+
+def _per_field(rows: torch.Tensor, layout: FieldLayout) -> list[int]:
+    field = torch.repeat_interleave(
+        torch.arange(layout.num_fields), torch.tensor(layout.cardinalities)
+    )
+    return torch.bincount(field[rows.cpu()], minlength=layout.num_fields).tolist()
+
+
+def search(
+    make_model: ModelFactory,
+    dataset: EncodedDataset,
+    *,
+    dim: int,
+    config: OptFSConfig,
+    train: TrainConfig,
+) -> OptFSState:
+    """Train table, gates and model jointly with the gate L1, hardening the gates every epoch."""
+    started = time.perf_counter()
+    layout = FieldLayout.from_dataset(dataset)
+    torch.manual_seed(train.seed)
+    embedding = GatedEmbedding(layout, dim, config.init_std, config.gate_init)
+    model = make_model(embedding)
+    task = make_task(dataset)
+    optimizer = make_optimizer(model, train)
+    history: list[dict[str, Any]] = []
+    rewind: dict[str, torch.Tensor] = {}
+    valid: dict[str, float] = {}
+    for epoch in range(config.search_epochs):
+        embedding.temperature = temperature(epoch, config)
+        if epoch == config.rewind_epoch:
+            rewind = copy.deepcopy(model.state_dict())
+        seed = epoch_seed(train.seed, 3000 + epoch)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        total = 0.0
+        for ids, labels in batches(
+            dataset.train, train.batch_size, shuffle=True, generator=generator
+        ):
+            loss = task.loss(model, ids, labels, generator)
+            objective = loss + config.reg_lambda * embedding.gate_l1()
+            if train.embedding_l2:
+                objective = objective + train.embedding_l2 * embedding.last_l2
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(ids)
+        valid = task.evaluate(model, "valid", train.eval_batch_size)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": total / max(len(dataset.train), 1),
+                "temperature": round(embedding.temperature, 4),
+                **{f"valid_{k}": v for k, v in valid.items()},
+                "open_fraction": open_fraction(embedding.open_rows(), layout),
+            }
+        )
+    return OptFSState(
+        embedding.gate.detach().cpu().clone(),
+        embedding.open_rows().cpu(),
+        rewind,
+        embedding.gate_scale,
+        valid,
+        history,
+        time.perf_counter() - started,
+    )
+
+
+def select_rows(gate: torch.Tensor, open_rows: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """keep [rows]: the open rows, cut to the `max_rows` of largest gate logit (ties: lower row)."""
+    if int(open_rows.sum()) <= max_rows:
+        return open_rows.clone()
+    score = torch.where(open_rows, gate, torch.full_like(gate, float("-inf")))
+    order = torch.sort(score, descending=True, stable=True).indices
+    keep = torch.zeros_like(open_rows)
+    keep[order[:max_rows]] = True
+    return keep
+
+
+def retrain(
+    state: OptFSState,
+    make_model: ModelFactory,
+    task: Task,
+    keep: torch.Tensor,
+    *,
+    dim: int,
+    config: OptFSConfig,
+    train: TrainConfig,
+) -> tuple[Any, KeptRowsEmbedding, dict[str, float], dict[str, float], float]:
+    """Build the kept-rows model, rewind (or re-initialise) it, train it, evaluate it."""
+    started = time.perf_counter()
+    layout = FieldLayout.from_dataset(task.dataset)
+    torch.manual_seed(train.seed)
+    compact = KeptRowsEmbedding(layout, dim, keep, config.init_std)
+    if config.retrain == "rewind":
+        compact.load_dense(state.rewind["embedding.weight"].cpu() * state.gate_scale)
+    model = make_model(compact)
+    if config.retrain == "rewind":
+        dense = {k: v for k, v in state.rewind.items() if not k.startswith("embedding.")}
+        model.load_state_dict(dense, strict=False)
+    fit = Trainer(model, task, train).fit()
+    test = task.evaluate(model, "test", train.eval_batch_size)
+    return model, compact, fit.valid, test, time.perf_counter() - started
+
+
+@register_method("optfs")
+def optfs_method(
+    make_model: ModelFactory,
+    dataset: EncodedDataset,
+    *,
+    budgets: Sequence[float],
+    dim: int,
+    train: TrainConfig,
+    options: dict[str, Any],
+) -> list[SearchResult]:
+    """One gate search, then per budget: keep the open (top-gate) rows and retrain them."""
+    check_options("optfs", options, OPTFS_OPTIONS)
+    config = OptFSConfig(**options)
+    layout = FieldLayout.from_dataset(dataset)
+    full = layout.total_rows * dim
+    targets = [budget_params(b, full) for b in budgets]  # refuse bad budgets before searching
+    state = search(make_model, dataset, dim=dim, config=config, train=train)
+    task = make_task(dataset)
+    open_counts = _per_field(state.open, layout)
+    results = []
+    for budget, target in zip(budgets, targets, strict=True):
+        keep = select_rows(state.gate, state.open, target // dim)
+        model, compact, valid, test, seconds = retrain(
+            state, make_model, task, keep, dim=dim, config=config, train=train
+        )
+        kept = compact.rows_per_field()
+        dims = {
+            name: {
+                "kept_rows": kept[f],
+                "open_rows": open_counts[f],
+                "cardinality": layout.cardinalities[f],
+                "block_mean_width": [round(dim * kept[f] / layout.cardinalities[f], 3)],
+            }
+            for f, name in enumerate(layout.names)
+        }
+        results.append(
+            SearchResult(
+                method="optfs",
+                metric=task.metric,
+                budget=budget,
+                full_params=full,
+                embedding_params=compact.num_parameters(),
+                memory_bytes=compact.memory_bytes(),
+                dims=dims,
+                metrics={"valid": valid, "test": test},
+                before={"valid": state.valid},
+                search_seconds=state.seconds,
+                retrain_seconds=seconds,
+                history=state.history,
+                model=model,
+            )
+        )
+    return results
