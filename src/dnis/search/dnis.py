@@ -10,14 +10,31 @@ Choices where the paper is open, and why:
   gradients and would otherwise never move (as in the authors' AutoSrh code).
 - alpha is clamped to [0, 1] after each step; an L1 term on alpha pushes useless dims to 0.
 - The model keeps its best validation epoch of the search, then is pruned.
+
+Checkpoints and resume (`run_dir`): every epoch of the warm-up, of the bilevel search and of each
+budget's retrain is checkpointed atomically (checksum and config hash, `dnis.train.checkpoint`)::
+
+    run_dir/search/warmup/checkpoint.pt    warm-up: a Trainer's checkpoint (+ metrics.jsonl)
+    run_dir/search/checkpoint.pt           bilevel search: model (alpha included), both
+                                           optimizers, epoch, best epoch's state, history
+    run_dir/retrain-<budget>/checkpoint.pt retrain of one budget: a Trainer's checkpoint
+
+Every epoch draws its randomness (shuffles, sampling, dropout) from (seed, epoch) alone, so no RNG
+state crosses an epoch boundary and a run resumed from any checkpoint takes exactly the steps of an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import math
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +47,14 @@ from dnis.embeddings.blocks import BLOCK_MODES, BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.embeddings.soft_selection import SoftSelectionEmbedding
-from dnis.errors import ConfigError
+from dnis.errors import ConfigError, DnisError
 from dnis.models.base import Model
 from dnis.search.prune import GRANULARITIES, budget_params, prune_blocks, prune_elements
 from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory, block_report
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
+from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
 from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
 
@@ -93,13 +111,32 @@ class SearchState:
 
 def alpha_stats(alpha: torch.Tensor, blocks: BlockLayout, names: Sequence[str]) -> dict[str, Any]:
     a = alpha.detach()
-    block_field = torch.tensor(blocks.field)
+    block_field = torch.tensor(blocks.field, device=a.device)
     per_field = {n: round(float(a[block_field == f].mean()), 4) for f, n in enumerate(names)}
     return {
         "alpha_mean": round(float(a.mean()), 4),
         "alpha_below_0.01": round(float((a < 0.01).float().mean()), 4),
         "alpha_field_mean": per_field,
     }
+
+
+def search_settings(dim: int, config: DnisConfig, train: TrainConfig) -> dict[str, Any]:
+    """Everything a search's result depends on (budgets excluded: one search serves them all)."""
+    search = {k: v for k, v in asdict(config).items() if k != "budgets"}
+    return {"dim": dim, "search": search, "train": asdict(train)}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """The default config hash of a search's checkpoints (a run passes its `Config.digest()`)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def clear_checkpoints(run_dir: str | Path) -> None:
+    """Remove the resume state a search and its retrains left in `run_dir` (a fresh start)."""
+    run_dir = Path(run_dir)
+    for folder in [run_dir / "search", *run_dir.glob("retrain-*")]:
+        if folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def search(
@@ -110,11 +147,23 @@ def search(
     config: DnisConfig | None = None,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    config_hash: str | None = None,
 ) -> SearchState:
-    """Warm up, then alternate model steps (train batches) and alpha steps (valid batches)."""
+    """Warm up, then alternate model steps (train batches) and alpha steps (valid batches).
+
+    With `run_dir`, every epoch is checkpointed there (see the module docstring); with `resume`,
+    the search continues from the furthest checkpoint found (none: from the start), and a
+    finished search is loaded, not redone. Checkpoints carry `config_hash` (by default a hash of
+    the search settings) and a checksum; a foreign or corrupt one is refused with a DnisError.
+    """
     config = config or DnisConfig()
     train = train or TrainConfig()
     progress = progress or SilentProgress()
+    settings = search_settings(dim, config, train)
+    config_hash = settings_hash(settings) if config_hash is None else config_hash
+    folder = None if run_dir is None else Path(run_dir)
     started = time.perf_counter()
     blocks = dataset_blocks(dataset, config.num_blocks, config.block_mode)
     torch.manual_seed(train.seed)
@@ -123,9 +172,20 @@ def search(
     task = make_task(dataset)
     alpha = embedding.alpha
     alpha.requires_grad_(False)
-    if config.warmup_epochs:
+    saved = None
+    if folder is not None and resume and (folder / "checkpoint.pt").exists():
+        saved = _read_search_checkpoint(folder / "checkpoint.pt", settings, config_hash)
+    if saved is None and config.warmup_epochs:  # a search checkpoint supersedes the warm-up
         warm = TrainConfig(**{**vars(train), "epochs": config.warmup_epochs, "patience": 0})
-        Trainer(model, task, warm, progress=progress).fit()
+        warmup = Trainer(
+            model,
+            task,
+            warm,
+            run_dir=None if folder is None else folder / "warmup",
+            progress=progress,
+            config_hash=config_hash,
+        )
+        warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
     alpha.requires_grad_(True)
     model_opt = make_optimizer(model, train, exclude=[alpha])
     alpha_opt: torch.optim.Optimizer = (
@@ -133,8 +193,14 @@ def search(
         if config.alpha_optimizer == "sgd"
         else torch.optim.Adam([alpha], lr=config.alpha_lr)
     )
-    best, best_state, history = None, None, []
-    for epoch in range(1, config.search_epochs + 1):
+    best, best_state, history, done, earlier = None, None, [], 0, 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        model_opt.load_state_dict(saved["model_optimizer"])
+        alpha_opt.load_state_dict(saved["alpha_optimizer"])
+        best, best_state, history = saved["best"], saved["best_state"], saved["history"]
+        done, earlier = saved["epoch"], saved["seconds"]  # time spent before the interruption
+    for epoch in range(done + 1, config.search_epochs + 1):
         seed = epoch_seed(train.seed, 1000 + epoch)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -148,10 +214,16 @@ def search(
             loss = task.loss(model, ids, labels, generator)
             if train.embedding_l2:
                 loss = loss + train.embedding_l2 * embedding.last_l2
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DnisError(
+                    f"the search loss became {value} in search epoch {epoch}; lower train.lr or "
+                    "search.alpha_lr, or add regularisation (the last good checkpoint is kept)"
+                )
             model_opt.zero_grad(set_to_none=True)
             loss.backward()
             model_opt.step()
-            total += float(loss.detach()) * len(ids)
+            total += value * len(ids)
             _alpha_step(model, task, alpha, next(valid_stream), config, alpha_opt, generator)
             progress.batch_end()
         valid = task.evaluate(model, "valid", train.eval_batch_size)
@@ -162,16 +234,57 @@ def search(
             **alpha_stats(alpha, blocks, dataset.schema.names),
         }
         history.append(record)
-        progress.epoch_end(record)
         if task.better(valid[task.metric], best):
             best, best_state = valid[task.metric], copy.deepcopy(model.state_dict())
+        if folder is not None:
+            save_checkpoint(
+                folder / "checkpoint.pt",
+                {
+                    "settings": settings,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "model_optimizer": model_opt.state_dict(),
+                    "alpha_optimizer": alpha_opt.state_dict(),
+                    "best": best,
+                    "best_state": best_state,
+                    "history": history,
+                    "seconds": earlier + time.perf_counter() - started,
+                },
+                config_hash,
+            )
+        progress.epoch_end(record)
     assert best_state is not None
     model.load_state_dict(best_state)
     alpha.requires_grad_(False)
     before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
     return SearchState(
-        model, embedding, blocks, task, before, history, time.perf_counter() - started
+        model, embedding, blocks, task, before, history, earlier + time.perf_counter() - started
     )
+
+
+def _exists(path: Path | None) -> bool:
+    return path is not None and path.exists()
+
+
+def _read_search_checkpoint(
+    path: Path, settings: dict[str, Any], config_hash: str
+) -> dict[str, Any]:
+    """A search checkpoint's state, refused unless its checksum, hash and settings match."""
+    found, saved = read_checkpoint(path)  # refuses a torn, bit-flipped or foreign file
+    check_config_hash(path, found, config_hash)
+    keys = ("settings", "epoch", "model", "model_optimizer", "alpha_optimizer", "best_state")
+    if any(key not in saved for key in keys):
+        raise DnisError(
+            f"checkpoint {path} is not a DNIS search checkpoint; delete it and start the run "
+            "again without --resume"
+        )
+    if saved["settings"] != settings:
+        raise DnisError(
+            f"cannot resume from {path}: it was written with different search settings "
+            f"({saved['settings']}, this run's are {settings}); resume with the config that "
+            "wrote it, or delete it and start the run again without --resume"
+        )
+    return saved
 
 
 def _cycle(dataset: EncodedDataset, batch_size: int, generator: torch.Generator):
@@ -252,9 +365,42 @@ def retrain(
     config: DnisConfig,
     train: TrainConfig,
     progress: Progress | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    config_hash: str | None = None,
 ) -> SearchResult:
-    """Prune to `budget`, materialise, and retrain with the structure fixed."""
+    """Prune to `budget`, materialise, and retrain with the structure fixed.
+
+    With `run_dir`, the retrain is a Trainer checkpointing every epoch there; with `resume`, it
+    continues from that checkpoint if there is one (`config_hash` guards it as in `search`).
+    """
     started = time.perf_counter()
+    compact, model = compact_model(state, make_model, budget, config=config, train=train)
+    task = state.task
+    pruned = task.evaluate(model, "valid", train.eval_batch_size)
+    trainer = Trainer(
+        model, task, train, run_dir=run_dir, progress=progress, config_hash=config_hash
+    )
+    resumed = resume and _exists(trainer.checkpoint_path)
+    fit_started = time.perf_counter()
+    result = trainer.fit(resume=resumed)
+    fit_seconds = time.perf_counter() - fit_started
+    test = task.evaluate(model, "test", train.eval_batch_size)
+    seconds = time.perf_counter() - started
+    if resumed:  # count the training epochs of earlier processes too, not the reloading
+        seconds += result.train_seconds - fit_seconds
+    return finished_result(state, budget, compact, model, pruned, result.valid, test, seconds)
+
+
+def compact_model(
+    state: SearchState,
+    make_model: ModelFactory,
+    budget: float,
+    *,
+    config: DnisConfig,
+    train: TrainConfig,
+) -> tuple[FieldEmbedding, Model]:
+    """The compact embedding for `budget` and the model around it, before retraining."""
     compact = materialize(state, budget, config.granularity)
     torch.manual_seed(train.seed)
     model = make_model(compact)
@@ -265,26 +411,41 @@ def retrain(
         model.load_state_dict(dense, strict=False)
     else:
         compact.reset_parameters()
-    task = state.task
-    pruned = task.evaluate(model, "valid", train.eval_batch_size)
-    result = Trainer(model, task, train, progress=progress).fit()
-    test = task.evaluate(model, "test", train.eval_batch_size)
+    return compact, model
+
+
+def finished_result(
+    state: SearchState,
+    budget: float,
+    compact: FieldEmbedding,
+    model: Model,
+    pruned: dict[str, float],
+    valid: dict[str, float],
+    test: dict[str, float],
+    retrain_seconds: float,
+) -> SearchResult:
+    """The SearchResult of one retrained budget."""
     return SearchResult(
         method="dnis",
-        metric=task.metric,
+        metric=state.task.metric,
         budget=budget,
         full_params=state.embedding.weight.numel(),
         embedding_params=compact.num_parameters(),
         memory_bytes=compact.memory_bytes(),
         dims=dims_report(compact, state.blocks, state.task.dataset.schema.names),
-        metrics={"valid": result.valid, "test": test},
+        metrics={"valid": valid, "test": test},
         before=state.before,
         pruned=pruned,
         search_seconds=state.seconds,
-        retrain_seconds=time.perf_counter() - started,
+        retrain_seconds=retrain_seconds,
         history=state.history,
         model=model,
     )
+
+
+def retrain_dir(run_dir: str | Path, budget: float) -> Path:
+    """Where the retrain of `budget` checkpoints inside a search's run folder."""
+    return Path(run_dir) / f"retrain-{budget}"
 
 
 def dnis(
@@ -296,14 +457,46 @@ def dnis(
     config: DnisConfig | None = None,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    config_hash: str | None = None,
 ) -> SearchResult | list[SearchResult]:
-    """Search once, then prune and retrain for each budget (a list gives a list of results)."""
+    """Search once, then prune and retrain for each budget (a list gives a list of results).
+
+    With `run_dir`, the search checkpoints into `run_dir/search/` and each budget's retrain into
+    `run_dir/retrain-<budget>/`; with `resume`, all of them continue from their checkpoints (a
+    finished stage only reloads and evaluates). Without `resume`, old checkpoints there are removed.
+    """
     config = config or DnisConfig()
     train = train or TrainConfig()
-    state = search(make_model, dataset, dim=dim, config=config, train=train, progress=progress)
+    if config_hash is None:
+        config_hash = settings_hash(search_settings(dim, config, train))
+    if run_dir is not None and not resume:
+        clear_checkpoints(run_dir)
+    state = search(
+        make_model,
+        dataset,
+        dim=dim,
+        config=config,
+        train=train,
+        progress=progress,
+        run_dir=None if run_dir is None else Path(run_dir) / "search",
+        resume=resume,
+        config_hash=config_hash,
+    )
     budgets = [budget] if isinstance(budget, int | float) else list(budget)
     results = [
-        retrain(state, make_model, b, config=config, train=train, progress=progress)
+        retrain(
+            state,
+            make_model,
+            b,
+            config=config,
+            train=train,
+            progress=progress,
+            run_dir=None if run_dir is None else retrain_dir(run_dir, b),
+            resume=resume,
+            config_hash=config_hash,
+        )
         for b in budgets
     ]
     return results[0] if isinstance(budget, int | float) else results

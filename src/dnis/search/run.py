@@ -1,35 +1,72 @@
 """A search run from a config: DNIS once, then a compact retrained model per budget.
 
 `runs/<name>-<config hash>/` receives config.yaml, encoder.json, search.json (per-epoch log and
-alpha), and per budget `model-<budget>.pt` (only the compact tables and the dense weights), plus
-the report: dims.json, results.json, report.md, dims.png, metric.png.
+alpha), and per budget `model-<budget>.pt` (only the compact tables and the dense weights) and
+`result-<budget>.json` (its metrics), plus the report: dims.json, results.json, report.md,
+dims.png, metric.png.
+
+Resume: the run also keeps its checkpoints (every epoch, atomically, with checksum and config
+hash; see `dnis.search.dnis`) in `search/warmup/`, `search/` and `retrain-<budget>/`. With
+`resume=True` a killed run continues from them: a finished search is loaded, a finished budget
+(`model-<budget>.pt` and `result-<budget>.json`) is reloaded, not retrained, and the final results
+equal those of an uninterrupted run. Without `resume` (like `dnis train`), the old checkpoints of
+the run folder are removed and the run starts afresh.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from dnis.config import Config
 from dnis.data.dataset import EncodedDataset
+from dnis.errors import DnisError
 from dnis.io import atomic_write, write_json
-from dnis.report import write_search_report
-from dnis.search.dnis import retrain, search
+from dnis.search.dnis import (
+    SearchState,
+    clear_checkpoints,
+    compact_model,
+    finished_result,
+    retrain,
+    retrain_dir,
+    search,
+)
 from dnis.search.result import SearchResult
+from dnis.search.training import ModelFactory
 from dnis.train.progress import Progress
 from dnis.train.run import model_factory, start_run
+
+
+def model_path(run_dir: Path, budget: float) -> Path:
+    return run_dir / f"model-{budget}.pt"
+
+
+def result_path(run_dir: Path, budget: float) -> Path:
+    return run_dir / f"result-{budget}.json"
 
 
 def search_run(
     config: Config,
     budgets: Sequence[float] | None = None,
     progress: Progress | None = None,
+    *,
+    resume: bool = False,
 ) -> tuple[EncodedDataset, list[SearchResult]]:
-    """The dataset it loaded (callers reuse it) and one result per budget."""
+    """The dataset it loaded (callers reuse it) and one result per budget.
+
+    `resume` continues a killed run from its checkpoints (see the module docstring).
+    """
     run_dir = config.run_dir()
+    if not resume:
+        clear_checkpoints(run_dir)  # a fresh run must not inherit an old resume point
+        for old in run_dir.glob("result-*.json"):
+            old.unlink()
     dataset = start_run(config, run_dir)
     make_model = model_factory(config, dataset)
+    digest = config.digest()
     state = search(
         make_model,
         dataset,
@@ -37,6 +74,9 @@ def search_run(
         config=config.search,
         train=config.train,
         progress=progress,
+        run_dir=run_dir / "search",
+        resume=resume,
+        config_hash=digest,
     )
     write_json(
         run_dir / "search.json",
@@ -49,15 +89,31 @@ def search_run(
     )
     results = []
     for budget in budgets or config.search.budgets:
+        finished = model_path(run_dir, budget).exists() and result_path(run_dir, budget).exists()
+        if resume and finished:
+            results.append(reload_budget(config, state, make_model, budget))
+            continue
         result = retrain(
-            state, make_model, budget, config=config.search, train=config.train, progress=progress
+            state,
+            make_model,
+            budget,
+            config=config.search,
+            train=config.train,
+            progress=progress,
+            run_dir=retrain_dir(run_dir, budget),
+            resume=resume,
+            config_hash=digest,
         )
         assert result.model is not None
         atomic_write(
-            run_dir / f"model-{budget}.pt",
+            model_path(run_dir, budget),
             lambda handle, m=result.model: torch.save(m.state_dict(), handle),
         )
+        # written last: its presence marks the budget finished
+        write_json(result_path(run_dir, budget), {**result.to_dict(), "config_hash": digest})
         results.append(result)
+    from dnis.report import write_search_report  # matplotlib: imported when it is needed
+
     write_search_report(
         results,
         run_dir,
@@ -66,3 +122,38 @@ def search_run(
         title=f"DNIS on {dataset.name} ({dataset.task}, {config.model.name})",
     )
     return dataset, results
+
+
+def reload_budget(
+    config: Config, state: SearchState, make_model: ModelFactory, budget: float
+) -> SearchResult:
+    """A finished budget's result: its structure rebuilt from the search, its weights from
+    `model-<budget>.pt`, its metrics from `result-<budget>.json`."""
+    run_dir = config.run_dir()
+    path, weights = result_path(run_dir, budget), model_path(run_dir, budget)
+    fix = "delete it and rerun with --resume to retrain this budget"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        metrics, pruned, seconds = saved["metrics"], saved["pruned"], saved["retrain_seconds"]
+        found = saved["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DnisError(f"{path} is not a finished budget's result ({error}); {fix}") from None
+    if found != config.digest() or saved.get("budget") != budget:
+        raise DnisError(
+            f"{path} was written by another run (config hash {found}, budget "
+            f"{saved.get('budget')}; this run's are {config.digest()}, {budget}); {fix}"
+        )
+    compact, model = compact_model(
+        state, make_model, budget, config=config.search, train=config.train
+    )
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise DnisError(
+            f"{weights} cannot be loaded into this budget's compact model ({error}); "
+            f"delete it and {path}, and rerun with --resume to retrain this budget"
+        ) from None
+    model.eval()
+    return finished_result(
+        state, budget, compact, model, pruned, metrics["valid"], metrics["test"], seconds
+    )
