@@ -3,7 +3,7 @@
     <output>/
       model.torchscript.pt | model.onnx   the compact model: encoded ids [B, S] -> scores [B]
       encoders.json                       the run's fitted encoders (raw values -> ids)
-      config.yaml                         the run's resolved config
+      config.yaml                         the run's resolved config (a copy)
       manifest.json                       what it is: format, model, fields in order, budget,
                                           parameter counts, bytes and sha256 of every file,
                                           versions, and the check against the eager model
@@ -34,7 +34,7 @@ from dnis.export import onnx as onnx_format
 from dnis.export import torchscript
 from dnis.export.source import RunModel, load_run, run_summary
 from dnis.export.traceable import example_ids, traceable
-from dnis.io import write_json, write_yaml
+from dnis.io import write_json
 
 FORMATS: dict[str, str] = {"torchscript": torchscript.FILENAME, "onnx": onnx_format.FILENAME}
 MANIFEST = "manifest.json"
@@ -169,9 +169,18 @@ def export_run(
         model = traceable(run.model)
         example = example_ids(model.embedding.layout, TRACE_ROWS, seed=0)
         writer = onnx_format.write if fmt == "onnx" else torchscript.write
-        writer(model, example, staging / FORMATS[fmt])
+        try:
+            writer(model, example, staging / FORMATS[fmt])
+        except DnisError:
+            raise
+        except Exception as error:  # the tracer or exporter failed: not the user's mistake
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            raise DnisError(
+                f"the {fmt} export of {run.model_name} failed ({type(error).__name__}: {first}); "
+                f"try the other format, and please report it with torch {torch.__version__}"
+            ) from error
         run.encoder.save(staging / ENCODERS)
-        write_yaml(staging / CONFIG, run.config.to_dict())
+        shutil.copyfile(run.run_dir / CONFIG, staging / CONFIG)
         diff = check_graph(run, fmt, staging / FORMATS[fmt])
         manifest = build_manifest(run, fmt, staging, diff)
         write_json(staging / MANIFEST, manifest)

@@ -97,8 +97,7 @@ class Predictor:
 
     def encode(self, data: pd.DataFrame | Mapping[str, Any]) -> np.ndarray:
         """Encoded ids [rows, slots] (int64), fields in the model's order."""
-        frame = self.frame(data)
-        return self.encoder.transform(frame.reset_index(drop=True))
+        return self.encoder.transform(self.frame(data))
 
     def score_ids(self, ids: np.ndarray) -> np.ndarray:
         if len(ids) == 0:
