@@ -89,18 +89,18 @@ def cmd_search(args: argparse.Namespace) -> None:
         overrides.append(f"search.budgets={list(budgets)}")
     config = load_config(args.config, overrides)
     progress = None if args.quiet else RichProgress(config.run_name())
-    _, results = search_run(config, progress=progress)
+    _, results = search_run(config, progress=progress, resume=args.resume)
     rows = result_rows(results, results[0].metric)
     print(metric_table(rows, list(rows[0])))
     print(f"report: {config.run_dir() / 'report.md'}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from dnis.report.compare_report import write_compare_report
+    from dnis.report.compare_report import grid_metric, write_compare_report
     from dnis.search.compare import compare
 
     overrides = list(args.set)
-    for key in ("methods", "budgets", "seeds"):
+    for key in ("methods", "budgets", "seeds", "jobs"):
         value = getattr(args, key)
         if value:
             overrides.append(
@@ -114,7 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         console.print(f"  {name} seed {seed}: {seconds:.1f} s")
 
     rows = compare(config, on_cell=done)
-    metric = rows[0]["metric"]
+    metric = grid_metric(rows)
     report = write_compare_report(
         rows, config.run_dir(), metric, f"dnis compare: {config.run_name()}"
     )
@@ -239,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument("--budgets", type=float, nargs="+", help="several budgets, one search")
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--quiet", action="store_true")
+    search.add_argument(
+        "--resume", action="store_true", help="continue a killed search run from its checkpoints"
+    )
     search.set_defaults(run=cmd_search)
 
     compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
@@ -246,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", nargs="+", help="e.g. dnis uniform mde hashing qr random")
     compare.add_argument("--budgets", type=float, nargs="+")
     compare.add_argument("--seeds", type=int)
+    compare.add_argument("--jobs", type=int, help="cells run in this many processes at once")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     compare.set_defaults(run=cmd_compare)
 
