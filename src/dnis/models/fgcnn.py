@@ -85,12 +85,13 @@ class FeatureGeneration(nn.Module):
         return torch.cat(new, dim=1) if new else fields.new_zeros(batch, 0, self.dim)
 
 
-def pairwise_inner_products(vectors: torch.Tensor) -> torch.Tensor:
-    """<v_i, v_j> for every pair i < j of vectors [B, N, d] -> [B, N (N - 1) / 2]."""
-    n = vectors.shape[1]
+def pairwise_inner_products(vectors: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """<v_i, v_j> for the pairs i < j of vectors [B, N, d] -> [B, P]; `pairs` = flat i * N + j.
+
+    The pairs are a fixed buffer (not `triu_indices` per call) so the graph exports to ONNX.
+    """
     gram = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, N, N]
-    rows, cols = torch.triu_indices(n, n, offset=1, device=vectors.device)
-    return gram[:, rows, cols]
+    return gram.flatten(1).index_select(1, pairs)
 
 
 class FGCNN(Model):
@@ -123,10 +124,12 @@ class FGCNN(Model):
             self.num_fields, self.dim, channels, kernel_heights, pooling_sizes, recombined_channels
         )
         n = self.num_fields + self.generation.num_new
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("pairs", rows * n + cols, persistent=False)
         self.mlp = MLP(n * self.dim + n * (n - 1) // 2, tuple(hidden), out_dim=1, dropout=dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         fields = self.embedding(ids)  # [B, F, d]
         vectors = torch.cat([fields, self.generation(fields)], dim=1)  # [B, N, d]
-        features = torch.cat([vectors.flatten(1), pairwise_inner_products(vectors)], dim=1)
+        features = torch.cat([vectors.flatten(1), pairwise_inner_products(vectors, self.pairs)], dim=1)
         return self.mlp(features).squeeze(1)
