@@ -202,7 +202,9 @@ def swap_embedding(
 ) -> Any:
     """A model from `make_model` around `embedding`, its other weights loaded from `state` (a
     `dense_state`), on the embedding's device: e.g. a trained masked model made compact."""
-    out = make_model(embedding).to(embedding.slot_offsets.device)
+    weights = next(embedding.parameters(), None)
+    device = embedding.slot_offsets.device if weights is None else weights.device
+    out = make_model(embedding).to(device)
     missing, unexpected = out.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("embedding.") for k in missing):
         raise RuntimeError(f"models differ beyond their embedding: {missing} {unexpected}")

@@ -23,7 +23,8 @@ Defaults and their sources (the authors' code, github.com/ssui-liu/learnable-emb
   gradient steers each threshold once g(s) nears the weights' magnitudes. A larger
   `threshold_lr` sweeps the thresholds faster when a dataset gives few steps per epoch.
 - `check_every=1`: they count the non-zeros after every step (`log_interval=1`) and save the
-  table when the count is <= the target, so a snapshot holds at most the budget.
+  table when the count is <= the target, so a snapshot holds at most the budget. A count reads
+  the whole table (one pass over V and s); raise `check_every` for very large tables.
 - Retraining re-initialises to the saved initial table times the mask (`re_init=False` in their
   retrain scripts).
 

@@ -1,0 +1,324 @@
+"""DSL: dynamic sparse learning of the embedding table under a budget held at every step.
+
+Wang, Sui, Wu, Zheng, Xiong, "Dynamic Sparse Learning: A Novel Paradigm for Efficient
+Recommendation" (WSDM 2024, arXiv:2402.02855). Its prune-and-grow step is RigL's (Evci, Gale,
+Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets Winners", ICML 2020).
+
+1. Sparsity initialisation: a uniformly random mask over the embedding table holding exactly the
+   budget's number of entries; kept entries are drawn normal(0, `init_std`), the others are zero.
+2. Sparse training with the usual loss: entries outside the mask stay zero and get no update.
+3. Dynamic exploration, every `update_every` steps up to `end_fraction` of the planned steps:
+   drop the fraction p_t of the active entries of smallest |w| and regrow as many inactive
+   entries of largest |dL/dw| (the dense gradient of that step's batch). Regrown entries start at
+   zero with zeroed optimizer state; entries dropped and regrown in the same update keep theirs.
+   p_t = drop_fraction / 2 * (1 + cos(pi * t / T_end)): the cosine-annealed update ratio. The
+   update replaces that step's optimizer step, as in RigL.
+The stored entries equal the budget at every step (a regrown entry is stored, at value 0). There
+is no retraining: the trained sparse model is the result, stored as a `RaggedEmbedding` (CSR;
+values, int16 dim indices and int32 row pointers all counted in `memory_bytes`). Its training
+time is `search_seconds` (search and training are one run); `retrain_seconds` is 0.
+
+Defaults and their sources: `update_every=100`, `drop_fraction=0.3`, `end_fraction=0.75`,
+`schedule="cosine"` are RigL's (the paper's Delta T = 100, alpha = 0.3, T_end = 75% of training;
+the defaults of `get_mask_updater` in github.com/google-research/rigl). The DSL paper uses the
+same cosine-annealed update ratio with magnitude pruning and gradient growth; its exact alpha and
+Delta T for each dataset could not be checked against its text here, so RigL's are used.
+
+Differences, and why:
+- Only the embedding table is sparse (DSL sparsifies every weight matrix): in this library the
+  budget is an embedding budget and the dense layers are not counted by any method.
+- One mask over the fused table of all fields (RigL keeps a sparsity per layer): fields and ids
+  compete for the budget, which is the per-feature width search the comparison is about.
+- Regrowth ranks the current batch's gradient (RigL's choice), in which only the batch's rows are
+  non-zero; when fewer entries have a non-zero gradient than are regrown, `torch.topk` breaks the
+  ties.
+- Training follows the library's trainer: per-epoch validation, early stopping on
+  `train.patience`, the best epoch (weights and mask) restored. T_end is counted in the planned
+  steps (`train.epochs`), so early stopping does not stretch the schedule.
+- Sequence padding rows (never read) are never kept or regrown.
+
+Mind the step count: updates happen every `update_every` steps up to T_end only, so a run planned
+with fewer than `update_every / end_fraction` steps makes no update at all and is plain static
+sparse training from the random mask (the history's `updates` and `regrown` show it). Lower
+`update_every` on small data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from dnis.data.dataset import EncodedDataset
+from dnis.data.loader import batches, num_batches
+from dnis.embeddings.blocks import dataset_blocks
+from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.masked import (
+    MaskedEmbedding,
+    dense_state,
+    readable_rows,
+    swap_embedding,
+    width_report,
+)
+from dnis.errors import ConfigError, DnisError
+from dnis.models.base import Model
+from dnis.search.methods import check_options, register_method
+from dnis.search.pep import REPORT_BLOCKS, train_device
+from dnis.search.prune import budget_params
+from dnis.search.result import SearchResult
+from dnis.search.training import ModelFactory
+from dnis.tasks import make_task
+from dnis.tasks.base import Task
+from dnis.train.trainer import TrainConfig, epoch_seed, make_optimizer
+
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+
+
+@dataclass
+class DslConfig:
+    """DSL's options (`compare.options.dsl`)."""
+
+    update_every: int = 100  # steps between mask updates (Delta T)
+    drop_fraction: float = 0.3  # alpha: the update ratio at step 0
+    end_fraction: float = 0.75  # T_end as a fraction of the planned steps; no updates after
+    schedule: str = "cosine"  # cosine | constant
+    init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.update_every < 1:
+            raise ConfigError("dsl: update_every must be >= 1")
+        if not 0 <= self.drop_fraction <= 1 or not 0 < self.end_fraction <= 1:
+            raise ConfigError("dsl: drop_fraction must be in [0, 1] and end_fraction in (0, 1]")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"dsl: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.init_std <= 0:
+            raise ConfigError("dsl: init_std must be > 0")
+
+
+DSL_OPTIONS = tuple(f.name for f in fields(DslConfig))
+
+
+def drop_fraction_at(step: int, config: DslConfig, t_end: int) -> float:
+    """The update ratio p_t: constant, or cosine-annealed from `drop_fraction` to 0 at T_end."""
+    if config.schedule == "constant":
+        return config.drop_fraction
+    return config.drop_fraction / 2 * (1 + math.cos(math.pi * min(step, t_end) / t_end))
+
+
+def random_mask(
+    layout: FieldLayout, dim: int, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """bool [rows, dim] with exactly `count` entries, uniformly random over readable rows."""
+    allowed = readable_rows(layout).unsqueeze(1).expand(layout.total_rows, dim).reshape(-1)
+    candidates = allowed.nonzero().squeeze(1)
+    if count > len(candidates):
+        raise ConfigError(f"dsl: {count} entries asked, the table has {len(candidates)}")
+    mask = torch.zeros(allowed.shape, dtype=torch.bool)
+    mask[candidates[torch.randperm(len(candidates), generator=generator)[:count]]] = True
+    return mask.view(layout.total_rows, dim)
+
+
+@torch.no_grad()
+def prune_and_regrow(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor,
+    readable: torch.Tensor,
+    fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RigL's update of one mask: (new mask, entries newly activated).
+
+    Drops floor(active * fraction) active entries of smallest |weight|, then activates as many
+    entries of largest |grad| among the inactive ones (just-dropped ones included) of readable
+    rows, so the count is unchanged."""
+    flat = mask.reshape(-1)
+    count = int(int(flat.sum()) * fraction)
+    if count == 0:
+        return mask.clone(), torch.zeros_like(mask)
+    inf = torch.tensor(math.inf, device=weight.device, dtype=weight.dtype)
+    magnitude = weight.detach().abs().reshape(-1)
+    drop = torch.topk(torch.where(flat, magnitude, inf), count, largest=False).indices
+    kept = flat.clone()
+    kept[drop] = False
+    allowed = readable.unsqueeze(1).expand_as(mask).reshape(-1)
+    score = torch.where(kept | ~allowed, -inf, grad.detach().abs().reshape(-1))
+    grow = torch.topk(score, count).indices
+    new = kept.clone()
+    new[grow] = True
+    return new.view_as(mask), (new & ~flat).view_as(mask)
+
+
+@torch.no_grad()
+def apply_mask(
+    embedding: MaskedEmbedding,
+    optimizer: torch.optim.Optimizer,
+    new_mask: torch.Tensor,
+    grown: torch.Tensor,
+) -> None:
+    """Install `new_mask`: entries off the mask and newly grown ones get value 0 and zeroed
+    optimizer state (moments), so they start from scratch and masked entries never drift."""
+    reset = ~new_mask | grown
+    weight = embedding.weight
+    weight[reset] = 0.0
+    for value in optimizer.state.get(weight, {}).values():
+        if torch.is_tensor(value) and value.shape == weight.shape:
+            value[reset] = 0
+    embedding.mask.copy_(new_mask)
+
+
+@dataclass
+class DslRun:
+    model: Model
+    embedding: MaskedEmbedding
+    task: Task
+    target: int
+    valid: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_sparse(
+    make_model: ModelFactory,
+    dataset: EncodedDataset,
+    *,
+    dim: int,
+    budget: float,
+    train: TrainConfig,
+    config: DslConfig | None = None,
+    on_step: Callable[[int, MaskedEmbedding], None] | None = None,
+) -> DslRun:
+    """Train a model whose embedding holds `budget` parameters at every step (`on_step(step,
+    embedding)` is called after each step, e.g. to check that)."""
+    config = config or DslConfig()
+    started = time.perf_counter()
+    layout = FieldLayout.from_dataset(dataset)
+    readable = readable_rows(layout)
+    target = min(budget_params(budget, layout.total_rows * dim), int(readable.sum()) * dim)
+    device = train_device(train)
+    torch.manual_seed(train.seed)
+    mask = random_mask(layout, dim, target, torch.Generator().manual_seed(train.seed))
+    embedding = MaskedEmbedding(layout, dim, mask, init_std=config.init_std)
+    model = make_model(embedding).to(device)
+    readable = readable.to(device)
+    task = make_task(dataset)
+    optimizer = make_optimizer(model, train)
+    t_end = max(
+        1, int(config.end_fraction * train.epochs * num_batches(dataset.train, train.batch_size))
+    )
+    history: list[dict[str, Any]] = []
+    best: float | None = None
+    best_state: dict[str, Any] | None = None
+    best_valid: dict[str, float] = {}
+    stale = step = 0
+    for epoch in range(1, train.epochs + 1):
+        if train.patience and stale >= train.patience:
+            break
+        epoch_started = time.perf_counter()
+        seed = epoch_seed(train.seed, epoch)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        seen = updates = regrown = 0
+        fraction = 0.0
+        active = [int(embedding.mask.sum())]
+        for ids, labels in batches(
+            dataset.train, train.batch_size, shuffle=True, generator=generator
+        ):
+            step += 1
+            update = step % config.update_every == 0 and step <= t_end
+            embedding.dense_grad = update  # the dense gradient, for regrowth
+            loss = task.loss(model, ids, labels, generator)
+            if train.embedding_l2:
+                loss = loss + train.embedding_l2 * embedding.last_l2
+            if not torch.isfinite(loss):
+                raise DnisError(
+                    f"dsl: the training loss became {float(loss.detach())} in epoch {epoch}; "
+                    "lower train.lr or add regularisation"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if update:
+                embedding.dense_grad = False
+                fraction = drop_fraction_at(step, config, t_end)
+                new_mask, grown = prune_and_regrow(
+                    embedding.weight, embedding.weight.grad, embedding.mask, readable, fraction
+                )
+                apply_mask(embedding, optimizer, new_mask, grown)
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                regrown += int(grown.sum())
+                active.append(int(embedding.mask.sum()))
+            else:
+                optimizer.step()
+            total += loss.detach() * len(ids)
+            seen += len(ids)
+            if on_step is not None:
+                on_step(step, embedding)
+        valid = task.evaluate(model, "valid", train.eval_batch_size)
+        record = {
+            "epoch": epoch,
+            "loss": float(total) / max(seen, 1),
+            "seconds": round(time.perf_counter() - epoch_started, 3),
+            "active_min": min(active),
+            "active_max": max(active),
+            "updates": updates,
+            "regrown": regrown,
+            "drop_fraction": round(fraction, 6),
+            **{f"valid_{k}": v for k, v in valid.items()},
+        }
+        history.append(record)
+        if task.better(valid[task.metric], best):
+            best, best_valid, stale = valid[task.metric], valid, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+    if best_state is not None:
+        model.load_state_dict(best_state)  # weights and mask of the best epoch
+    return DslRun(
+        model, embedding, task, target, best_valid, history, time.perf_counter() - started
+    )
+
+
+@register_method("dsl")
+def dsl_method(
+    make_model: ModelFactory,
+    dataset: EncodedDataset,
+    *,
+    budgets: Sequence[float],
+    dim: int,
+    train: TrainConfig,
+    options: dict[str, Any],
+) -> list[SearchResult]:
+    """One sparse training run per budget, the budget held at every step."""
+    check_options("dsl", options, DSL_OPTIONS)
+    config = DslConfig(**options)
+    layout = FieldLayout.from_dataset(dataset)
+    blocks = dataset_blocks(dataset, REPORT_BLOCKS)
+    results = []
+    for budget in budgets:
+        run = train_sparse(make_model, dataset, dim=dim, budget=budget, train=train, config=config)
+        final: Model = swap_embedding(make_model, run.embedding.to_ragged(), dense_state(run.model))
+        test = run.task.evaluate(final, "test", train.eval_batch_size)
+        results.append(
+            SearchResult(
+                method="dsl",
+                metric=run.task.metric,
+                budget=budget,
+                full_params=layout.total_rows * dim,
+                embedding_params=final.embedding.num_parameters(),
+                memory_bytes=final.embedding.memory_bytes(),
+                dims=width_report(run.embedding.row_widths(), layout, blocks, dataset.schema.names),
+                metrics={"valid": run.valid, "test": test},
+                search_seconds=run.seconds,
+                retrain_seconds=0.0,
+                history=run.history,
+                model=final,
+            )
+        )
+    return results
