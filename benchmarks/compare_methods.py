@@ -69,9 +69,21 @@ def setting_config(
             "budgets": [0.1, 0.25, 0.5],
             "seeds": seeds,
             "jobs": jobs,
-            "options": {"random": {"trial_epochs": 1}} if quick else {},
+            "options": method_options(model, methods, quick),
         },
     }
+
+
+def method_options(model: str, methods: list[str], quick: bool) -> dict[str, dict[str, Any]]:
+    """Per-method settings that differ from the defaults, and why."""
+    options: dict[str, dict[str, Any]] = {}
+    if quick:
+        options["random"] = {"trial_epochs": 1}
+    if model == "deepfm":
+        # PEP's default threshold lr (the training lr, 1e-3) never reaches the budgets with DeepFM
+        # in its bounded search (every result would be the recorded magnitude fallback); 0.01 does.
+        options["pep"] = {"threshold_lr": 0.01}
+    return {name: value for name, value in options.items() if name in methods}
 
 
 def run_setting(raw: dict[str, Any]) -> tuple[str, Path]:

@@ -91,4 +91,4 @@ def uniform_method(make_model, dataset, *, budgets, dim, train, options):
 
 def _ensure_builtins() -> None:
     """Import the modules that register the other built-in methods."""
-    from dnis.search import hashing, mde, outrank, qr, random_search, unified  # noqa: F401
+    from dnis.search import dsl, hashing, mde, outrank, pep, qr, random_search, unified  # noqa: F401

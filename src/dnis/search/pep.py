@@ -72,7 +72,14 @@ from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import OPTIMIZERS, TrainConfig, Trainer, epoch_seed, make_optimizer
+from dnis.train.trainer import (
+    OPTIMIZERS,
+    TrainConfig,
+    Trainer,
+    epoch_seed,
+    make_optimizer,
+    resolve_device,
+)
 
 REPORT_BLOCKS = 6  # frequency blocks per field for the width report (not used by the method)
 
@@ -142,12 +149,8 @@ class PepSearch:
 
 
 def train_device(train: TrainConfig) -> torch.device:
-    """The device `train.device` names (the CPU while the trainer has no device setting)."""
-    try:
-        from dnis.train.trainer import resolve_device  # type: ignore[attr-defined]
-    except ImportError:
-        return torch.device("cpu")
-    return resolve_device(getattr(train, "device", "cpu"))
+    """The device `train.device` names (models from a run's factory are already there)."""
+    return resolve_device(train.device)
 
 
 def same_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, decay: float):
