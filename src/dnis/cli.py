@@ -72,7 +72,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from dnis.train.run import train
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set + track_overrides(args))
     progress = None if args.quiet else RichProgress(config.run_name())
     result = train(config, resume=args.resume, progress=progress)
     print(json.dumps({"run_dir": str(result.run_dir), "test": result.metrics["test"]}, indent=2))
@@ -83,7 +83,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from dnis.report.search_report import result_rows
     from dnis.search.run import search_run
 
-    overrides = list(args.set)
+    overrides = list(args.set) + track_overrides(args)
     budgets = args.budgets or ([args.budget] if args.budget is not None else None)
     if budgets:
         overrides.append(f"search.budgets={list(budgets)}")
@@ -96,10 +96,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from dnis import track
     from dnis.report.compare_report import grid_metric, write_compare_report
     from dnis.search.compare import compare
 
-    overrides = list(args.set)
+    overrides = list(args.set) + track_overrides(args)
     for key in ("methods", "budgets", "seeds", "jobs"):
         value = getattr(args, key)
         if value:
@@ -113,12 +114,40 @@ def cmd_compare(args: argparse.Namespace) -> None:
     def done(name: str, seed: int, seconds: float) -> None:
         console.print(f"  {name} seed {seed}: {seconds:.1f} s")
 
-    rows = compare(config, on_cell=done)
-    metric = grid_metric(rows)
-    report = write_compare_report(
-        rows, config.run_dir(), metric, f"dnis compare: {config.run_name()}"
-    )
+    track.check(config.tracking)
+    with track.open_tracker(config, "compare") as tracker:  # here: it gets the report too
+        rows = compare(config, on_cell=done, tracker=tracker)
+        metric = grid_metric(rows)
+        report = write_compare_report(
+            rows, config.run_dir(), metric, f"dnis compare: {config.run_name()}"
+        )
+        track.log_files(tracker, config.run_dir(), COMPARE_ARTIFACTS)
     print(report.read_text(encoding="utf-8"))
+
+
+COMPARE_ARTIFACTS = ("config.yaml", "compare.md", "compare.csv", "pareto.png", "cells")
+
+
+def track_overrides(args: argparse.Namespace) -> list[str]:
+    """`--track mlflow --track tensorboard` switches exactly those on (`--track none`: neither),
+    over the config's `tracking:` section; without --track the config decides."""
+    if not args.track:
+        return []
+    return [f"tracking.{kind}={str(kind in args.track).lower()}" for kind in TRACKERS]
+
+
+TRACKERS = ("mlflow", "tensorboard")
+
+
+def add_track(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--track",
+        action="append",
+        choices=(*TRACKERS, "none"),
+        help="log the run to MLflow (./mlruns unless tracking.mlflow_uri says otherwise) or "
+        "TensorBoard (RUN_DIR/tensorboard); repeat for both; overrides the config's tracking "
+        "section ('none': no tracking)",
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -231,6 +260,7 @@ def parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    add_track(train)
     train.set_defaults(run=cmd_train)
 
     search = sub.add_parser("search", help="DNIS: search dims, prune to budgets, retrain")
@@ -242,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--resume", action="store_true", help="continue a killed search run from its checkpoints"
     )
+    add_track(search)
     search.set_defaults(run=cmd_search)
 
     compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
@@ -251,6 +282,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int)
     compare.add_argument("--jobs", type=int, help="cells run in this many processes at once")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_track(compare)
     compare.set_defaults(run=cmd_compare)
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate a finished run")

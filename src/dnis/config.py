@@ -94,6 +94,21 @@ class CompareConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """The `tracking:` section: experiment loggers, off by default (`pip install 'dnis[tracking]'`).
+
+    It never changes results, so it is left out of the run's digest."""
+
+    mlflow: bool = False  # log to MLflow: params, per-epoch metrics, final metrics, artifacts
+    tensorboard: bool = False  # write TensorBoard event files (scalars, config, report, plots)
+    mlflow_uri: str | None = (
+        None  # tracking store; default: a local file store ./mlruns (no server)
+    )
+    experiment: str | None = None  # MLflow experiment; default: the run's name (without its hash)
+    tensorboard_dir: str | None = None  # default: <run folder>/tensorboard/<command>
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -101,6 +116,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: DnisConfig = field(default_factory=DnisConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     name: str | None = None  # run name; default model-dataset-task
     seed: int = 0  # data split and training seed
     output_dir: str = "runs"
@@ -126,14 +142,18 @@ class Config:
         data = self.to_dict()
         data.pop("output_dir")
         data.pop("threads")
+        data.pop("tracking")  # loggers watch a run; they do not change it
         data["train"].pop("device")
         for key in ("jobs", "methods", "seeds"):
             data["compare"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
+    def base_name(self) -> str:
+        """The run's name without its hash: `name`, or model-dataset-task."""
+        return self.name or f"{self.model.name}-{self.dataset.name or 'custom'}-{self.dataset.task}"
+
     def run_name(self) -> str:
-        base = self.name or f"{self.model.name}-{self.dataset.name or 'custom'}-{self.dataset.task}"
-        return f"{base}-{self.digest()}"
+        return f"{self.base_name()}-{self.digest()}"
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name()

@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from dnis import track
 from dnis.config import Config
 from dnis.data.dataset import EncodedDataset
 from dnis.errors import BudgetError
@@ -31,6 +32,7 @@ from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
+from dnis.track import Tracker
 from dnis.train.run import load_dataset, model_factory, start_run
 
 
@@ -88,29 +90,71 @@ def method_options(config: Config, method_name: str) -> dict[str, Any]:
 
 
 def compare(
-    config: Config, on_cell: Callable[[str, int, float], None] | None = None
+    config: Config,
+    on_cell: Callable[[str, int, float], None] | None = None,
+    tracker: Tracker | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the grid; returns one row per method x budget x seed, in grid order."""
+    """Run (or resume) the grid; returns one row per method x budget x seed, in grid order.
+
+    Every row is logged to `tracker` (`dnis.track`) once its cell is done, from this process
+    (cells cached by an earlier run first). Without a tracker, the config's `tracking:` section
+    opens one here, which also receives config.yaml and the cells.
+    """
     run_dir = config.run_dir()
+    if tracker is None:
+        track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
     for name in config.compare.methods:
         method(name)  # unknown names fail before any training
+    if tracker is not None:
+        return _grid(config, dataset, on_cell, tracker)
+    with track.open_tracker(config, "compare") as tracker:
+        rows = _grid(config, dataset, on_cell, tracker)
+        track.log_files(tracker, run_dir, ["config.yaml", "cells"])
+    return rows
+
+
+def _grid(
+    config: Config,
+    dataset: EncodedDataset,
+    on_cell: Callable[[str, int, float], None] | None,
+    tracker: Tracker,
+) -> list[dict[str, Any]]:
+    run_dir = config.run_dir()
     grid = [(name, seed) for name in config.compare.methods for seed in range(config.compare.seeds)]
     todo = [cell for cell in grid if not cell_path(run_dir, *cell).exists()]
+    for cell in grid:
+        if cell not in todo:
+            log_rows(tracker, json.loads(cell_path(run_dir, *cell).read_text(encoding="utf-8")))
     if config.compare.jobs == 1:
         for name, seed in todo:
-            _finish(run_dir, name, seed, *_timed_cell(config, dataset, name, seed), on_cell)
+            _finish(
+                run_dir, name, seed, *_timed_cell(config, dataset, name, seed), on_cell, tracker
+            )
     elif todo:
         # spawn: a forked child must not inherit torch's threads or a CUDA context
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(config.compare.jobs, mp_context=context) as pool:
             futures = {pool.submit(_cell_process, config, *cell): cell for cell in todo}
-            for future in as_completed(futures):
-                _finish(run_dir, *futures[future], *future.result(), on_cell)
+            for future in as_completed(futures):  # rows come back here: logged by this process
+                _finish(run_dir, *futures[future], *future.result(), on_cell, tracker)
     rows: list[dict[str, Any]] = []
     for cell in grid:
         rows += json.loads(cell_path(run_dir, *cell).read_text(encoding="utf-8"))
     return rows
+
+
+def log_rows(tracker: Tracker, rows: list[dict[str, Any]]) -> None:
+    """One child run (MLflow) / hparams session (TensorBoard) per method x budget x seed row."""
+    if not tracker.active:
+        return
+    for row in rows:
+        params = {"method": row["method"], "budget": row["budget"], "seed": row["seed"]}
+        params["status"] = "infeasible" if "infeasible" in row else "ok"
+        if "infeasible" in row:
+            params["reason"] = row["infeasible"]
+        name = f"{row['method']} budget={row['budget']} seed={row['seed']}"
+        tracker.log_child(name, params, track.result_metrics(row))
 
 
 def _timed_cell(
@@ -137,7 +181,9 @@ def _finish(
     rows: list[dict[str, Any]],
     seconds: float,
     on_cell: Callable[[str, int, float], None] | None,
+    tracker: Tracker,
 ) -> None:
     write_json(cell_path(run_dir, name, seed), rows)
+    log_rows(tracker, rows)
     if on_cell:
         on_cell(name, seed, seconds)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dnis import track
 from dnis.config import Config
 from dnis.data.dataset import EncodedDataset
 from dnis.errors import DnisError
@@ -64,64 +66,84 @@ def search_run(
         clear_checkpoints(run_dir)  # a fresh run must not inherit an old resume point
         for old in run_dir.glob("result-*.json"):
             old.unlink()
+    track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
-    make_model = model_factory(config, dataset)
-    digest = config.digest()
-    state = search(
-        make_model,
-        dataset,
-        dim=config.embedding.dim,
-        config=config.search,
-        train=config.train,
-        progress=progress,
-        run_dir=run_dir / "search",
-        resume=resume,
-        config_hash=digest,
-    )
-    write_json(
-        run_dir / "search.json",
-        {
-            "history": state.history,
-            "before": state.before,
-            "seconds": state.seconds,
-            "alpha": state.embedding.alpha.tolist(),
-        },
-    )
-    results = []
-    for budget in budgets or config.search.budgets:
-        finished = model_path(run_dir, budget).exists() and result_path(run_dir, budget).exists()
-        if resume and finished:
-            results.append(reload_budget(config, state, make_model, budget))
-            continue
-        result = retrain(
-            state,
+    with track.open_tracker(config, "search", fresh=not resume) as tracker:
+        tracked = track.track_progress(progress, tracker, _search_phase)
+        make_model = model_factory(config, dataset)
+        digest = config.digest()
+        state = search(
             make_model,
-            budget,
+            dataset,
+            dim=config.embedding.dim,
             config=config.search,
             train=config.train,
-            progress=progress,
-            run_dir=retrain_dir(run_dir, budget),
+            progress=tracked,
+            run_dir=run_dir / "search",
             resume=resume,
             config_hash=digest,
         )
-        assert result.model is not None
-        atomic_write(
-            model_path(run_dir, budget),
-            lambda handle, m=result.model: torch.save(m.state_dict(), handle),
+        write_json(
+            run_dir / "search.json",
+            {
+                "history": state.history,
+                "before": state.before,
+                "seconds": state.seconds,
+                "alpha": state.embedding.alpha.tolist(),
+            },
         )
-        # written last: its presence marks the budget finished
-        write_json(result_path(run_dir, budget), {**result.to_dict(), "config_hash": digest})
-        results.append(result)
-    from dnis.report import write_search_report  # matplotlib: imported when it is needed
+        results = []
+        for budget in budgets or config.search.budgets:
+            finished = (
+                model_path(run_dir, budget).exists() and result_path(run_dir, budget).exists()
+            )
+            if resume and finished:
+                results.append(reload_budget(config, state, make_model, budget))
+                tracker.log_metrics(
+                    0, track.result_metrics(results[-1].to_dict()), f"budget-{budget}"
+                )
+                continue
+            if isinstance(tracked, track.TrackingProgress):
+                tracked.prefix = retrain_dir(run_dir, budget).name  # retrain-<budget>/valid_auc
+            result = retrain(
+                state,
+                make_model,
+                budget,
+                config=config.search,
+                train=config.train,
+                progress=tracked,
+                run_dir=retrain_dir(run_dir, budget),
+                resume=resume,
+                config_hash=digest,
+            )
+            assert result.model is not None
+            atomic_write(
+                model_path(run_dir, budget),
+                lambda handle, m=result.model: torch.save(m.state_dict(), handle),
+            )
+            # written last: its presence marks the budget finished
+            write_json(result_path(run_dir, budget), {**result.to_dict(), "config_hash": digest})
+            results.append(result)
+            tracker.log_metrics(0, track.result_metrics(result.to_dict()), f"budget-{budget}")
+        from dnis.report import write_search_report  # matplotlib: imported when it is needed
 
-    write_search_report(
-        results,
-        run_dir,
-        metric=state.task.metric,
-        dim=config.embedding.dim,
-        title=f"DNIS on {dataset.name} ({dataset.task}, {config.model.name})",
-    )
+        write_search_report(
+            results,
+            run_dir,
+            metric=state.task.metric,
+            dim=config.embedding.dim,
+            title=f"DNIS on {dataset.name} ({dataset.task}, {config.model.name})",
+        )
+        track.log_files(tracker, run_dir, ARTIFACTS)
     return dataset, results
+
+
+ARTIFACTS = ("config.yaml", "report.md", "results.json", "dims.json", "search.json", "*.png")
+
+
+def _search_phase(record: dict[str, Any]) -> str:
+    """The metrics' group of a search epoch: the bilevel epochs report alpha, warm-up's don't."""
+    return "search" if "alpha_mean" in record else "warmup"
 
 
 def reload_budget(

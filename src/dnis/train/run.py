@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dnis import models
+from dnis import models, track
 from dnis.config import Config, DatasetConfig, load_config
 from dnis.data.dataset import EncodedDataset
 from dnis.data.encode import Encoder
@@ -96,34 +96,45 @@ def train(config: Config, *, resume: bool = False, progress: Progress | None = N
     run_dir = config.run_dir()
     if not resume and (run_dir / "checkpoint.pt").exists():
         (run_dir / "checkpoint.pt").unlink()  # a fresh run must not inherit an old resume point
+    track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
-    model = build_model(config, dataset)
-    task = make_task(dataset)
-    trainer = Trainer(
-        model, task, config.train, run_dir=run_dir, progress=progress, config_hash=config.digest()
-    )
-    started = time.perf_counter()
-    result = trainer.fit(resume=resume)
-    atomic_write(run_dir / "model.pt", lambda handle: torch.save(model.state_dict(), handle))
-    test = task.evaluate(model, "test", config.train.eval_batch_size)
-    metrics = {
-        "run": run_dir.name,
-        "dataset": dataset.summary(),
-        "model": config.model.name,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "valid": result.valid,
-        "test": test,
-        "params": parameter_counts(model),
-        "train_seconds": round(result.train_seconds, 3),
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "machine": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-    }
-    write_json(run_dir / "final.json", metrics)
+    with track.open_tracker(config, "train", fresh=not resume) as tracker:
+        model = build_model(config, dataset)
+        task = make_task(dataset)
+        trainer = Trainer(
+            model,
+            task,
+            config.train,
+            run_dir=run_dir,
+            progress=track.track_progress(progress, tracker),
+            config_hash=config.digest(),
+        )
+        started = time.perf_counter()
+        result = trainer.fit(resume=resume)
+        atomic_write(run_dir / "model.pt", lambda handle: torch.save(model.state_dict(), handle))
+        test = task.evaluate(model, "test", config.train.eval_batch_size)
+        metrics = {
+            "run": run_dir.name,
+            "dataset": dataset.summary(),
+            "model": config.model.name,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "valid": result.valid,
+            "test": test,
+            "params": parameter_counts(model),
+            "train_seconds": round(result.train_seconds, 3),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "machine": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+        }
+        write_json(run_dir / "final.json", metrics)
+        final = {k: metrics[k] for k in ("valid", "test", "params", "best_epoch", "epochs_run")}
+        final.update(train_seconds=metrics["train_seconds"], wall_seconds=metrics["wall_seconds"])
+        tracker.log_metrics(result.best_epoch, track.numbers(final, sep="_"), "final")
+        track.log_files(tracker, run_dir, ["config.yaml", "final.json", "metrics.jsonl"])
     return RunResult(run_dir, metrics)
 
 
