@@ -11,7 +11,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,onnx,docs]'
+	$(BIN)/pip install --quiet -e '.[dev,onnx,docs,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)
