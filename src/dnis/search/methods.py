@@ -91,4 +91,15 @@ def uniform_method(make_model, dataset, *, budgets, dim, train, options):
 
 def _ensure_builtins() -> None:
     """Import the modules that register the other built-in methods."""
-    from dnis.search import dsl, hashing, mde, outrank, pep, qr, random_search, unified  # noqa: F401
+    from dnis.search import (  # noqa: F401
+        autodim,
+        dsl,
+        hashing,
+        mde,
+        optfs,
+        outrank,
+        pep,
+        qr,
+        random_search,
+        unified,
+    )
