@@ -76,17 +76,13 @@ def hashing_method(
             for f, name in enumerate(layout.names)
         }
         results.append(
-            SearchResult(
-                method="hashing",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=embedding.num_parameters(),
-                memory_bytes=embedding.memory_bytes(),
-                dims=dims,
-                metrics={"valid": trained.valid, "test": trained.test or {}},
-                retrain_seconds=trained.seconds,
-                model=trained.model,
+            SearchResult.from_trained(
+                "hashing",
+                task.metric,
+                budget,
+                full,
+                trained,
+                dims,
             )
         )
     return results

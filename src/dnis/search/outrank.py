@@ -254,7 +254,6 @@ def outrank_method(
         trained = train_compact(
             make_model, lambda k=keep: FieldSubsetEmbedding(layout, dim, k, init_std), task, train
         )
-        embedding = trained.embedding
         dims = {
             name: {
                 "block_dims": [dim if keep[f] else 0],
@@ -267,19 +266,15 @@ def outrank_method(
             for f, name in enumerate(layout.names)
         }
         results.append(
-            SearchResult(
-                method="outrank",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=embedding.num_parameters(),
-                memory_bytes=embedding.memory_bytes(),
-                dims=dims,
-                metrics={"valid": trained.valid, "test": trained.test or {}},
+            SearchResult.from_trained(
+                "outrank",
+                task.metric,
+                budget,
+                full,
+                trained,
+                dims,
                 search_seconds=search_seconds,
-                retrain_seconds=trained.seconds,
                 history=history,
-                model=trained.model,
             )
         )
     return results

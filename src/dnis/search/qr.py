@@ -85,17 +85,13 @@ def qr_method(
                 "remainder_rows": remainder,
             }
         results.append(
-            SearchResult(
-                method="qr",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=trained.embedding.num_parameters(),
-                memory_bytes=trained.embedding.memory_bytes(),
-                dims=dims,
-                metrics={"valid": trained.valid, "test": trained.test or {}},
-                retrain_seconds=trained.seconds,
-                model=trained.model,
+            SearchResult.from_trained(
+                "qr",
+                task.metric,
+                budget,
+                full,
+                trained,
+                dims,
             )
         )
     return results

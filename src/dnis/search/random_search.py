@@ -141,19 +141,15 @@ def random_method(
             make_model, lambda w=winner: _embedding(layout, dim, blocks, w, init_std), task, train
         )
         results.append(
-            SearchResult(
-                method="random",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=final.embedding.num_parameters(),
-                memory_bytes=final.embedding.memory_bytes(),
-                dims=block_report(winner, blocks, dataset.schema.names),
-                metrics={"valid": final.valid, "test": final.test or {}},
+            SearchResult.from_trained(
+                "random",
+                task.metric,
+                budget,
+                full,
+                final,
+                block_report(winner, blocks, dataset.schema.names),
                 search_seconds=search_seconds,
-                retrain_seconds=final.seconds,
                 history=history,
-                model=final.model,
             )
         )
     return results

@@ -26,6 +26,33 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch search log
     model: Model | None = None  # the retrained compact model
 
+    @classmethod
+    def from_trained(
+        cls,
+        method: str,
+        metric: str,
+        budget: float,
+        full_params: int,
+        trained: Any,
+        dims: dict[str, Any],
+        **extra: Any,
+    ) -> SearchResult:
+        """The result of a model trained around a compact embedding (`training.Trained`): its
+        parameters and memory are read off that embedding, so no method can misreport them."""
+        return cls(
+            method=method,
+            metric=metric,
+            budget=budget,
+            full_params=full_params,
+            embedding_params=trained.embedding.num_parameters(),
+            memory_bytes=trained.embedding.memory_bytes(),
+            dims=dims,
+            metrics={"valid": trained.valid, "test": trained.test or {}},
+            retrain_seconds=trained.seconds,
+            model=trained.model,
+            **extra,
+        )
+
     def report(self, out_dir: str | Path) -> Path:
         """Write dims.json, results.json, report.md and plots into `out_dir`; returns report.md."""
         from dnis.report import write_search_report

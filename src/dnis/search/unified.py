@@ -107,17 +107,13 @@ def unified_method(
             for f, name in enumerate(layout.names)
         }
         results.append(
-            SearchResult(
-                method="unified",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=embedding.num_parameters(),
-                memory_bytes=embedding.memory_bytes(),
-                dims=dims,
-                metrics={"valid": trained.valid, "test": trained.test or {}},
-                retrain_seconds=trained.seconds,
-                model=trained.model,
+            SearchResult.from_trained(
+                "unified",
+                task.metric,
+                budget,
+                full,
+                trained,
+                dims,
             )
         )
     return results
