@@ -126,6 +126,37 @@ def test_multiwidth_embedding_mixes_projected_candidates():
     torch.testing.assert_close(emb.mixture_weights(), torch.full((2, 2), 0.5))
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_multiwidth_batch_path_equals_row_lookups(batch_norm):
+    """forward's per-slot matmuls give what pooling row lookups (embedding_bag) gives."""
+    torch.manual_seed(0)
+    # field 1 is a 3-slot mean-pooled sequence field (its id 0 is padding)
+    layout = FieldLayout(("a", "b"), (4, 5), (0, 1, 1, 1), (False, True), (False, True))
+    emb = MultiWidthEmbedding(layout, 4, (1, 3), batch_norm=batch_norm, init_std=0.5)
+    with torch.no_grad():
+        emb.alpha.normal_()
+        emb.scale.normal_()
+        for bias in emb.biases:
+            bias.normal_()
+    ids = torch.tensor([[1, 2, 0, 3], [3, 1, 1, 0], [0, 4, 2, 1]])
+    emb.train()
+    emb(ids)  # moves the running statistics
+    emb.eval()
+    rows = ids + emb.slot_offsets
+    expected = emb.pooling(emb.lookup(rows), emb.pooling.slot_weights(ids, torch.float32))
+    torch.testing.assert_close(emb(ids), expected)
+    emb.train()
+    torch.manual_seed(1)
+    batch = emb(ids)
+    torch.manual_seed(1)  # same Gumbel draw
+    pooled = emb.pooling(emb.lookup(rows), emb.pooling.slot_weights(ids, torch.float32))
+    torch.testing.assert_close(batch, pooled)
+    # L2 on the stored candidate vectors of real (non-padding) slots
+    real = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    squared = sum(t[rows].pow(2).sum(-1)[real].sum() for t in emb.tables)
+    torch.testing.assert_close(emb.last_l2, squared / 3)
+
+
 def test_multiwidth_batch_norm_is_per_field():
     torch.manual_seed(0)
     emb = MultiWidthEmbedding(_layout((3, 2)), 4, (1, 2), batch_norm=True, init_std=1.0)
@@ -181,6 +212,11 @@ def test_gated_embedding_gates_rows():
     torch.testing.assert_close(emb.gate_l1().detach(), expected)
     assert emb.open_rows().tolist() == [True, False, True, False, True]
     assert emb.num_parameters() == 5 * 2 + 5
+    # the L2 term decays the table rows of real slots, not the gated vectors
+    ids = torch.tensor([[0, 1], [2, 0]])  # slot 1 is field 1: its id 0 (row 3) is padding
+    emb.train()
+    emb(ids)
+    torch.testing.assert_close(emb.last_l2, emb.weight[[0, 4, 2]].pow(2).sum() / 2)
 
 
 def test_kept_rows_embedding_counts_and_reads_zeros_for_dropped_rows():

@@ -4,6 +4,8 @@
   `weight[i] * sigmoid(temperature * gate[i]) / sigmoid(gate_init)`; the gate logits start at
   `gate_init` (> 0, so every gate starts open and the row at its plain value) and the search raises
   `temperature` so the gates harden towards 0 or 1. A row is open when its gate logit is > 0.
+  `last_l2` (the trainer's `embedding_l2`) is taken on the table rows, so it decays the weights
+  and not the gates (the reference's weight decay skips the gates too).
 - `KeptRowsEmbedding` (result): the kept rows in a dense [K, dim] table, plus the sorted int32
   global indices of those rows; a lookup finds a row's position by binary search, and a dropped
   row reads the zero vector (every dropped value of every field shares it). Its memory counts the
@@ -46,6 +48,7 @@ class GatedEmbedding(FusedEmbedding):
         self.gate = nn.Parameter(torch.full((layout.total_rows,), float(gate_init)))
         self.gate_scale = 1.0 + math.exp(-gate_init)  # 1 / sigmoid(gate_init)
         self.temperature = 1.0
+        self._squared = torch.zeros(())
         self.register_buffer("padding", padding_mask(layout), persistent=False)
 
     def gates(self) -> torch.Tensor:
@@ -54,7 +57,18 @@ class GatedEmbedding(FusedEmbedding):
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.temperature * self.gate[rows]) * self.gate_scale
-        return functional.embedding(rows, self.weight) * gate.unsqueeze(-1)
+        vectors = functional.embedding(rows, self.weight)
+        if self.training:
+            self._squared = vectors.pow(2).sum(dim=-1)
+        return vectors * gate.unsqueeze(-1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = super().forward(ids)
+        if self.training:  # L2 on the table rows, not through the gates (the reference's decay)
+            weights = self.pooling.slot_weights(ids, self._squared.dtype)
+            squared = self._squared if weights is None else self._squared * weights
+            self.last_l2 = squared.sum() / ids.shape[0]
+        return out
 
     def gate_l1(self) -> torch.Tensor:
         """Sum of all (positive) gates: the L1 penalty that closes useless feature values."""

@@ -2,19 +2,23 @@
 
 For candidate width c_m, every row owns a c_m-wide vector (one [rows, c_m] table per candidate,
 or, with `weight_sharing`, the first c_m dims of one [rows, max c_m] table). Field f maps its
-candidate-m vector to the model width with its own linear layer `e @ W[f, m] + b[f, m]`, then
-a batch norm without affine parameters (per field, candidate and output dim) makes the
-candidates' magnitudes comparable. The field's vector is the mixture
-`scale[f] * sum_m p[f, m] * BN(e_m W[f, m] + b[f, m])`, where `scale` [fields, dim] is learned,
-shared by the candidates (so they stay comparable) and starts at `init_std`, so the model first
-sees vectors of an ordinary embedding's size (unit-variance field vectors would swamp an FM's
-pairwise products); where p[f] is a Gumbel-softmax sample of the field's
-architecture weights `alpha[f]` at temperature `temperature` while training (a plain softmax of
-alpha at that temperature in eval mode), or the uniform 1/M during warm-up.
+candidate-m vector to the model width with its own linear layer `e @ W[f, m] + b[f, m]`,
+optionally followed (`batch_norm`) by a batch norm without affine parameters, per field,
+candidate and output dim, that makes the candidates' magnitudes comparable. The field's vector
+is `scale[f] * sum_m p[f, m] * [BN](e_m W[f, m] + b[f, m])`. `scale` [fields, dim] is learned and
+shared by the candidates (so they stay comparable); it starts at `init_std` with batch norm, so
+the model first sees vectors of an ordinary embedding's size (unit-variance field vectors would
+swamp an FM's pairwise products), and at 1 without. p[f] is a Gumbel-softmax sample of the
+field's architecture weights `alpha[f]` at temperature `temperature` while training (a plain
+softmax of alpha at that temperature in eval mode), or the uniform 1/M during warm-up.
 
-A lookup is one gather and one `embedding_bag` per candidate (a Python loop over the few
-candidates, never over rows or fields): `e W[f, m]` is a weighted sum of the projection rows of
-field f, the same trick as `ProjectedBlockEmbedding`, so no [rows, c_m, dim] tensor is built.
+A batch (`forward`) knows each slot's field, so the projections are batched matmuls over slots;
+without batch norm the mixture is linear in the candidates and is one matmul over their
+concatenated vectors with the mixture weights folded into [slots, sum c_m, dim] weights. A lookup
+of arbitrary rows (`lookup`, e.g. all items of a field) uses one `embedding_bag` per candidate
+instead: `e W[f, m]` is a weighted sum of field f's projection rows, the trick of
+`ProjectedBlockEmbedding`, so no [rows, c_m, dim] tensor is built. Python loops run over the few
+candidates only, never over rows or fields.
 Batch statistics are per field, over the rows the batch looks up (sequence padding excluded).
 `last_l2` (the trainer's `embedding_l2` term) is taken on the stored candidate vectors.
 """
@@ -139,41 +143,74 @@ class MultiWidthEmbedding(FieldEmbedding):
             )
         return centred / torch.sqrt(var[field] + self.eps)
 
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        flat = rows.reshape(-1)
-        field = torch.searchsorted(self.field_offsets, flat, right=True) - 1
+    def _weights(self, m: int) -> torch.Tensor:
+        """W[:, m] as [fields, c_m, dim]."""
+        return self.projections[m].view(self.layout.num_fields, self.candidates[m], self.dim)
+
+    def _mixture(self, rows: torch.Tensor, slot_field: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed vectors [*rows.shape, dim]. With `slot_field` [S], `rows` is a batch [B, S] whose
+        slot s belongs to field slot_field[s]: projections are then per-slot batched matmuls."""
+        if slot_field is None:
+            field = torch.searchsorted(self.field_offsets, rows, right=True) - 1
+        else:
+            field = slot_field.expand_as(rows)
         # sequence padding (id 0 of a sequence field) is never read by a model: keep it out of
-        # the batch statistics
-        real = ~(self.sequence_field[field] & (flat == self.field_offsets[field]))
+        # the batch statistics and the L2 term
+        real = ~(self.sequence_field[field] & (rows == self.field_offsets[field]))
         p = self.mixture_weights()
-        out = None
-        squared = None
-        for m, width in enumerate(self.candidates):
-            vectors = self._table(m)[flat]  # [N, c_m]
-            if self.training:
-                norm = (vectors.pow(2).sum(dim=1) * real).sum()
-                squared = norm if squared is None else squared + norm
-            j = torch.arange(width, device=flat.device)
-            index = field.unsqueeze(1) * width + j
-            projected = functional.embedding_bag(
-                index, self.projections[m], per_sample_weights=vectors, mode="sum"
+        p = p[field] if slot_field is None else p[slot_field]  # [..., M] or [S, M]
+        key = field if slot_field is None else slot_field
+        vectors = [self._table(m)[rows] for m in range(len(self.candidates))]
+        if self.training:
+            self._raw_l2 = sum((v.pow(2).sum(dim=-1) * real).sum() for v in vectors)
+        if slot_field is not None and not self.batch_norm:
+            # linear in the candidates: one matmul over their concatenation, weights pre-mixed
+            weight = torch.cat(
+                [
+                    p[:, m].view(-1, 1, 1) * self._weights(m)[slot_field]
+                    for m in range(len(self.candidates))
+                ],
+                dim=1,
+            )  # [S, sum c_m, dim]
+            bias = sum(
+                p[:, m].unsqueeze(1) * self.biases[m][slot_field]
+                for m in range(len(self.candidates))
             )
-            projected = projected + self.biases[m][field]
+            out = torch.einsum("bsk,skd->bsd", torch.cat(vectors, dim=-1), weight) + bias
+            return out * self.scale[slot_field]
+        out = None
+        for m, width in enumerate(self.candidates):
+            if slot_field is not None:
+                projected = torch.einsum("bsc,scd->bsd", vectors[m], self._weights(m)[slot_field])
+            else:  # any rows: a weighted sum of the field's projection rows, no [N, c, dim]
+                j = torch.arange(width, device=rows.device)
+                index = field.reshape(-1, 1) * width + j
+                projected = functional.embedding_bag(
+                    index,
+                    self.projections[m],
+                    per_sample_weights=vectors[m].reshape(-1, width),
+                    mode="sum",
+                ).view(*rows.shape, self.dim)
+            projected = projected + self.biases[m][key]
             if self.batch_norm:
-                projected = self._normalize(m, projected, field, real)
-            term = p[field, m].unsqueeze(1) * projected
+                flat = self._normalize(
+                    m, projected.reshape(-1, self.dim), field.reshape(-1), real.reshape(-1)
+                )
+                projected = flat.view_as(projected)
+            term = p[..., m].unsqueeze(-1) * projected
             out = term if out is None else out + term
         assert out is not None
-        out = out * self.scale[field]
-        if squared is not None:
-            self._raw_l2 = squared
-        return out.view(*rows.shape, self.dim)
+        return out * self.scale[key]
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._mixture(rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = super().forward(ids)
-        if self.training:  # L2 on the stored candidate vectors, not on their normalised mixture
+        vectors = self._mixture(ids + self.slot_offsets, self.pooling.slot_fields)
+        weights = self.pooling.slot_weights(ids, vectors.dtype)
+        if self.training:  # L2 on the stored candidate vectors, not on their mixture
             self.last_l2 = self._raw_l2 / ids.shape[0]
-        return out
+        return self.pooling(vectors, weights)
 
     def num_parameters(self) -> int:
         """Candidate tables, projections, biases and the output scale (alpha excluded)."""

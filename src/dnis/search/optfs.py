@@ -16,11 +16,15 @@ a gate. Lifecycle, as the reference code:
    initialisation) and the kept rows retrained with hard gates; dropped values read a shared
    zero vector. `retrain: scratch` re-initialises instead.
 
-Defaults (the reference README's FM/Criteo row): search_epochs 10, final_temperature 1000,
-reg_lambda 2e-9, rewind_epoch 1; gate_init 0.5 (the reference's `mask_init`). reg_lambda
-multiplies a sum over all rows, so its useful size depends on the table; under Adam a row whose
-loss gradient is small closes at about lr per step whatever lambda is, which is why rare values
-close first.
+Defaults: search_epochs 10, final_temperature 1000, rewind_epoch 1 (the reference README's
+FM/Criteo row), gate_init 0.5 (the reference's `mask_init`), and reg_lambda 1e-4, NOT the
+reference's 2e-9. lambda multiplies a sum over every row and competes with per-row loss gradients
+whose size depends on the table and batch size, so its useful value is data-dependent; 2e-9 was
+tuned on Criteo (millions of values, batch 4096). Measured on MovieLens latest-small, FM, dim 16,
+batch 1024, lr 1e-3, 10 search epochs: CTR with 2e-9 closes no gate (valid AUC 0.802); 1e-4
+keeps user 61%, item 4%, year 75% of values open (AUC 0.801); 1e-3 closes nearly all (AUC 0.777).
+Rating with 1e-4 keeps user 99.8%, item 81%. Gates move only while beta * |g| is small (later
+the sigmoid saturates), so how many gates close also depends on the steps per epoch.
 
 The budget (OptFS has none): a result may hold at most floor(budget / dim) rows. The open rows
 are ranked by gate logit (largest first) and the top ones kept until kept_rows * dim <= budget;
@@ -72,7 +76,7 @@ OPTFS_OPTIONS = (
 class OptFSConfig:
     search_epochs: int = 10
     final_temperature: float = 1000.0
-    reg_lambda: float = 2e-9
+    reg_lambda: float = 1e-4
     gate_init: float = 0.5
     rewind_epoch: int = 1
     retrain: str = "rewind"  # rewind | scratch
