@@ -18,14 +18,17 @@ from typing import Any
 import torch
 
 from dnis.data.loader import batches, num_batches
-from dnis.errors import ConfigError, DnisError
+from dnis.embeddings.fused import FusedEmbedding
+from dnis.errors import ConfigError, DnisError, did_you_mean
 from dnis.io import write_text
 from dnis.models.base import Model
 from dnis.tasks.base import Task, model_device
 from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
 
-OPTIMIZERS = ("adam", "adagrad", "sgd")
+OPTIMIZERS = ("adam", "sparse_adam", "adagrad", "sgd")
+# optimizers that take sparse gradients: under them, the id tables that can look rows up sparsely do
+SPARSE_OPTIMIZERS = ("sparse_adam", "adagrad")
 
 
 @dataclass
@@ -35,7 +38,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 1024
     lr: float = 1e-3
-    optimizer: str = "adam"  # adam | adagrad | sgd
+    optimizer: str = "adam"  # adam | sparse_adam | adagrad | sgd
     weight_decay: float = 0.0  # L2 on the dense (non-embedding) weights, via the optimizer
     embedding_l2: float = 0.0  # L2 on the embedding rows looked up in each batch
     patience: int = 3  # epochs without validation improvement before stopping (0 = never stop)
@@ -46,7 +49,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
-                f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+                f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                f"{self.optimizer!r}.{did_you_mean(self.optimizer, OPTIMIZERS)}"
             )
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
@@ -64,16 +68,108 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
+class SparseDenseOptimizer:
+    """`train.optimizer: sparse_adam`: SparseAdam for the tables whose gradients are sparse, Adam
+    for every other weight, stepped as one optimizer.
+
+    It offers the part of `torch.optim.Optimizer` a training loop uses (`zero_grad`, `step`,
+    `state_dict`, `load_state_dict`, `param_groups`, `state`), and its `state_dict` holds both
+    optimizers' states, so a checkpoint of it resumes both.
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer | None) -> None:
+        self.dense = dense
+        self.sparse = sparse
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.dense] if self.sparse is None else [self.dense, self.sparse]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every group of both optimizers (the dicts themselves: setting a group's lr works)."""
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Per-parameter state of both (a merged view; each value is the optimizer's own dict)."""
+        merged: dict[torch.Tensor, dict[str, Any]] = {}
+        for opt in self.optimizers:
+            merged.update(opt.state)
+        return merged
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dense": self.dense.state_dict(),
+            "sparse": None if self.sparse is None else self.sparse.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"dense", "sparse"} or (state["sparse"] is None) != (self.sparse is None):
+            raise DnisError(
+                "cannot load the optimizer state: it was not saved by a sparse_adam optimizer "
+                "over the same model"
+            )
+        self.dense.load_state_dict(state["dense"])
+        if self.sparse is not None:
+            self.sparse.load_state_dict(state["sparse"])
+
+
+def set_sparse_lookups(model: Model, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Switch the model's id tables to sparse lookups when `config.optimizer` takes sparse
+    gradients (`sparse_adam`, `adagrad`), off otherwise; returns the tables' weights that now get
+    sparse gradients.
+
+    A table is switched on only if its lookup is a plain gather (`FusedEmbedding` itself: the
+    model's embedding and the linear terms' width-1 table). Embeddings that scale, gate, hash or
+    store rows compactly (DNIS's soft selection, OptFS gates, mixed-width, ragged, hashed, QR ...)
+    keep dense gradients and are updated by the dense optimizer: under `sparse_adam` that is Adam,
+    so such runs train as with `adam`. A table outside the embedding (the linear terms) stays dense
+    when `weight_decay` > 0, since weight decay applies to it and sparse updates cannot decay it.
+    """
+    wanted = config.optimizer in SPARSE_OPTIMIZERS
+    embedding_ids = {id(p) for p in model.embedding.parameters()}
+    weights: list[torch.nn.Parameter] = []
+    for module in model.modules():
+        if not isinstance(module, FusedEmbedding):
+            continue
+        decayed = config.weight_decay > 0 and id(module.weight) not in embedding_ids
+        module.sparse = wanted and module.supports_sparse_grad() and not decayed
+        if module.sparse:
+            weights.append(module.weight)
+    return weights
+
+
 def make_optimizer(
     model: Model, config: TrainConfig, exclude: list[torch.nn.Parameter] | None = None
-) -> torch.optim.Optimizer:
+) -> torch.optim.Optimizer | SparseDenseOptimizer:
     """Embedding rows are regularised per batch (`embedding_l2`), so weight decay skips them.
 
     Parameters that do not require grad (e.g. a frozen DNIS alpha) or are in `exclude` are left out.
+    Under `sparse_adam` and `adagrad` the model's plain id tables are switched to sparse lookups
+    first (`set_sparse_lookups`); `sparse_adam` gives a `SparseDenseOptimizer` (SparseAdam for
+    those tables, Adam for the rest), `adagrad` one Adagrad (it takes sparse gradients itself).
     """
     skip = {id(p) for p in exclude or []}
+    sparse_ids = {id(p) for p in set_sparse_lookups(model, config)}
     embedding_ids = {id(p) for p in model.embedding.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    if config.optimizer == "sparse_adam":
+        sparse = [p for p in trainable if id(p) in sparse_ids]
+        trainable = [p for p in trainable if id(p) not in sparse_ids]
     groups = [
         {"params": [p for p in trainable if id(p) in embedding_ids], "weight_decay": 0.0},
         {
@@ -81,6 +177,11 @@ def make_optimizer(
             "weight_decay": config.weight_decay,
         },
     ]
+    if config.optimizer == "sparse_adam":
+        return SparseDenseOptimizer(
+            torch.optim.Adam(groups, lr=config.lr),
+            torch.optim.SparseAdam(sparse, lr=config.lr) if sparse else None,
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     if config.optimizer == "adagrad":
