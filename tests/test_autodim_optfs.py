@@ -15,7 +15,7 @@ from dnis.data.synthetic import load_synthetic
 from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiwidth import MultiWidthEmbedding
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.search import methods
 from dnis.search.autodim import (
     AutoDimConfig,
@@ -90,7 +90,7 @@ def test_autodim_candidates_and_budgeted_selection():
     assert select_widths(p, costs, 250) == [2, 0]
     # then field 0 steps down twice (28 + 104 = 132 > 120, then 14 + 104 = 118)
     assert select_widths(p, costs, 120) == [0, 0]
-    with pytest.raises(ConfigError, match="smallest candidate"):
+    with pytest.raises(BudgetError, match="smallest candidate"):
         select_widths(p, costs, 117)
 
 
@@ -323,3 +323,19 @@ def test_optfs_fills_the_budget_by_gate_rank_when_no_gate_closes(small_ctr):
     target = budget_params(budget, full)
     assert results[0].embedding_params == (target // dim) * dim
     assert math.isclose(results[0].fraction, (target // dim) * dim / full)
+
+
+@pytest.mark.parametrize(("name", "budget"), [("autodim", 0.05), ("optfs", 7)])
+def test_infeasible_budgets_are_refused_before_searching(name, budget, small_ctr, monkeypatch):
+    module = dnis.search.autodim if name == "autodim" else dnis.search.optfs
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before checking the budgets")
+
+    monkeypatch.setattr(module, "search", no_search)
+    # autodim at dim 8: 5 fields at width 2 cost (61 + 8) * 2 * 5 = 690 > 5% of 2440;
+    # optfs: 7 parameters cannot hold one row of width 8
+    with pytest.raises(BudgetError):
+        methods.method(name)(
+            _fm(small_ctr), small_ctr, budgets=[0.5, budget], dim=8, train=TrainConfig(), options={}
+        )

@@ -65,7 +65,7 @@ from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiwidth import MultiWidthEmbedding
 from dnis.embeddings.projected import ProjectedBlockEmbedding
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
@@ -147,17 +147,22 @@ def field_costs(cardinalities: Sequence[int], candidates: Sequence[int], dim: in
     return (n[:, None] + dim) * c[None, :]
 
 
+def check_floor(costs: np.ndarray, budget: int) -> None:
+    """Refuse a budget below every field at the smallest candidate."""
+    if int(costs[:, 0].sum()) > budget:
+        raise BudgetError(
+            f"autodim: every field at the smallest candidate costs {int(costs[:, 0].sum())} "
+            f"parameters (tables and projections), over the budget of {budget}; add a smaller "
+            "candidate or raise the budget"
+        )
+
+
 def select_widths(probabilities: np.ndarray, costs: np.ndarray, budget: int) -> list[int]:
     """Candidate index per field: arg-max, then cheapest-regret step-downs until it fits."""
     p = np.asarray(probabilities, dtype=np.float64)
     level = p.argmax(axis=1)
     rows = np.arange(len(level))
-    if int(costs[:, 0].sum()) > budget:
-        raise ConfigError(
-            f"autodim: every field at the smallest candidate costs {int(costs[:, 0].sum())} "
-            f"parameters (tables and projections), over the budget of {budget}; add a smaller "
-            "candidate or raise the budget"
-        )
+    check_floor(costs, budget)
     while int(costs[rows, level].sum()) > budget:
         down = np.maximum(level - 1, 0)
         saved = costs[rows, level] - costs[rows, down]
@@ -313,9 +318,16 @@ def autodim_method(
     config = AutoDimConfig(**settings)
     layout = FieldLayout.from_dataset(dataset)
     full = layout.total_rows * dim
-    targets = [budget_params(b, full) for b in budgets]  # refuse bad budgets before searching
+    candidates = (
+        default_candidates(dim)
+        if config.candidates is None
+        else candidate_widths(config.candidates, dim)
+    )
+    costs = field_costs(layout.cardinalities, candidates, dim)
+    targets = [budget_params(b, full) for b in budgets]
+    for target in targets:  # refuse infeasible budgets before the search, not after it
+        check_floor(costs, target)
     state = search(make_model, dataset, dim=dim, config=config, train=train)
-    costs = field_costs(layout.cardinalities, state.candidates, dim)
     blocks = field_blocks(dataset)
     task = make_task(dataset)
     results = []
@@ -329,20 +341,16 @@ def autodim_method(
             train,
         )
         results.append(
-            SearchResult(
-                method="autodim",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=trained.embedding.num_parameters(),
-                memory_bytes=trained.embedding.memory_bytes(),
-                dims=dims_report(state, levels, layout),
-                metrics={"valid": trained.valid, "test": trained.test or {}},
+            SearchResult.from_trained(
+                "autodim",
+                task.metric,
+                budget,
+                full,
+                trained,
+                dims_report(state, levels, layout),
                 before={"valid": state.valid},
                 search_seconds=state.seconds,
-                retrain_seconds=trained.seconds,
                 history=state.history,
-                model=trained.model,
             )
         )
     return results

@@ -52,11 +52,11 @@ from dnis.data.dataset import EncodedDataset
 from dnis.data.loader import batches
 from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
 from dnis.embeddings.layout import FieldLayout
-from dnis.errors import ConfigError
+from dnis.errors import BudgetError, ConfigError
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory
+from dnis.search.training import ModelFactory, Trained
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
@@ -212,7 +212,7 @@ def retrain(
     dim: int,
     config: OptFSConfig,
     train: TrainConfig,
-) -> tuple[Any, KeptRowsEmbedding, dict[str, float], dict[str, float], float]:
+) -> Trained:
     """Build the kept-rows model, rewind (or re-initialise) it, train it, evaluate it."""
     started = time.perf_counter()
     layout = FieldLayout.from_dataset(task.dataset)
@@ -226,7 +226,7 @@ def retrain(
         model.load_state_dict(dense, strict=False)
     fit = Trainer(model, task, train).fit()
     test = task.evaluate(model, "test", train.eval_batch_size)
-    return model, compact, fit.valid, test, time.perf_counter() - started
+    return Trained(model, compact, fit.valid, test, time.perf_counter() - started)
 
 
 @register_method("optfs")
@@ -244,17 +244,21 @@ def optfs_method(
     config = OptFSConfig(**options)
     layout = FieldLayout.from_dataset(dataset)
     full = layout.total_rows * dim
-    targets = [budget_params(b, full) for b in budgets]  # refuse bad budgets before searching
+    targets = [budget_params(b, full) for b in budgets]
+    for target in targets:  # refuse infeasible budgets before the search, not after it
+        if target < dim:
+            raise BudgetError(
+                f"optfs: a budget of {target} parameters cannot keep one row of width {dim}"
+            )
     state = search(make_model, dataset, dim=dim, config=config, train=train)
     task = make_task(dataset)
     open_counts = _per_field(state.open, layout)
     results = []
     for budget, target in zip(budgets, targets, strict=True):
         keep = select_rows(state.gate, state.open, target // dim)
-        model, compact, valid, test, seconds = retrain(
-            state, make_model, task, keep, dim=dim, config=config, train=train
-        )
-        kept = compact.rows_per_field()
+        trained = retrain(state, make_model, task, keep, dim=dim, config=config, train=train)
+        assert isinstance(trained.embedding, KeptRowsEmbedding)
+        kept = trained.embedding.rows_per_field()
         dims = {
             name: {
                 "kept_rows": kept[f],
@@ -265,20 +269,16 @@ def optfs_method(
             for f, name in enumerate(layout.names)
         }
         results.append(
-            SearchResult(
-                method="optfs",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=compact.num_parameters(),
-                memory_bytes=compact.memory_bytes(),
-                dims=dims,
-                metrics={"valid": valid, "test": test},
+            SearchResult.from_trained(
+                "optfs",
+                task.metric,
+                budget,
+                full,
+                trained,
+                dims,
                 before={"valid": state.valid},
                 search_seconds=state.seconds,
-                retrain_seconds=seconds,
                 history=state.history,
-                model=model,
             )
         )
     return results
