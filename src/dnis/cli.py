@@ -306,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
         "export", help="export a run's compact model with its encoders (TorchScript or ONNX)"
     )
     export.add_argument("run_dir", type=Path, help="a train or search run folder")
-    export.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    export.add_argument("--format", required=True, choices=("torchscript", "onnx", "torchrec"))
     export.add_argument(
         "--budget",
         help="which model of the run folder: a search budget (e.g. 0.25) or 'full' (the train "

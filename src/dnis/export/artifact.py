@@ -2,6 +2,8 @@
 
     <output>/
       model.torchscript.pt | model.onnx   the compact model: encoded ids [B, S] -> scores [B]
+      (or, for --format torchrec, torchrec_tables.json + weights.pt + dense.pt: TorchRec table
+      configs and weights, no scoring graph; see `dnis.export.torchrec`)
       encoders.json                       the run's fitted encoders (raw values -> ids)
       config.yaml                         the run's resolved config (a copy)
       manifest.json                       what it is: format, model, fields in order, budget,
@@ -15,12 +17,14 @@ is replaced; anything else there is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,11 @@ from dnis.export.source import RunModel, load_run, run_summary
 from dnis.export.traceable import example_ids, traceable
 from dnis.io import write_json
 
-FORMATS: dict[str, str] = {"torchscript": torchscript.FILENAME, "onnx": onnx_format.FILENAME}
+FORMATS: dict[str, str] = {
+    "torchscript": torchscript.FILENAME,
+    "onnx": onnx_format.FILENAME,
+    "torchrec": "torchrec_tables.json",  # tables and weights, no graph: dnis.export.torchrec
+}
 MANIFEST = "manifest.json"
 ENCODERS = "encoders.json"
 CONFIG = "config.yaml"
@@ -79,6 +87,11 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 def runner_for(fmt: str, path: Path):
     """A callable scoring encoded ids [B, S] with the graph file of format `fmt`."""
+    if fmt == "torchrec":
+        raise DnisError(
+            f"{path.parent} is a TorchRec export (table configs and weights, no scoring graph): "
+            "load it into TorchRec, or predict with the run folder or a torchscript/onnx export"
+        )
     if fmt == "onnx":
         return onnx_format.OnnxRunner(path)
     return torchscript.TorchScriptRunner(path)
@@ -159,6 +172,12 @@ def export_run(
     """Export the compact model of a run (one budget of a search run) with its encoders."""
     check_format(fmt)
     run = run_dir if isinstance(run_dir, RunModel) else load_run(run_dir, budget)
+    if fmt == "torchrec":  # tables and weights instead of a graph
+        from dnis.export import torchrec as torchrec_format
+
+        return torchrec_format.export(
+            run, Path(output) if output is not None else default_output(run, fmt)
+        )
     if fmt == "onnx":
         onnx_format.require_onnxruntime()  # before any work
     target = Path(output) if output is not None else default_output(run, fmt)
@@ -201,6 +220,22 @@ def refuse_foreign(target: Path) -> None:
     raise DnisError(
         f"{target} exists and is not a dnis export; choose another --output or remove it"
     )
+
+
+@contextlib.contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to fill; renamed to `target` when the block succeeds,
+    removed when it fails (`target` must be absent, empty or an earlier export)."""
+    refuse_foreign(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        fsync_dir(staging)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def replace_dir(staging: Path, target: Path) -> None:

@@ -1,0 +1,477 @@
+"""TorchRec hand-off: the searched structure as TorchRec table configs plus the compact weights.
+
+`dnis export RUN_DIR --format torchrec [--budget B]` writes
+
+    <output>/
+      torchrec_tables.json  a list of tables, each a dict with exactly the fields of TorchRec's
+                            `EmbeddingBagConfig` (name, num_embeddings, embedding_dim,
+                            feature_names, pooling: "SUM" | "MEAN") plus a `dnis` dict that routes
+                            encoded ids to (table, row) and the table's columns back to the model
+      weights.pt            torch.save({"<table>.weight": float32 [num_embeddings, embedding_dim]});
+                            TorchRec's EmbeddingBagCollection names them "embedding_bags.<table>.weight"
+      dense.pt              torch.save(every other weight of the model, keyed as in the model)
+      encoders.json         the run's fitted encoders (raw values -> encoded ids)
+      config.yaml           the run's resolved config
+      manifest.json         as for the other formats (sha256 of every file, parameter counts, the
+                            check), plus manifest["torchrec"]: every field's blocks, pruned ones too
+
+Tables. A search run of block granularity (`BlockMixedEmbedding`) gives one table per (field,
+frequency block) of width > 0, named `<field>__b<k>`; a train run (`FusedEmbedding`) gives one
+table per field named `<field>`, of the full width. The per-id width-1 weights some models keep
+beside the input layer (the linear terms of FM, DeepFM, AutoInt and biased MF, module
+`linear.weights`) become one table per field too, `<field>__linear_weights`, so every per-id
+weight goes to TorchRec and dense.pt holds only the dense layers. Names keep [A-Za-z0-9_] (other
+characters become _); every table is read by one feature of the same name.
+
+Routing, the `dnis` dict of a table. Encoded ids are frequency-sorted per field, so block k of a
+field holds its ids [id_start, id_end). In an encoded row (what the encoders' `transform`
+returns), the ids in the field's slots [slot_start, slot_start + slots) that fall in that range go
+to the table at row id - id_start; a sequence field's padding id 0 (`padding_id`) is dropped,
+while id 0 of any other field is its learned out-of-vocabulary row. Column j of the table is dim
+kept_dims[j] of the module's width-`dim` field vector, which is
+
+    sum over the field's tables of (its pooled output scattered into kept_dims)
+    divided by the field's number of ids (at least 1) when `divide_by_count`
+
+A single-valued field sends its one id to one table, so the others pool empty bags (zeros). A
+sequence field pooled by mean is exported with pooling MEAN when one table holds all its ids;
+when its ids are spread over several blocks its tables are SUM-pooled with divide_by_count, since
+a mean over one block's ids is not the field's mean. A block the search pruned to width 0 has no
+table (TorchRec tables need a width): its ids give zero vectors.
+
+RaggedEmbedding (element granularity) is refused: every id keeps its own set of dims, so even the
+ids of one width keep different dims, and fixed-width tables would need a column index per row.
+Search with `search.granularity: block` to hand the result to TorchRec.
+
+TorchRec is not needed to export or to check: `TorchRecTables` rebuilds the input layer from the
+written files with plain torch (`embedding_bag` per table and the rule above), and the export is
+refused unless it equals the model on every id and on a batch of encoded rows. TorchRec is not a
+dnis extra: `pip install torchrec` pulls `fbgemm-gpu`, a CUDA build tied to one torch version, which
+does not load beside a CPU torch or another version; see the README for a combination that works.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import dnis
+from dnis.embeddings.base import FieldEmbedding
+from dnis.embeddings.fused import FusedEmbedding
+from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.errors import DnisError
+from dnis.export.source import RunModel, run_summary
+from dnis.export.traceable import example_ids
+from dnis.io import write_json
+
+FILENAME = "torchrec_tables.json"
+WEIGHTS = "weights.pt"
+DENSE = "dense.pt"
+INPUT = "embedding"  # the model's searched input layer
+CHECK_ROWS = 257  # encoded rows pooled through the tables by the export's check
+CHECK_TOLERANCE = 1e-5  # max |tables - model| the export accepts (float32 sums in another order)
+CHUNK = 1 << 16  # ids compared per lookup in the every-id check
+
+
+@dataclass
+class Block:
+    """A contiguous range of one field's encoded ids stored at one width."""
+
+    field: int
+    index: int  # k: its place among the field's blocks
+    id_start: int
+    id_end: int
+    kept_dims: list[int]
+    weight: torch.Tensor  # [id_end - id_start, len(kept_dims)]
+
+
+def module_blocks(module: nn.Module, path: str) -> list[Block]:
+    """The blocks of one per-id module, in row order; a DnisError for what has no table form."""
+    if isinstance(module, RaggedEmbedding):
+        raise DnisError(
+            "a search of element granularity (RaggedEmbedding: every id keeps its own dims) does "
+            "not map to TorchRec's fixed-width tables; run the search with "
+            "`search.granularity: block` (one width per field and frequency block) and export "
+            "that, or export this run with --format torchscript or onnx"
+        )
+    if not isinstance(module, FusedEmbedding | BlockMixedEmbedding):
+        raise DnisError(
+            f"module {path!r} of the model is a {type(module).__name__}, which has no TorchRec "
+            "export; only train runs (FusedEmbedding) and DNIS block searches "
+            "(BlockMixedEmbedding) can be exported as TorchRec tables"
+        )
+    layout = module.layout
+    offsets = layout.field_offsets().tolist()
+    if isinstance(module, FusedEmbedding):
+        weight = module.weight.detach().cpu()
+        dims = list(range(module.dim))
+        return [
+            Block(f, 0, 0, layout.cardinalities[f], dims, weight[offsets[f] : offsets[f] + n])
+            for f, n in enumerate(layout.cardinalities)
+        ]
+    blocks, keep = module.blocks, module.keep.cpu()
+    values = module.values.detach().cpu()
+    out, base, seen = [], 0, [0] * layout.num_fields
+    for b in range(blocks.num_blocks):
+        field, start, size = blocks.field[b], blocks.start[b], blocks.size[b]
+        kept = keep[b].nonzero().flatten().tolist()
+        weight = values[base : base + size * len(kept)].view(size, len(kept))
+        base += size * len(kept)
+        first = start - offsets[field]
+        out.append(Block(field, seen[field], first, first + size, kept, weight))
+        seen[field] += 1
+    return out
+
+
+def per_id_modules(model: nn.Module) -> dict[str, FieldEmbedding]:
+    """{path: module} of the model's per-id tables: its input layer first, then e.g. linear terms."""
+    found = {INPUT: model.embedding}
+    for path, module in model.named_modules():
+        if isinstance(module, FieldEmbedding) and path.split(".")[0] != INPUT:
+            found[path] = module
+    return found
+
+
+def safe(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", name) or "_"
+
+
+def field_routes(run: RunModel) -> list[dict[str, Any]]:
+    """Where each field's ids sit in an encoded row, and how the model pools them."""
+    routes, slot = [], 0
+    layout = run.model.embedding.layout
+    for f, spec in enumerate(run.encoder.schema.features):
+        sequence = spec.kind == "sequence"
+        routes.append(
+            {
+                "field": spec.name,
+                "field_index": f,
+                "kind": spec.kind,
+                "slot_start": slot,
+                "slots": spec.width,
+                "padding_id": 0 if sequence else None,
+                "field_pooling": spec.pooling if sequence else "sum",
+                "cardinality": layout.cardinalities[f],
+            }
+        )
+        slot += spec.width
+    return routes
+
+
+def unique(names: list[str]) -> list[str]:
+    """The names in order, a repeated one suffixed _1, _2, ... (never clashing with another)."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        candidate, k = name, 0
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def table_name(field: str, path: str, structure: str, block: int) -> str:
+    if path != INPUT:
+        return f"{field}__{safe(path)}"
+    return f"{field}__b{block}" if structure == "block" else field
+
+
+def build_tables(
+    run: RunModel,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
+    """(table configs, {"<table>.weight": tensor}, manifest["torchrec"]) of a run's model."""
+    routes = field_routes(run)
+    fields = unique([safe(r["field"]) for r in routes])
+    found = []  # (path, module, structure, blocks)
+    for path, module in per_id_modules(run.model).items():
+        structure = "block" if isinstance(module, BlockMixedEmbedding) else "full"
+        found.append((path, module, structure, module_blocks(module, path)))
+    names = iter(
+        unique(
+            [
+                table_name(fields[b.field], path, structure, b.index)
+                for path, _, structure, blocks in found
+                for b in blocks
+                if b.kept_dims
+            ]
+        )
+    )  # unique even if a field is literally named "x__b0" beside a field "x"
+    configs, weights, modules = [], {}, {}
+    for path, module, structure, blocks in found:
+        count = [0] * len(routes)
+        for block in blocks:
+            count[block.field] += 1
+        listed = []
+        for block in blocks:
+            route, width = routes[block.field], len(block.kept_dims)
+            name = next(names) if width else None
+            mean = route["field_pooling"] == "mean"
+            listed.append(
+                {
+                    "field": route["field"],
+                    "field_index": block.field,
+                    "block": block.index,
+                    "id_start": block.id_start,
+                    "id_end": block.id_end,
+                    "width": width,
+                    "table": name,
+                }
+            )
+            if name is None:
+                continue
+            configs.append(
+                {
+                    "name": name,
+                    "num_embeddings": block.id_end - block.id_start,
+                    "embedding_dim": width,
+                    "feature_names": [name],
+                    "pooling": "MEAN" if mean and count[block.field] == 1 else "SUM",
+                    "dnis": {
+                        "module": path,
+                        **{k: v for k, v in route.items() if k != "cardinality"},
+                        "block": block.index,
+                        "num_blocks": count[block.field],
+                        "id_start": block.id_start,
+                        "id_end": block.id_end,
+                        "dim": module.dim,
+                        "kept_dims": block.kept_dims,
+                        "divide_by_count": mean and count[block.field] > 1,
+                    },
+                }
+            )
+            weights[f"{name}.weight"] = block.weight.contiguous().clone()
+        modules[path] = {
+            "dim": module.dim,
+            "structure": structure,
+            "parameters": sum(int(b.weight.numel()) for b in blocks),
+            "bytes": sum(int(b.weight.numel()) * b.weight.element_size() for b in blocks),
+            "blocks": listed,
+        }
+    section = {
+        "fields": routes,
+        "modules": modules,
+        "weights_key": "<table>.weight",
+        "torchrec_state_dict_key": "embedding_bags.<table>.weight",
+    }
+    return configs, weights, section
+
+
+def dense_state(model: nn.Module, modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's weights that are not in a table, keyed as in the model."""
+    prefixes = tuple(f"{path}." for path in modules)
+    return {
+        key: value.detach().cpu().clone()
+        for key, value in model.state_dict().items()
+        if not key.startswith(prefixes)
+    }
+
+
+class TorchRecTables:
+    """An export's tables with its routing rule, in plain torch: what a TorchRec user rebuilds.
+
+    tables = TorchRecTables.read("runs/.../export-torchrec-0.25")
+    vectors = tables.lookup(ids)            # encoded rows [B, S] -> field vectors [B, F, d]
+    features = tables.features(ids)         # {feature: (values, lengths)}: a KeyedJaggedTensor
+    vectors = tables.combine(pooled, ids)   # TorchRec's pooled {feature: [B, w]} -> [B, F, d]
+    """
+
+    def __init__(
+        self,
+        configs: list[dict[str, Any]],
+        weights: Mapping[str, torch.Tensor],
+        section: Mapping[str, Any],
+    ) -> None:
+        self.configs = configs
+        self.weights = dict(weights)
+        self.section = section
+
+    @classmethod
+    def read(cls, folder: str | Path, verify: bool = True) -> TorchRecTables:
+        """The tables of a torchrec export folder (with `verify`, every file's sha256 first)."""
+        from dnis.export.artifact import read_manifest
+
+        folder = Path(folder)
+        manifest = read_manifest(folder, verify)
+        if manifest["format"] != "torchrec":
+            raise DnisError(f"{folder} is a {manifest['format']} export, not a torchrec one")
+        return cls.from_files(folder, manifest["torchrec"])
+
+    @classmethod
+    def from_files(cls, folder: Path, section: Mapping[str, Any]) -> TorchRecTables:
+        configs = json.loads((folder / FILENAME).read_text(encoding="utf-8"))
+        weights = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        return cls(configs, weights, section)
+
+    def tables(self, module: str = INPUT) -> list[dict[str, Any]]:
+        return [c for c in self.configs if c["dnis"]["module"] == module]
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.section["fields"])
+
+    def features(
+        self, ids: torch.Tensor, module: str = INPUT
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{feature name: (rows of its table, bag length of every batch row)} for encoded ids."""
+        out = {}
+        for table in self.tables(module):
+            route = table["dnis"]
+            start = route["slot_start"]
+            columns = ids[:, start : start + route["slots"]]
+            inside = (columns >= route["id_start"]) & (columns < route["id_end"])
+            if route["padding_id"] is not None:
+                inside &= columns != route["padding_id"]
+            values = columns[inside] - route["id_start"]  # row-major: batch rows stay in order
+            out[table["feature_names"][0]] = (values, inside.sum(dim=1))
+        return out
+
+    def pool(self, ids: torch.Tensor, module: str = INPUT) -> dict[str, torch.Tensor]:
+        """What an EmbeddingBagCollection returns per feature, with `embedding_bag` per table."""
+        pooled = {}
+        features = self.features(ids, module)
+        for table in self.tables(module):
+            feature = table["feature_names"][0]
+            values, lengths = features[feature]
+            offsets = torch.cumsum(lengths, 0) - lengths
+            pooled[feature] = nn.functional.embedding_bag(
+                values,
+                self.weights[f"{table['name']}.weight"],
+                offsets,
+                mode=table["pooling"].lower(),
+            )
+        return pooled
+
+    def combine(
+        self, pooled: Mapping[str, torch.Tensor], ids: torch.Tensor, module: str = INPUT
+    ) -> torch.Tensor:
+        """Field vectors [B, F, dim] from pooled table outputs {feature: [B, width]}."""
+        dim = self.section["modules"][module]["dim"]
+        out = torch.zeros(ids.shape[0], self.num_fields, dim)
+        divide: dict[int, torch.Tensor] = {}
+        for table in self.tables(module):
+            route = table["dnis"]
+            kept = torch.tensor(route["kept_dims"], dtype=torch.long)
+            field = route["field_index"]
+            out[:, field].index_add_(1, kept, pooled[table["feature_names"][0]].float())
+            if route["divide_by_count"] and field not in divide:
+                start = route["slot_start"]
+                columns = ids[:, start : start + route["slots"]]
+                divide[field] = (columns != route["padding_id"]).sum(dim=1).clamp(min=1)
+        for field, count in divide.items():
+            out[:, field] /= count.unsqueeze(-1)
+        return out
+
+    def lookup(self, ids: torch.Tensor, module: str = INPUT) -> torch.Tensor:
+        """The module's field vectors [B, F, dim] for encoded rows [B, S], from the tables."""
+        return self.combine(self.pool(ids, module), ids, module)
+
+
+def max_abs_diff(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max()) if expected.numel() else 0.0
+
+
+@torch.no_grad()
+def check(run: RunModel, tables: TorchRecTables) -> tuple[float, int]:
+    """(max |tables - model|, ids compared): every id of every table, then pooled encoded rows."""
+    model = run.model.eval()
+    modules = per_id_modules(model)
+    worst, checked = 0.0, 0
+    for path, module in modules.items():
+        offsets = module.layout.field_offsets().tolist()
+        by_field = {}
+        for table in tables.tables(path):
+            by_field.setdefault(table["dnis"]["field_index"], []).append(table)
+        for entry in tables.section["modules"][path]["blocks"]:
+            f = entry["field_index"]
+            table = next(
+                (t for t in by_field.get(f, []) if t["dnis"]["block"] == entry["block"]), None
+            )
+            for first in range(entry["id_start"], entry["id_end"], CHUNK):
+                last = min(first + CHUNK, entry["id_end"])
+                rows = torch.arange(first, last) + offsets[f]
+                expected = module.lookup(rows.to(module.field_offsets.device)).cpu()
+                got = torch.zeros_like(expected)
+                if table is not None:
+                    weight = tables.weights[f"{table['name']}.weight"]
+                    kept = torch.tensor(table["dnis"]["kept_dims"], dtype=torch.long)
+                    got[:, kept] = weight[first - entry["id_start"] : last - entry["id_start"]]
+                worst = max(worst, max_abs_diff(got, expected))
+                checked += last - first
+        ids = example_ids(module.layout, CHECK_ROWS, seed=1)
+        expected = module(ids.to(module.field_offsets.device)).cpu()
+        worst = max(worst, max_abs_diff(tables.lookup(ids, path), expected))
+    return worst, checked
+
+
+def build_manifest(
+    run: RunModel, folder: Path, section: dict[str, Any], max_abs_diff: float, checked: int
+) -> dict[str, Any]:
+    from dnis.export import artifact
+
+    names = (FILENAME, WEIGHTS, DENSE, artifact.ENCODERS, artifact.CONFIG)
+    files = {name: artifact.file_entry(folder / name) for name in names}
+    counts = run.parameter_counts()
+    full = run.full_embedding_params()
+    tables = sum(m["parameters"] for m in section["modules"].values())
+    return {
+        "format": "torchrec",
+        "format_version": artifact.FORMAT_VERSION,
+        "model_file": FILENAME,
+        "model": run.model_name,
+        "task": run.task,
+        "budget": run.budget,
+        "source": run_summary(run),
+        "fields": [
+            {"name": s.name, "column": s.source, "kind": s.kind, "slots": s.width}
+            for s in run.encoder.schema.features
+        ],
+        "input": {"dtype": "int64", "shape": ["batch", run.encoder.schema.num_slots]},
+        "score": artifact.SCORE.get(run.task, "identity"),
+        "parameters": {**counts, "full_embedding": full, "tables": tables},
+        "embedding_fraction": round(counts["embedding"] / full, 6) if full else None,
+        "embedding_bytes": section["modules"][INPUT]["bytes"],  # what the input layer's tables hold
+        "model_bytes": sum(files[name]["bytes"] for name in (FILENAME, WEIGHTS, DENSE)),
+        "bytes": sum(entry["bytes"] for entry in files.values()),
+        "files": files,
+        "check": {"rows": CHECK_ROWS, "ids": checked, "max_abs_diff": max_abs_diff},
+        "versions": {
+            "dnis": dnis.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "torchrec": section,
+    }
+
+
+def export(run: RunModel, target: Path):
+    """Write the TorchRec export of `run` to `target` (atomically); an `ExportResult`."""
+    from dnis.export import artifact
+
+    configs, weights, section = build_tables(run)  # refuses what has no table form, before any file
+    dense = dense_state(run.model, section["modules"])
+    with artifact.staged(target) as staging:
+        write_json(staging / FILENAME, configs)
+        torch.save(weights, staging / WEIGHTS)
+        torch.save(dense, staging / DENSE)
+        run.encoder.save(staging / artifact.ENCODERS)
+        shutil.copyfile(run.run_dir / artifact.CONFIG, staging / artifact.CONFIG)
+        diff, checked = check(run, TorchRecTables.from_files(staging, section))
+        if not diff <= CHECK_TOLERANCE:
+            raise DnisError(
+                f"the TorchRec tables of {run.run_dir} disagree with the model's embedding "
+                f"(max difference {diff:.2e} > {CHECK_TOLERANCE:g}); please report it"
+            )
+        manifest = build_manifest(run, staging, section, diff, checked)
+        write_json(staging / artifact.MANIFEST, manifest)
+    return artifact.ExportResult(target, manifest)

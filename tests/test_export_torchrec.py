@@ -1,0 +1,404 @@
+"""TorchRec hand-off: `dnis export RUN --format torchrec` writes table configs, weights, routing.
+
+A tiny DNIS block search on synthetic data (and a train run of the same config, in the same
+folder), plus a block search and a train run on data with a mean-pooled history sequence, are
+exported. The tables must hold exactly the compact embedding, carry TorchRec's documented
+`EmbeddingBagConfig` fields, and give the model's embedding output (to 1e-6, on every id and on
+batches of encoded rows) when looked up through the documented routing: with plain torch
+(`nn.EmbeddingBag` per table, rebuilt here independently of dnis' own reader) and, where torchrec
+imports beside this torch, with TorchRec's `EmbeddingBagCollection`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from dnis.config import load_config
+from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.errors import DnisError
+from dnis.export import TorchRecTables, export_run, load, load_run, read_manifest
+from dnis.export.traceable import example_ids
+from dnis.search.run import search_run
+from dnis.train.run import train
+
+TOLERANCE = 1e-6
+BUDGET = 0.5
+# TorchRec's documented EmbeddingBagConfig (pytorch.org/torchrec, modules API reference):
+# EmbeddingBagConfig(num_embeddings: int, embedding_dim: int, name: str = '', data_type: DataType,
+# feature_names: List[str], weight_init_max, weight_init_min, num_embeddings_post_pruning,
+# init_fn, need_pos, input_dim, pooling: PoolingType = PoolingType.SUM); PoolingType: SUM, MEAN, NONE
+TORCHREC_FIELDS = {
+    "num_embeddings", "embedding_dim", "name", "data_type", "feature_names", "weight_init_max",
+    "weight_init_min", "num_embeddings_post_pruning", "init_fn", "need_pos", "input_dim", "pooling",
+}  # fmt: skip
+EXPORTED_FIELDS = {"name": str, "num_embeddings": int, "embedding_dim": int, "feature_names": list,
+                   "pooling": str}  # fmt: skip
+POOLING_TYPES = {"SUM", "MEAN", "NONE"}
+
+
+# ---------------------------------------------------------------- tiny runs
+
+
+def history_frame(n_rows: int = 1200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    items = np.array([f"m{k}" for k in range(60)])
+    p = 1.0 / np.arange(1, 61)
+    p /= p.sum()
+    history = [
+        "|".join(rng.choice(items, size=int(rng.integers(0, 6)), replace=False, p=p))
+        for _ in range(n_rows)
+    ]
+    return pd.DataFrame(
+        {
+            "user": rng.integers(0, 40, n_rows).astype(str),
+            "item": rng.choice(items, size=n_rows, p=p),
+            "history": history,
+            "label": (rng.random(n_rows) < 0.4).astype(int),
+        }
+    )
+
+
+def write_config(root: Path, name: str) -> Path:
+    if name == "synthetic":
+        options = {"n_rows": 2000, "vocab": 300, "ranks": [4, 2], "noise_fields": 1,
+                   "numeric_fields": 1}  # fmt: skip
+        dataset = {"name": "synthetic", "task": "ctr", "options": options}
+    else:
+        csv = root / "history.csv"
+        history_frame().to_csv(csv, index=False)
+        features = ["user", "item", {"name": "history", "kind": "sequence", "max_len": 5}]
+        dataset = {"format": "csv", "path": str(csv), "task": "ctr",
+                   "schema": {"features": features, "label": "label"}}  # fmt: skip
+    data = {
+        "name": f"torchrec-{name}",
+        "seed": 0,
+        "output_dir": str(root / "runs"),
+        "dataset": dataset,
+        "model": {"name": "deepfm", "params": {"hidden": [16]}},
+        "embedding": {"dim": 8, "init_std": 0.05},
+        "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "patience": 0},
+        "search": {
+            "warmup_epochs": 0,
+            "search_epochs": 1,
+            "num_blocks": 3,
+            "granularity": "block",
+            "budgets": [BUDGET],
+        },  # fmt: skip
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """{"synthetic", "history"} -> a run folder holding a block search and a train run."""
+    root = tmp_path_factory.mktemp("torchrec")
+    out = {}
+    for name in ("synthetic", "history"):
+        config = load_config(write_config(root, name))
+        search_run(config)
+        train(config)
+        out[name] = config.run_dir()
+    return out
+
+
+# ---------------------------------------------------------------- an independent reader
+
+
+def read_export(folder: Path) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    tables = json.loads((folder / "torchrec_tables.json").read_text())
+    weights = torch.load(folder / "weights.pt", weights_only=True)
+    return tables, weights, json.loads((folder / "manifest.json").read_text())
+
+
+def rebuild(folder: Path, ids: torch.Tensor, module: str = "embedding") -> torch.Tensor:
+    """Field vectors [B, F, dim] from the exported files: one nn.EmbeddingBag per table, bags
+    built row by row by the documented routing, columns scattered into the kept dims."""
+    tables, weights, manifest = read_export(folder)
+    section = manifest["torchrec"]
+    out = torch.zeros(ids.shape[0], len(section["fields"]), section["modules"][module]["dim"])
+    for table in (t for t in tables if t["dnis"]["module"] == module):
+        route = table["dnis"]
+        bag = nn.EmbeddingBag.from_pretrained(
+            weights[f"{table['name']}.weight"], mode=table["pooling"].lower()
+        )
+        values, offsets = [], []
+        for row in ids[:, route["slot_start"] : route["slot_start"] + route["slots"]].tolist():
+            offsets.append(len(values))
+            values += [
+                i - route["id_start"]
+                for i in row
+                if route["id_start"] <= i < route["id_end"] and i != route["padding_id"]
+            ]
+        pooled = bag(torch.tensor(values, dtype=torch.long), torch.tensor(offsets))
+        out[:, route["field_index"], route["kept_dims"]] += pooled
+    for field in section["fields"]:
+        divide = [t["dnis"]["divide_by_count"] for t in tables
+                  if t["dnis"]["module"] == module and t["dnis"]["field"] == field["field"]]  # fmt: skip
+        if any(divide):
+            columns = ids[:, field["slot_start"] : field["slot_start"] + field["slots"]]
+            count = (columns != field["padding_id"]).sum(dim=1).clamp(min=1)
+            out[:, field["field_index"]] /= count.unsqueeze(-1)
+    return out
+
+
+def all_ids_and_rows(layout, rows: int = 300) -> torch.Tensor:
+    """Every id of every field once (in the field's first slot, other slots 0), then random rows
+    with several history ids, padding, OOV and the all-zero row."""
+    every = torch.zeros(max(layout.cardinalities), layout.num_slots, dtype=torch.long)
+    slot_fields = list(layout.slot_fields)
+    for f, cardinality in enumerate(layout.cardinalities):
+        every[:cardinality, slot_fields.index(f)] = torch.arange(cardinality)
+    return torch.cat([every, example_ids(layout, rows, seed=3)])
+
+
+def assert_lookups_match(folder: Path, model) -> None:
+    ids = all_ids_and_rows(model.embedding.layout)
+    with torch.no_grad():
+        expected = model.embedding(ids)
+        linear = model.linear.weights(ids) if getattr(model, "linear", None) else None
+    got = rebuild(folder, ids)
+    assert got.shape == expected.shape
+    assert torch.max(torch.abs(got - expected)) <= TOLERANCE
+    assert torch.max(torch.abs(TorchRecTables.read(folder).lookup(ids) - expected)) <= TOLERANCE
+    if linear is not None:  # DeepFM's per-id linear weights are tables too
+        got = rebuild(folder, ids, module="linear.weights")
+        assert torch.max(torch.abs(got - linear)) <= TOLERANCE
+
+
+# ---------------------------------------------------------------- block search
+
+
+def test_block_search_exports_one_table_per_field_block(runs, tmp_path):
+    run_dir = runs["synthetic"]
+    result = export_run(run_dir, "torchrec", budget=BUDGET, output=tmp_path / "e")
+    folder = result.path
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.yaml", "dense.pt", "encoders.json", "manifest.json", "torchrec_tables.json",
+        "weights.pt",
+    ]  # fmt: skip
+    assert read_manifest(folder) == result.manifest  # every sha256 checks
+    tables, weights, manifest = read_export(folder)
+    run = load_run(run_dir, BUDGET)
+    embedding = run.model.embedding
+    assert isinstance(embedding, BlockMixedEmbedding)
+    inputs = [t for t in tables if t["dnis"]["module"] == "embedding"]
+
+    # widths and rows are the search's (dims.json); pruned blocks are listed without a table
+    dims = json.loads((run_dir / "dims.json").read_text())[str(BUDGET)]
+    blocks = manifest["torchrec"]["modules"]["embedding"]["blocks"]
+    for name, found in dims.items():
+        mine = [b for b in blocks if b["field"] == name]
+        assert [b["width"] for b in mine] == found["block_dims"]
+        assert [b["id_end"] - b["id_start"] for b in mine] == found["block_rows"]
+        assert mine[0]["id_start"] == 0 and all(
+            a["id_end"] == b["id_start"] for a, b in zip(mine, mine[1:], strict=False)
+        )  # contiguous ranges of the field's frequency-sorted ids, OOV id 0 in block 0
+        for block in mine:
+            named = [t for t in inputs if t["name"] == block["table"]]
+            assert len(named) == (1 if block["width"] else 0)
+            if named:
+                assert named[0]["name"] == f"{name}__b{block['block']}"
+                assert named[0]["embedding_dim"] == len(named[0]["dnis"]["kept_dims"])
+                keep = embedding.keep[embedding.blocks.blocks_of(run.encoder.schema.index(name))]
+                kept = keep[block["block"]].nonzero().flatten().tolist()
+                assert named[0]["dnis"]["kept_dims"] == kept
+
+    # the tables hold exactly the compact embedding's parameters
+    params = sum(t["num_embeddings"] * t["embedding_dim"] for t in inputs)
+    assert params == embedding.num_parameters() == manifest["parameters"]["embedding"]
+    assert params < manifest["parameters"]["full_embedding"]
+    for table in tables:
+        weight = weights[f"{table['name']}.weight"]
+        assert weight.dtype == torch.float32
+        assert tuple(weight.shape) == (table["num_embeddings"], table["embedding_dim"])
+    assert len(weights) == len(tables)
+
+    # dense.pt holds the rest of the model, keyed as in the model
+    dense = torch.load(folder / "dense.pt", weights_only=True)
+    state = run.model.state_dict()
+    assert set(dense) == {k for k in state if not k.startswith(("embedding.", "linear.weights."))}
+    assert all(torch.equal(dense[k], state[k]) for k in dense)
+    assert result.manifest["check"]["max_abs_diff"] <= TOLERANCE
+    assert_lookups_match(folder, run.model)
+
+
+def test_tables_follow_torchrecs_documented_fields(runs, tmp_path):
+    folder = export_run(runs["history"], "torchrec", budget=BUDGET, output=tmp_path / "e").path
+    tables, weights, _ = read_export(folder)
+    names = [t["name"] for t in tables]
+    features = [f for t in tables for f in t["feature_names"]]
+    assert len(set(names)) == len(names) and len(set(features)) == len(features)
+    for table in tables:
+        config = {k: v for k, v in table.items() if k != "dnis"}
+        assert set(config) == set(EXPORTED_FIELDS) and set(config) <= TORCHREC_FIELDS
+        for key, kind in EXPORTED_FIELDS.items():
+            assert isinstance(config[key], kind), (key, config[key])
+        assert all(isinstance(f, str) for f in config["feature_names"])
+        assert config["pooling"] in POOLING_TYPES
+        assert config["num_embeddings"] >= 1 and config["embedding_dim"] >= 1
+        assert re.fullmatch(r"[A-Za-z0-9_]+", config["name"])  # a TorchRec module key
+    # the mean-pooled history, split over blocks, is SUM-pooled and divided by its id count
+    history = [t for t in tables if t["dnis"]["field"] == "history"
+               and t["dnis"]["module"] == "embedding"]  # fmt: skip
+    assert history and all(t["dnis"]["field_pooling"] == "mean" for t in history)
+    assert all(t["dnis"]["padding_id"] == 0 and t["dnis"]["slots"] == 5 for t in history)
+    if len(history) > 1 or history[0]["dnis"]["num_blocks"] > 1:
+        assert all(t["pooling"] == "SUM" and t["dnis"]["divide_by_count"] for t in history)
+    assert_lookups_match(folder, load_run(runs["history"], BUDGET).model)
+
+
+def test_a_pruned_block_and_a_split_mean_field_route_correctly(runs, tmp_path):
+    """History block 1 pruned to width 0: no table, its ids give zeros but count in the mean."""
+    run = load_run(runs["history"], BUDGET)
+    old = run.model.embedding
+    field = run.encoder.schema.index("history")
+    blocks = old.blocks.blocks_of(field)
+    assert len(blocks) >= 2
+    keep = old.keep.clone()
+    keep[blocks[1]] = False
+    keep[blocks[0], :3] = True  # at least one table for the field
+    pruned = BlockMixedEmbedding(old.layout, old.dim, old.blocks, keep)
+    with torch.no_grad():
+        pruned.load_dense(old.lookup(torch.arange(old.layout.total_rows)))
+    run.model.embedding = pruned.eval()
+    result = export_run(run, "torchrec", output=tmp_path / "e")
+    entries = [b for b in result.manifest["torchrec"]["modules"]["embedding"]["blocks"]
+               if b["field"] == "history"]  # fmt: skip
+    assert entries[1]["width"] == 0 and entries[1]["table"] is None
+    tables, _, _ = read_export(result.path)
+    history = [t for t in tables if t["dnis"]["field"] == "history"
+               and t["dnis"]["module"] == "embedding"]  # fmt: skip
+    assert all(t["pooling"] == "SUM" and t["dnis"]["divide_by_count"] for t in history)
+    assert "history__b1" not in {t["name"] for t in tables}
+    assert_lookups_match(result.path, run.model)
+
+
+# ---------------------------------------------------------------- full width
+
+
+def test_a_full_width_train_run_exports_one_table_per_field(runs, tmp_path):
+    for name, fields in (("synthetic", 4), ("history", 3)):
+        folder = export_run(runs[name], "torchrec", budget="full", output=tmp_path / name).path
+        tables, weights, manifest = read_export(folder)
+        run = load_run(runs[name], "full")
+        inputs = [t for t in tables if t["dnis"]["module"] == "embedding"]
+        assert [t["name"] for t in inputs] == run.encoder.schema.names and len(inputs) == fields
+        for table, cardinality in zip(inputs, run.encoder.cardinalities, strict=True):
+            assert table["num_embeddings"] == cardinality and table["embedding_dim"] == 8
+            assert table["dnis"]["kept_dims"] == list(range(8))
+            sequence = table["dnis"]["kind"] == "sequence"
+            assert table["pooling"] == ("MEAN" if sequence else "SUM")  # one table: TorchRec's mean
+            assert not table["dnis"]["divide_by_count"]
+        params = sum(t["num_embeddings"] * t["embedding_dim"] for t in inputs)
+        assert (
+            params
+            == manifest["parameters"]["full_embedding"]
+            == manifest["parameters"]["embedding"]
+        )
+        assert_lookups_match(folder, run.model)
+
+
+# ---------------------------------------------------------------- ragged, errors, CLI
+
+
+def test_element_granularity_is_refused_with_the_fix(runs, tmp_path):
+    run = load_run(runs["synthetic"], BUDGET)
+    layout, dim = run.model.embedding.layout, run.model.embedding.dim
+    keep = torch.rand(layout.total_rows, dim, generator=torch.Generator().manual_seed(0)) < 0.5
+    run.model.embedding = RaggedEmbedding(layout, dim, keep)
+    with pytest.raises(DnisError, match=r"element granularity.*search.granularity: block"):
+        export_run(run, "torchrec", output=tmp_path / "e")
+    assert not (tmp_path / "e").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_and_a_changed_file_or_predict_is_refused(runs, tmp_path):
+    out = tmp_path / "export"
+    command = [sys.executable, "-m", "dnis", "export", str(runs["synthetic"]), "--format",
+               "torchrec", "--budget", str(BUDGET), "--output", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "as torchrec" in " ".join(done.stderr.split())  # the summary; stdout is JSON
+    assert json.loads(done.stdout)["path"] == str(out)
+    manifest = read_manifest(out)
+    assert manifest["format"] == "torchrec" and manifest["budget"] == BUDGET
+    with pytest.raises(DnisError, match="TorchRec export"):
+        load(out)  # no scoring graph: predict says what to do instead
+    weights = out / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(DnisError, match="weights.pt is corrupt or was changed"):
+        TorchRecTables.read(out)
+
+
+# ---------------------------------------------------------------- TorchRec itself
+
+
+def torchrec_or_skip():
+    try:
+        import torchrec
+        from torchrec.modules.embedding_configs import PoolingType
+    except Exception as error:  # ImportError, or fbgemm_gpu's OSError when its build mismatches
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        pytest.skip(
+            f"torchrec does not import beside torch {torch.__version__} "
+            f"({type(error).__name__}: {first}); the format is checked against its documented "
+            "fields and with plain torch instead"
+        )
+    return torchrec, PoolingType
+
+
+@pytest.mark.parametrize("budget", [BUDGET, "full"])
+def test_an_embedding_bag_collection_from_the_export_looks_up_what_the_model_does(
+    runs, tmp_path, budget
+):
+    torchrec, PoolingType = torchrec_or_skip()
+    folder = export_run(runs["history"], "torchrec", budget=budget, output=tmp_path / "e").path
+    tables, weights, _ = read_export(folder)
+    documented = {f.name for f in dataclasses.fields(torchrec.EmbeddingBagConfig)}
+    assert set(EXPORTED_FIELDS) <= documented
+    configs = [
+        torchrec.EmbeddingBagConfig(
+            **{k: t[k] for k in EXPORTED_FIELDS if k != "pooling"},
+            pooling=PoolingType[t["pooling"]],
+        )
+        for t in tables
+    ]
+    collection = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    collection.load_state_dict({f"embedding_bags.{k}": v for k, v in weights.items()})
+
+    run = load_run(runs["history"], budget)
+    reader = TorchRecTables.read(folder)
+    ids = all_ids_and_rows(run.model.embedding.layout)
+    modules = {"embedding": run.model.embedding, "linear.weights": run.model.linear.weights}
+    features = {k: v for module in modules for k, v in reader.features(ids, module).items()}
+    keys = list(features)  # every feature of the collection, in one KeyedJaggedTensor
+    jagged = torchrec.KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat([features[k][0] for k in keys]),
+        lengths=torch.cat([features[k][1] for k in keys]).int(),
+    )
+    with torch.no_grad():
+        pooled = collection(jagged).to_dict()
+        for module, expected in modules.items():
+            got = reader.combine(pooled, ids, module)
+            assert torch.max(torch.abs(got - expected(ids))) <= TOLERANCE
+
+
+def test_table_names_are_torchrec_module_keys_and_unique():
+    from dnis.export.torchrec import safe, unique
+
+    assert [safe(n) for n in ("user.id", "a-b c", "ok_1")] == ["user_id", "a_b_c", "ok_1"]
+    assert unique([safe("a.b"), safe("a_b"), "a_b_1"]) == ["a_b", "a_b_1", "a_b_1_1"]
