@@ -303,7 +303,8 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     export = sub.add_parser(
-        "export", help="export a run's compact model with its encoders (TorchScript, ONNX or TorchRec tables)"
+        "export",
+        help="export a run's compact model with its encoders (TorchScript, ONNX or TorchRec tables)",
     )
     export.add_argument("run_dir", type=Path, help="a train or search run folder")
     export.add_argument("--format", required=True, choices=("torchscript", "onnx", "torchrec"))
