@@ -22,6 +22,15 @@ from dnis.errors import ConfigError
 from dnis.search.dnis import DnisConfig
 from dnis.train.trainer import TrainConfig
 
+STREAMING_KEYS: tuple[str, ...] = (
+    "streaming",
+    "vocab",
+    "sketch_width",
+    "sketch_depth",
+    "quantile_sample",
+    "shuffle_block",
+)
+
 
 @dataclass
 class DatasetConfig:
@@ -38,6 +47,15 @@ class DatasetConfig:
     header: bool = True  # own csv files: whether the first line names the columns
     names: list[str] | None = None  # own csv files: column names (override or supply)
     encoding: str = "utf-8"  # own csv files
+    # Out-of-core data (own csv/tsv/parquet files, rating/ctr): read in chunks into an on-disk
+    # cache and train from it block by block; the same dataset as in memory (docs/data.md).
+    streaming: bool = False
+    cache_dir: str | None = None  # streaming cache folder; default <output_dir>/.cache
+    vocab: str = "two_pass"  # streaming: two_pass (exact counts) | count_min (sketch, then exact)
+    sketch_width: int = 1 << 21  # count_min: counters per row (8 * width * depth bytes)
+    sketch_depth: int = 4  # count_min: hash rows; error bound holds w.p. 1 - exp(-depth)
+    quantile_sample: int = 100_000  # streaming: reservoir size per numeric field (quantile edges)
+    shuffle_block: int = 65_536  # streaming: rows per shuffle block of the loader
 
     def __post_init__(self) -> None:
         if (self.name is None) == (self.format is None):
@@ -49,6 +67,42 @@ class DatasetConfig:
             raise ConfigError("dataset: own files need `path` and `schema` besides `format`")
         if self.split is None:
             self.split = "leave_last_out" if self.task == "topk" else "random"
+        if self.vocab not in ("two_pass", "count_min"):
+            raise ConfigError(f"dataset.vocab must be two_pass or count_min, got {self.vocab!r}")
+        for key in ("sketch_width", "sketch_depth", "quantile_sample", "shuffle_block"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"dataset.{key} must be >= 1, got {getattr(self, key)}")
+        if self.streaming:
+            if self.format not in ("csv", "tsv", "parquet"):
+                raise ConfigError(
+                    "dataset.streaming reads your own csv, tsv or parquet files "
+                    f"(format: {self.format!r}); set streaming: false"
+                )
+            if self.task not in ("rating", "ctr"):
+                raise ConfigError(
+                    f"dataset.streaming supports the tasks rating and ctr, not {self.task!r}"
+                )
+            if not isinstance(self.path, dict) and self.split != "random":
+                raise ConfigError(
+                    f"dataset.streaming splits one file with split: random, not {self.split!r}; "
+                    "give {train, valid, test} files or set streaming: false"
+                )
+
+    def streaming_options(self, output_dir: str | Path) -> Any:
+        """False, or the `dnis.data.streaming.StreamingOptions` of these keys (`cache_dir`
+        defaulting to `<output_dir>/.cache`): the `streaming` argument of `load_files`."""
+        if not self.streaming:
+            return False
+        from dnis.data.streaming import StreamingOptions
+
+        return StreamingOptions(
+            cache_dir=Path(self.cache_dir) if self.cache_dir else Path(output_dir) / ".cache",
+            vocab=self.vocab,
+            sketch_width=self.sketch_width,
+            sketch_depth=self.sketch_depth,
+            quantile_sample=self.quantile_sample,
+            shuffle_block=self.shuffle_block,
+        )
 
 
 @dataclass
@@ -144,6 +198,10 @@ class Config:
         data.pop("threads")
         data.pop("tracking")  # loggers watch a run; they do not change it
         data["train"].pop("device")
+        data["dataset"].pop("cache_dir")  # where the streaming cache lives changes nothing
+        if not self.dataset.streaming:  # the streaming keys change nothing when it is off
+            for key in STREAMING_KEYS:
+                data["dataset"].pop(key)
         for key in ("jobs", "methods", "seeds"):
             data["compare"].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]

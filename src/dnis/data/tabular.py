@@ -3,12 +3,15 @@
 This is what a config such as ``dataset: {format: csv, path: data.csv, schema: {...}}`` runs.
 `path` is one file (split by `split`) or a mapping with ``train``, ``valid`` and ``test`` files
 (used as given). Columns are validated on the raw files, so errors name the file and the line.
+With `streaming`, files larger than memory go through `dnis.data.streaming` and an on-disk cache
+instead, giving the same dataset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,6 +21,9 @@ from dnis.data.encode import require_columns
 from dnis.data.readers import read_csv, read_libfm, read_parquet
 from dnis.data.schema import Schema
 from dnis.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from dnis.data.streaming import StreamingOptions
 
 FORMATS: dict[str, str | None] = {"csv": ",", "tsv": "\t", "parquet": None, "libfm": None}
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
@@ -37,15 +43,39 @@ def load_files(
     names: list[str] | None = None,
     encoding: str = "utf-8",
     name: str = "custom",
+    streaming: bool | StreamingOptions = False,
 ) -> EncodedDataset:
     """Read the file(s), check the columns the schema uses, then encode and split.
 
     `delimiter` defaults to "," for csv and a tab for tsv; `header`, `names` and `encoding` apply
     to csv/tsv (and `encoding` to libfm). For rating/ctr the label must be numeric (ctr: 0/1);
     for a `time` column, values must be numbers or ISO-8601 date-times.
+
+    `streaming` (True, or `dnis.data.streaming.StreamingOptions` for its cache folder and
+    options) reads csv/tsv/parquet files in chunks into an on-disk cache and returns splits that
+    are read from disk block by block: the same vocabularies, split and ids, for files larger
+    than memory (rating and ctr tasks, `split: random` or three files).
     """
     if format not in FORMATS:
         raise ConfigError(f"dataset format must be one of {sorted(FORMATS)}, got {format!r}")
+    if streaming is not False:
+        from dnis.data.streaming import StreamingOptions, load_streaming
+
+        return load_streaming(
+            format=format,
+            path=path,
+            schema=schema,
+            task=task,
+            split=split,
+            ratios=ratios,
+            seed=seed,
+            delimiter=delimiter,
+            header=header,
+            names=names,
+            encoding=encoding,
+            name=name,
+            options=StreamingOptions() if streaming is True else streaming,
+        )
     files = _paths(path)
 
     def read(file: Path) -> pd.DataFrame:

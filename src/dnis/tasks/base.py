@@ -6,7 +6,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from dnis.data.dataset import EncodedDataset
+from dnis.data.dataset import EncodedDataset, Split
+from dnis.data.loader import batches
 from dnis.models.base import Model
 
 
@@ -52,3 +53,25 @@ def predict(model: Model, ids: torch.Tensor, batch_size: int = 8192) -> torch.Te
     ]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def predict_split(
+    model: Model, split: Split, batch_size: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and labels of every row of a split (on the CPU), read in batches in file order.
+
+    For splits on disk (`dnis.data.cache.DiskSplit`): memory holds one block of rows plus the
+    scores, never the split's ids. The batches are the same row slices as `predict`'s.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    scores, labels = [], []
+    for ids, target in batches(split, batch_size):
+        scores.append(model(ids.to(device)).cpu())
+        labels.append(target)
+    model.train(was_training)
+    if not scores:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(scores), torch.cat(labels)

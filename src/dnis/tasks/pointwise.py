@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from dnis.data.dataset import EncodedDataset
+from dnis.data.cache import DiskSplit
+from dnis.data.dataset import EncodedDataset, Split
+from dnis.data.loader import label_range
 from dnis.models.base import Model
-from dnis.tasks.base import Task, model_device, predict
+from dnis.tasks.base import Task, model_device, predict, predict_split
 from dnis.tasks.metrics import auc, logloss, mae, rmse
 
 
@@ -20,17 +22,16 @@ class RatingTask(Task):
 
     def __init__(self, dataset: EncodedDataset) -> None:
         super().__init__(dataset)
-        labels = dataset.train.labels
-        self.low, self.high = float(labels.min()), float(labels.max())
+        self.low, self.high = label_range(dataset.train)
 
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
         device = model_device(model)
         return F.mse_loss(model(ids.to(device)), labels.to(device))
 
     def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
-        data = self.dataset.split(split)
-        pred = predict(model, data.ids, batch_size).clamp(self.low, self.high)
-        return {"rmse": rmse(pred, data.labels), "mae": mae(pred, data.labels)}
+        pred, labels = _scores(model, self.dataset.split(split), batch_size)
+        pred = pred.clamp(self.low, self.high)
+        return {"rmse": rmse(pred, labels), "mae": mae(pred, labels)}
 
 
 class CTRTask(Task):
@@ -43,6 +44,12 @@ class CTRTask(Task):
         return F.binary_cross_entropy_with_logits(model(ids.to(device)), labels.to(device))
 
     def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
-        data = self.dataset.split(split)
-        logits = predict(model, data.ids, batch_size)
-        return {"auc": auc(logits, data.labels), "logloss": logloss(logits, data.labels)}
+        logits, labels = _scores(model, self.dataset.split(split), batch_size)
+        return {"auc": auc(logits, labels), "logloss": logloss(logits, labels)}
+
+
+def _scores(model: Model, data: Split, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and labels of a whole split; a split on disk is read in batches (same slices)."""
+    if isinstance(data, DiskSplit):
+        return predict_split(model, data, batch_size)
+    return predict(model, data.ids, batch_size), data.labels

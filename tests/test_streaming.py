@@ -1,0 +1,390 @@
+"""Out-of-core data: streaming loads equal in-memory loads, the cache is reused, memory is bounded."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dnis.config import Config, DatasetConfig
+from dnis.data import streaming
+from dnis.data.cache import DiskSplit, SplitWriter
+from dnis.data.loader import batches, num_batches
+from dnis.data.schema import FeatureSpec, Schema
+from dnis.data.sketch import CountMinSketch, Reservoir
+from dnis.data.streaming import StreamingOptions
+from dnis.data.tabular import load_files
+from dnis.embeddings import FieldLayout, FusedEmbedding
+from dnis.errors import ConfigError, DataError
+from dnis.models import build
+from dnis.tasks import make_task
+from dnis.train import TrainConfig, Trainer
+
+SCHEMA = Schema(
+    (
+        FeatureSpec("user", min_count=2),
+        FeatureSpec("item"),
+        FeatureSpec("city"),
+        FeatureSpec("genres", kind="sequence", max_len=3),
+        FeatureSpec("price", kind="numeric", buckets=6),
+        FeatureSpec("note"),
+    ),
+    label="clicked",
+)
+
+
+def clicks_frame(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    user = rng.zipf(1.3, n) % 400
+    item = rng.zipf(1.2, n) % 300
+    logit = 0.8 * np.sin(user) + 0.8 * np.cos(item) - 0.2
+    price = np.round(rng.lognormal(2, 1, n), 2).astype(object)
+    price[rng.random(n) < 0.05] = ""
+    price[7] = "n/a"  # not a number: OOV, as in memory
+    return pd.DataFrame(
+        {
+            "user": user,
+            "item": [f"i{x}" for x in item],
+            "city": rng.choice(["paris", "lyon", "", "nice", "a, b"], n),  # "a, b" gets quoted
+            "genres": rng.choice(["a|b", "c", "", "b|c|d|e", "a"], n),
+            "price": price,
+            "note": rng.choice(['say "hi"', "x", "y"], n),
+            "clicked": (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int),
+        }
+    )
+
+
+def write_csv(path: Path, frame: pd.DataFrame, blank_every: int = 0) -> Path:
+    text = frame.to_csv(index=False)
+    if blank_every:
+        lines = text.splitlines(keepends=True)
+        text = "".join(
+            line + ("\n" if i and i % blank_every == 0 else "") for i, line in enumerate(lines)
+        )
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def options(tmp_path: Path, **kwargs) -> StreamingOptions:
+    kwargs.setdefault("chunk_bytes", 2000)  # dozens of chunks: boundaries and line offsets matter
+    return StreamingOptions(cache_dir=tmp_path / "cache", **kwargs)
+
+
+def assert_same_dataset(memory, disk) -> None:
+    for a, b in zip(memory.encoder.fields, disk.encoder.fields, strict=True):
+        assert a.to_dict() == b.to_dict(), a.spec.name
+    for name in ("train", "valid", "test"):
+        assert isinstance(disk.split(name), DiskSplit)
+        ids, labels = disk.split(name).read(0, len(disk.split(name)))
+        assert torch.equal(memory.split(name).ids, torch.from_numpy(ids).long()), name
+        assert torch.equal(memory.split(name).labels, torch.from_numpy(labels)), name
+    assert disk.summary() == memory.summary()
+
+
+def test_csv_streaming_equals_in_memory(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame(), blank_every=97)
+    kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr", seed=3)
+    memory = load_files(**kwargs)
+    disk = load_files(**kwargs, streaming=options(tmp_path))
+    assert_same_dataset(memory, disk)
+    assert disk.encoder.fields[0].vocabulary[:3] == memory.encoder.fields[0].vocabulary[:3]
+    assert len(disk.train) == 2400 and len(disk.valid) == 300  # the in-memory 80/10/10
+
+
+def test_multibyte_delimiter_and_three_files(tmp_path: Path) -> None:
+    frame = clicks_frame(900, seed=1).drop(columns=["note"])
+    frame["genres"] = frame["genres"].str.replace("|", ";")
+    schema = Schema(
+        (*SCHEMA.features[:3], FeatureSpec("genres", kind="sequence", max_len=3, separator=";"),
+         SCHEMA.features[4]),
+        label="clicked",
+    )  # fmt: skip
+    files = {}
+    for i, name in enumerate(("train", "valid", "test")):
+        files[name] = tmp_path / f"{name}.txt"
+        part = frame.iloc[i * 300 : (i + 1) * 300].to_csv(index=False, sep="\t")
+        files[name].write_text(part.replace("\t", "::"), "utf-8")
+    kwargs = dict(format="tsv", path=files, schema=schema, task="ctr", delimiter="::")
+    assert_same_dataset(load_files(**kwargs), load_files(**kwargs, streaming=options(tmp_path)))
+
+
+def test_parquet_streaming_equals_in_memory(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    n = 2500
+    whole = rng.integers(0, 50, n).astype(float)
+    whole[::13] = np.nan  # float ids that are whole numbers: "7", as in memory
+    fraction = whole.copy()
+    fraction[5] = 2.5  # one fraction: that split's values print as "7.0"
+    frame = pd.DataFrame(
+        {
+            "user": rng.integers(0, 80, n),
+            "whole": whole,
+            "fraction": fraction,
+            "city": rng.choice(["x", "", "y"], n),
+            "age": rng.normal(40, 9, n),
+            "rating": rng.integers(1, 6, n).astype(float),
+        }
+    )
+    path = tmp_path / "r.parquet"
+    frame.to_parquet(path)
+    schema = Schema(
+        (FeatureSpec("user"), FeatureSpec("whole"), FeatureSpec("fraction"), FeatureSpec("city"),
+         FeatureSpec("age", kind="numeric")),
+        label="rating",
+    )  # fmt: skip
+    kwargs = dict(format="parquet", path=path, schema=schema, task="rating", seed=1)
+    memory = load_files(**kwargs)
+    disk = load_files(**kwargs, streaming=options(tmp_path, chunk_rows=333))
+    assert_same_dataset(memory, disk)
+    assert "7" in disk.encoder.fields[1].vocabulary
+    task = make_task(disk)
+    assert (task.low, task.high) == (1.0, 5.0)  # the label range without reading the split
+
+
+def test_training_and_evaluation_equal_in_memory(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame())
+    kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr", seed=0)
+    memory = load_files(**kwargs)
+    disk = load_files(**kwargs, streaming=options(tmp_path))  # one shuffle block: same batches
+    blocks = load_files(**kwargs, streaming=options(tmp_path, shuffle_block=500))
+    config = TrainConfig(epochs=3, batch_size=128, lr=0.01, seed=0, patience=0)
+    results = []
+    for data in (memory, disk, blocks):
+        torch.manual_seed(0)
+        model = build("deepfm", data.schema, FusedEmbedding(FieldLayout.from_dataset(data), 8))
+        task = make_task(data)
+        fit = Trainer(model, task, config).fit()
+        history = [{k: v for k, v in r.items() if k != "seconds"} for r in fit.history]
+        results.append((history, task.evaluate(model, "test", batch_size=100)))
+    assert results[1] == results[0]  # identical batches, identical floats
+    # Five blocks of 500 rows: the block-wise shuffle orders rows differently from one global
+    # permutation, so only the quality is comparable (same data, same model, same epochs).
+    auc_memory, auc_blocks = results[0][1]["auc"], results[2][1]["auc"]
+    assert abs(auc_blocks - auc_memory) < 0.03, (auc_memory, auc_blocks)
+    assert auc_blocks > 0.6
+
+
+def test_second_load_reuses_the_cache(tmp_path: Path, monkeypatch, caplog) -> None:
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame(500))
+    kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr", streaming=options(tmp_path))
+    with caplog.at_level(logging.INFO, logger="dnis.data.streaming"):
+        first = load_files(**kwargs)
+    assert "built cache" in caplog.text
+    caplog.clear()
+    entries = [p for p in (tmp_path / "cache").iterdir()]
+    assert [p.name for p in entries] == [Path(first.meta["cache"]).name]  # no temp folder left
+    assert sorted(p.name for p in entries[0].iterdir()) == sorted(
+        ["meta.json", "encoder.json"]
+        + [f"{s}.{k}.npy" for s in ("train", "valid", "test") for k in ("ids", "labels")]
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data file was read again")
+
+    monkeypatch.setattr(streaming._CsvFile, "scan", refuse)
+    monkeypatch.setattr(streaming._CsvFile, "chunks", refuse)
+    with caplog.at_level(logging.INFO, logger="dnis.data.streaming"):
+        second = load_files(**kwargs)
+    assert "reusing cache" in caplog.text
+    assert second.meta["cache"] == first.meta["cache"]
+    assert torch.equal(second.train.ids, first.train.ids)
+    monkeypatch.undo()
+    changed = dict(kwargs, seed=1)  # another split: another entry
+    assert load_files(**changed).meta["cache"] != first.meta["cache"]
+    with path.open("a", encoding="utf-8") as handle:  # the file changes: another entry
+        handle.write("u1,i1,paris,a,3.0,x,1\n")
+    assert load_files(**kwargs).meta["cache"] != first.meta["cache"]
+
+
+def test_a_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch) -> None:
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame(300))
+
+    def crash(self, folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streaming._Builder, "_write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_files(format="csv", path=path, schema=SCHEMA, task="ctr", streaming=options(tmp_path))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ("u1,i1,paris,a,3.0,x\n", "ragged line"),
+        ("u1,i1,paris,a,3.0,x,yes\n", "bad label"),
+        ("u1,i1,par\xe9s,a,3.0,x,1\n", "bad byte"),
+    ],
+)
+def test_a_bad_line_in_the_middle_is_named(tmp_path: Path, bad: str, where: str) -> None:
+    good = clicks_frame(1500).drop(columns=["city", "note"]).assign(city="c", note="n")
+    good = good[["user", "item", "city", "genres", "price", "note", "clicked"]]
+    lines = good.to_csv(index=False).splitlines(keepends=True)
+    lines.insert(900, bad)  # file line 901
+    path = tmp_path / "bad.csv"
+    data = "".join(lines).encode("utf-8")
+    if where == "bad byte":
+        data = data.replace("\xe9".encode(), b"\xe9")  # a latin-1 byte in a utf-8 file
+    path.write_bytes(data)
+    kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr")
+    with pytest.raises(DataError) as in_memory:
+        load_files(**kwargs)
+    with pytest.raises(DataError) as streamed:
+        load_files(**kwargs, streaming=options(tmp_path))
+    assert streamed.value.line == 901
+    assert str(streamed.value) == str(in_memory.value)  # the same message, line, column and fix
+    assert not list((tmp_path / "cache").glob("*")) or all(
+        not p.name.startswith(".tmp") for p in (tmp_path / "cache").iterdir()
+    )
+
+
+def test_missing_column_and_refused_settings(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame(200).drop(columns=["city"]))
+    kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr")
+    with pytest.raises(DataError) as in_memory:
+        load_files(**kwargs)
+    with pytest.raises(DataError) as streamed:
+        load_files(**kwargs, streaming=options(tmp_path))
+    assert str(streamed.value) == str(in_memory.value)
+    with pytest.raises(ConfigError, match="split: random"):
+        load_files(**kwargs, split="temporal", streaming=options(tmp_path))
+    with pytest.raises(ConfigError, match="tasks"):
+        load_files(**dict(kwargs, task="topk"), streaming=options(tmp_path))
+    with pytest.raises(ConfigError, match="vocab"):
+        StreamingOptions(vocab="exact")
+
+
+def test_count_min_maps_rare_ids_to_oov(tmp_path: Path) -> None:
+    frame = clicks_frame()
+    path = write_csv(tmp_path / "clicks.csv", frame)
+    schema = Schema(
+        (FeatureSpec("user", min_count=3), FeatureSpec("item", min_count=5)), label="clicked"
+    )
+    kwargs = dict(format="csv", path=path, schema=schema, task="ctr", seed=0)
+    two_pass = load_files(**kwargs, streaming=options(tmp_path))
+    # A tiny sketch: most rare ids collide with frequent ones and pass the sketch, and the exact
+    # recount of those candidates still drops them, so the vocabulary is the exact one.
+    tiny = load_files(**kwargs, streaming=options(tmp_path, vocab="count_min", sketch_width=16))
+    wide = load_files(**kwargs, streaming=options(tmp_path, vocab="count_min", sketch_depth=3))
+    for data in (tiny, wide):
+        assert [f.to_dict() for f in data.encoder.fields] == [
+            f.to_dict() for f in two_pass.encoder.fields
+        ]
+    memory = load_files(**kwargs)
+    assert_same_dataset(memory, wide)
+    train_rows = memory.split("train")
+    users = pd.Series(frame["user"].astype(str).to_numpy())
+    counts = users.value_counts()
+    vocabulary = set(wide.encoder.fields[0].vocabulary)
+    rare = {u for u, c in counts.items() if c < 3}
+    assert rare and not rare & vocabulary  # rare in the whole file: rare in train, so OOV
+    ids, _ = wide.train.read(0, len(wide.train))
+    assert (ids[:, 0] == 0).sum() == int((train_rows.ids[:, 0] == 0).sum()) > 0
+
+
+def test_count_min_sketch_and_reservoir() -> None:
+    rng = np.random.default_rng(0)
+    values = np.array([f"v{i}" for i in range(5000)], dtype=object)
+    counts = rng.integers(1, 20, 5000)
+    sketch = CountMinSketch(width=2000, depth=4)
+    sketch.add(values[:2500], counts[:2500])
+    sketch.add(values[2500:], counts[2500:])
+    estimate = sketch.estimate(values)
+    assert (estimate >= counts).all()  # never an underestimate
+    assert np.mean(estimate - counts <= sketch.error_bound()) > 0.95
+    roomy = CountMinSketch(width=1 << 16, depth=2)
+    roomy.add(values, counts, field=0)
+    assert (roomy.estimate(values, field=1) == 0).mean() > 0.8  # fields are kept apart
+    assert (roomy.estimate(values, field=0) == counts).mean() > 0.9
+    chunked, whole = Reservoir(100, seed=1), Reservoir(100, seed=1)
+    stream = rng.normal(size=1000)
+    for start in range(0, 1000, 37):
+        chunked.add(stream[start : start + 37])
+    whole.add(stream)
+    assert np.array_equal(np.sort(chunked.values), np.sort(whole.values))  # chunking-invariant
+    assert len(whole.values) == 100 and not whole.exact
+    assert set(whole.values) <= set(stream)
+
+
+def disk_split(folder: Path, rows: int, slots: int = 4, block_rows: int = 4096) -> DiskSplit:
+    """A split on disk whose label is the row number (to check coverage)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = SplitWriter(folder, "train", rows, slots)
+    for start in range(0, rows, 50_000):
+        stop = min(rows, start + 50_000)
+        position = np.arange(start, stop)
+        ids = np.repeat(position[:, None] % 1000, slots, axis=1).astype(np.int32)
+        writer.write(position[::-1].copy(), ids[::-1].copy(), position[::-1].astype(np.float32))
+    writer.close()
+    return DiskSplit(folder, "train", rows, slots, block_rows=block_rows)
+
+
+def peak_numpy_bytes(split: DiskSplit, batch_size: int) -> int:
+    tracemalloc.start()
+    seen = 0
+    for ids, labels in batches(split, batch_size, shuffle=True, generator=torch.Generator()):
+        seen += len(ids)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen == len(split)
+    return peak
+
+
+def test_disk_batches_shuffle_blocks_with_bounded_memory(tmp_path: Path) -> None:
+    small = disk_split(tmp_path / "small", 20_000)
+    large = disk_split(tmp_path / "large", 200_000)
+    generator = torch.Generator().manual_seed(5)
+    got = list(batches(large, 1000, shuffle=True, generator=generator))
+    assert len(got) == num_batches(large, 1000) and {len(ids) for ids, _ in got} == {1000}
+    order = torch.cat([labels for _, labels in got]).long()
+    assert torch.equal(order.sort().values, torch.arange(200_000))  # every row once
+    assert not torch.equal(order, torch.arange(200_000))
+    assert got[0][0].dtype == torch.int64
+    assert torch.equal(got[0][0][:, 0], order[:1000] % 1000)  # ids travel with their label
+    again = torch.cat([lab for _, lab in batches(large, 1000, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(5))])  # fmt: skip
+    assert torch.equal(again.long(), order)
+    plain = torch.cat([lab for _, lab in batches(large, 999)]).long()
+    assert torch.equal(plain, torch.arange(200_000))
+    # Memory: the numpy blocks read at a time do not grow with the rows (10x here).
+    block_bytes = 4096 * (4 * 4 + 4)
+    peak_small, peak_large = peak_numpy_bytes(small, 1000), peak_numpy_bytes(large, 1000)
+    assert peak_large < 4 * block_bytes, peak_large
+    assert peak_large < peak_small + block_bytes
+    assert peak_large < large.rows * 4 * 4 / 10  # far below the split's ids
+
+
+def test_disk_split_pickles_by_path_and_maps_lazily(tmp_path: Path) -> None:
+    split = disk_split(tmp_path / "s", 1000, block_rows=128)
+    copy = pickle.loads(pickle.dumps(split))
+    assert copy == split and copy.block_rows == 128
+    assert len(pickle.dumps(split)) < 1000  # the path, not the data
+    assert split.ids.dtype == torch.int32 and split.ids.shape == (1000, 4)
+    assert torch.equal(split.labels[:3], torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_dataset_config_streaming_keys(tmp_path: Path) -> None:
+    own = dict(format="csv", path="x.csv", schema={"features": ["a"], "label": "y"}, task="ctr")
+    plain = Config(dataset=DatasetConfig(**own))
+    moved = Config(dataset=DatasetConfig(**own, cache_dir="elsewhere"))
+    assert moved.digest() == plain.digest()  # where the cache lives changes nothing
+    assert Config(dataset=DatasetConfig(**own, vocab="count_min")).digest() == plain.digest()
+    streamed = Config(dataset=DatasetConfig(**own, streaming=True), output_dir=str(tmp_path))
+    assert streamed.digest() != plain.digest()
+    opts = streamed.dataset.streaming_options(streamed.output_dir)
+    assert opts.cache_dir == tmp_path / ".cache" and opts.vocab == "two_pass"
+    assert plain.dataset.streaming_options("runs") is False
+    with pytest.raises(ConfigError, match="csv, tsv or parquet"):
+        DatasetConfig(**dict(own, format="libfm"), streaming=True)
+    with pytest.raises(ConfigError, match="rating and ctr"):
+        DatasetConfig(**dict(own, task="topk"), streaming=True)
+    with pytest.raises(ConfigError, match="split: random"):
+        DatasetConfig(**own, split="temporal", streaming=True)
+    with pytest.raises(ConfigError, match="vocab"):
+        DatasetConfig(**own, vocab="exact")
