@@ -181,3 +181,11 @@ def test_a_foreign_embedding_module_replaces_fused(
     torch.testing.assert_close(out, fused_model(ids))
     out.sum().backward()
     assert any(t.weight.grad is not None and t.weight.grad.abs().sum() > 0 for t in dummy.tables)
+
+
+def test_a_user_item_model_on_one_field_is_a_config_error():
+    from dnis.data.synthetic import load_synthetic
+
+    one = load_synthetic(task="rating", n_rows=300, ranks=(2,), noise_fields=0, vocab=10, seed=0)
+    with pytest.raises(ConfigError, match="needs at least two fields"):
+        build("mf", one.schema, FusedEmbedding(FieldLayout.from_dataset(one), 4))

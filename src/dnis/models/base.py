@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dnis.data.schema import Schema
+from dnis.errors import ConfigError
 
 
 class Model(nn.Module):
@@ -33,7 +34,10 @@ class Model(nn.Module):
         if self.schema.user is not None and self.schema.item is not None:
             return self.schema.index(self.schema.user), self.schema.index(self.schema.item)
         if self.num_fields < 2:
-            raise ValueError(f"{type(self).__name__} needs at least two fields (user and item)")
+            raise ConfigError(
+                f"model {type(self).__name__} needs at least two fields (user and item), the data "
+                f"has {self.num_fields}: add the item field to the schema or pick a model such as fm"
+            )
         return 0, 1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
