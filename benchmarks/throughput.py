@@ -41,13 +41,16 @@ LR = 1e-3
 class HandDeepFM(nn.Module):
     """The reference: what a practitioner would write for DeepFM over single-slot fields."""
 
-    def __init__(self, cardinalities: list[int], dim: int, hidden: tuple[int, ...]) -> None:
+    def __init__(
+        self, cardinalities: list[int], dim: int, hidden: tuple[int, ...], sparse: bool = False
+    ) -> None:
+        """`sparse`: both tables make sparse gradients (for `torch.optim.SparseAdam`)."""
         super().__init__()
         sizes = torch.tensor([0, *cardinalities[:-1]])
         self.register_buffer("offsets", torch.cumsum(sizes, 0))
         rows = sum(cardinalities)
-        self.embedding = nn.Embedding(rows, dim)
-        self.linear = nn.Embedding(rows, 1)
+        self.embedding = nn.Embedding(rows, dim, sparse=sparse)
+        self.linear = nn.Embedding(rows, 1, sparse=sparse)
         nn.init.normal_(self.embedding.weight, std=0.01)
         nn.init.zeros_(self.linear.weight)
         self.bias = nn.Parameter(torch.zeros(()))

@@ -98,6 +98,26 @@ def test_tables_get_sparse_gradients_of_the_batch_rows_only(
     assert not torch.equal(table.detach()[~untouched], before[~untouched])
 
 
+def test_sparse_lookup_gradient_equals_torchs_sparse_embedding() -> None:
+    """Same values as `F.embedding(sparse=True)`, summed per distinct row already."""
+    layout = FieldLayout(("a", "b"), (5, 7), (0, 1), (False, False), (False, False))
+    torch.manual_seed(0)
+    table = FusedEmbedding(layout, 3, init_std=0.5, sparse=True)
+    ids = torch.tensor([[1, 2], [1, 6], [0, 2], [4, 2]])
+    weights = torch.randn(4, 2, 3)
+    (table(ids) * weights).sum().backward()
+    ours = table.weight.grad
+    reference = table.weight.detach().clone().requires_grad_()
+    rows = ids + table.slot_offsets
+    (torch.nn.functional.embedding(rows, reference, sparse=True) * weights).sum().backward()
+    expected = reference.grad.coalesce()
+    assert ours.is_sparse and ours._nnz() == expected._nnz() == 5  # one row per distinct id
+    assert torch.equal(ours._indices(), expected.indices())  # sorted already
+    torch.testing.assert_close(ours._values(), expected.values())
+    with torch.no_grad():  # no gradient wanted: the plain gather
+        torch.testing.assert_close(table(ids), torch.nn.functional.embedding(rows, reference))
+
+
 def test_sparse_adam_splits_the_weights_between_two_optimizers(fm_data: EncodedDataset) -> None:
     model = model_on(fm_data, "deepfm", hidden=(8,))
     optimizer = make_optimizer(model, TrainConfig(optimizer="sparse_adam"))
@@ -224,3 +244,25 @@ def test_sparse_adam_on_gpu(fm_data: EncodedDataset) -> None:
     trainer.fit()
     assert model.embedding.weight.is_cuda
     assert trainer.optimizer.sparse.state[model.embedding.weight]["exp_avg"].is_cuda
+
+
+def test_peer_throughput_benchmark_runs_small(tmp_path: Path) -> None:
+    """benchmarks/throughput_peers.py end to end on a tiny set (the speed goals are judged by the
+    full-size run): dnis and the hand-written loop measured, ratios printed, section written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\n<!-- begin other -->\nkept\n<!-- end other -->\n")
+    command = [sys.executable, str(root / "benchmarks" / "throughput_peers.py"), "--rows", "6000"]
+    command += ["--vocab", "200", "--warmup", "1", "--sides", "dnis-sparse", "hand", "--out"]
+    done = subprocess.run(
+        [*command, str(out)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    page = out.read_text()
+    assert "kept" in page and "<!-- begin throughput -->" in page  # the other section survives
+    assert "## Training throughput" in page
+    assert "| dnis (sparse_adam) |" in page and "| hand-written loop (SparseAdam) |" in page
+    assert "vs hand-written loop (SparseAdam)" in done.stdout

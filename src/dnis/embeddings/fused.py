@@ -9,14 +9,51 @@ from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.layout import FieldLayout
 
 
+class _SparseRowsLookup(torch.autograd.Function):
+    """`F.embedding(rows, weight, sparse=True)` with its gradient summed per distinct row.
+
+    torch's sparse embedding backward returns one gradient row per looked-up slot (B x slots rows,
+    indices repeated), which SparseAdam and Adagrad must then coalesce (sort and sum); with Zipf
+    ids most of those rows repeat. Here the backward sums each distinct row's gradient once
+    (`unique` over int32 + an accumulating `index_put_`), so the optimizer's coalesce only has
+    the distinct rows left to check (autograd drops the coalesced flag when it stores `.grad`).
+    Same forward values, same gradient up to float summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.table_rows = weight.shape[0]
+        return nn.functional.embedding(rows, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        dim = grad.shape[-1]
+        flat = rows.reshape(-1)
+        if ctx.table_rows < 2**31:
+            flat = flat.int()  # sorts about twice as fast as int64
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        values = grad.new_zeros(len(unique), dim)
+        values.index_put_((inverse,), grad.reshape(-1, dim), accumulate=True)
+        table = torch.sparse_coo_tensor(
+            unique.long().unsqueeze(0),
+            values,
+            (ctx.table_rows, dim),
+            is_coalesced=True,
+            check_invariants=False,  # sorted, unique, in range by construction
+        )
+        return table, None
+
+
 class FusedEmbedding(FieldEmbedding):
     """One [sum of cardinalities, dim] table: the uniform-width input layer (the baseline).
 
-    `sparse`: look rows up with `F.embedding(..., sparse=True)`, so the table's gradient is a
-    sparse tensor holding only the rows of the batch (for `torch.optim.SparseAdam` / `Adagrad` on
-    large tables). It is set by the trainer from `train.optimizer` (see
-    `dnis.train.trainer.make_optimizer`), never by models; only a table whose lookup is this plain
-    gather can honour it (`supports_sparse_grad`).
+    `sparse`: the table's gradient is a sparse tensor holding only the rows of the batch, as with
+    `F.embedding(..., sparse=True)` (for `torch.optim.SparseAdam` / `Adagrad` on large tables), with
+    one row per distinct id (`_SparseRowsLookup`), which makes the optimizer's work cheaper. It is set
+    by the trainer from `train.optimizer` (see `dnis.train.trainer.make_optimizer`), never by
+    models; only a table whose lookup is this plain gather can honour it (`supports_sparse_grad`).
     """
 
     def __init__(
@@ -28,7 +65,9 @@ class FusedEmbedding(FieldEmbedding):
         self.sparse = sparse
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(rows, self.weight, sparse=self.sparse)
+        if self.sparse and self.weight.requires_grad and torch.is_grad_enabled():
+            return _SparseRowsLookup.apply(self.weight, rows)
+        return nn.functional.embedding(rows, self.weight)
 
     def supports_sparse_grad(self) -> bool:
         """True when `weight` is read only through the plain gather above, so `sparse` makes its
