@@ -4,7 +4,9 @@ Data: the synthetic CTR generator, Criteo-shaped: 26 categorical fields with Zip
 + 6 noise, `--vocab` ids each) and 13 numeric fields, which our encoder bucketises into ids (11
 per field); `--rows` rows (1M by default) split 80/10/10. It is generated once, in memory, and
 every side receives the very same encoded tensors: 39 categorical fields, the 80% training rows,
-and the held-out 10% test rows for the AUC.
+and the held-out 10% test rows for the AUC. `--vocab` takes several sizes (default 10,000 and
+100,000 ids per field): one data set and one table each; the larger tables are the regime sparse
+gradients are for (a dense optimizer touches every row of every table at every step).
 
 Every side trains DeepFM with width 16, MLP 400-400-400 (ReLU, no dropout, no batch norm), linear
 terms + FM + MLP, no regularisation, learning rate 1e-3, batch 4096, shuffled, on 1 torch thread
@@ -389,46 +391,80 @@ def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def report(results: dict[str, dict[str, Any]], info: dict[str, Any], args, machine: str) -> str:
-    ours = results.get("dnis-sparse", {}).get("samples_per_s")
+def report(configs: list[tuple[int, dict[str, Any], dict[str, Any]]], args, machine: str) -> str:
+    """The section: the setup once, then one table per vocabulary size."""
     lines = [
         "# Training throughput",
         "",
         f"DeepFM (width {WIDTH}, MLP {'-'.join(map(str, HIDDEN))}, batch {BATCH}, lr {LR}) on "
-        f"synthetic Criteo-shaped data: {args.rows:,} rows ({info['train']:,} train, "
-        f"{info['test']:,} held-out test), 26 categorical Zipf fields ({args.vocab:,} ids each) "
-        f"+ 13 numeric fields bucketised into ids, {info['ids']:,} ids in all. One epoch after "
-        f"{args.warmup} warm-up batches, 1 torch thread, one process per side, run one after the "
-        f"other, {args.repeats} round(s); samples/s = training rows / seconds of the epoch (the "
-        "best round; every round in the last column); AUC on the held-out test rows after that "
-        "epoch. `benchmarks/throughput_peers.py`.",
+        f"synthetic Criteo-shaped data: {args.rows:,} rows (80% train, 10% held-out test), 26 "
+        "categorical Zipf fields + 13 numeric fields bucketised into ids (39 fields). One epoch "
+        f"after {args.warmup} warm-up batches, 1 torch thread, one process per side, run one "
+        f"after the other, {args.repeats} round(s); samples/s = training rows / seconds of the "
+        "epoch (the best round; every round in the last column); AUC on the held-out test rows "
+        "after that epoch. Peers keep their own loaders, initialisation and training steps; all "
+        "sides train the same objective (no regularisation). `benchmarks/throughput_peers.py`.",
         "",
         f"Machine: {machine}. {args.note}".rstrip(),
-        "",
-        "| side | samples/s | epoch s | test AUC | dnis (sparse_adam) / side | version | rounds |",
-        "|---|---:|---:|---:|---:|---|---|",
     ]
-    for side in args.sides:
-        r = results[side]
-        if "skipped" in r:
-            lines.append(f"| {LABELS[side]} | skipped: {r['skipped']} | | | | | |")
-            continue
-        ratio = f"{ours / r['samples_per_s']:.2f}x" if ours else "n/a"
-        rounds = ", ".join(f"{x:,.0f}" for x in r["runs"])
-        lines.append(
-            f"| {LABELS[side]} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
-            f"{r['auc']:.4f} | {ratio} | {r['version']} | {rounds} |"
-        )
-    goals = []
-    for side, goal in (("deepctr", 2.0), ("fuxictr", 2.0), ("hand", 0.9)):
-        r = results.get(side, {})
-        if ours and "samples_per_s" in r:
-            ratio = ours / r["samples_per_s"]
-            verdict = "PASS" if ratio >= goal else "FAIL"
-            goals.append(f"vs {LABELS[side]} {ratio:.2f}x (goal >= {goal}x: {verdict})")
-    if goals:
-        lines += ["", "dnis (sparse_adam): " + "; ".join(goals) + "."]
+    for vocab, info, results in configs:
+        ours = results.get("dnis-sparse", {}).get("samples_per_s")
+        lines += [
+            "",
+            f"## {vocab:,} ids per categorical field ({info['ids']:,} table rows in all)",
+            "",
+            f"{info['train']:,} training rows, {info['test']:,} test rows.",
+            "",
+            "| side | samples/s | epoch s | test AUC | dnis (sparse_adam) / side | version | "
+            "rounds (samples/s) |",
+            "|---|---:|---:|---:|---:|---|---|",
+        ]
+        for side in args.sides:
+            r = results[side]
+            if "skipped" in r:
+                lines.append(f"| {LABELS[side]} | skipped: {r['skipped']} | | | | | |")
+                continue
+            ratio = f"{ours / r['samples_per_s']:.2f}x" if ours else "n/a"
+            rounds = ", ".join(f"{x:,.0f}" for x in r["runs"])
+            lines.append(
+                f"| {LABELS[side]} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
+                f"{r['auc']:.4f} | {ratio} | {r['version']} | {rounds} |"
+            )
+        goals = []
+        for side, goal in (("deepctr", 2.0), ("fuxictr", 2.0), ("hand", 0.9)):
+            r = results.get(side, {})
+            if ours and "samples_per_s" in r:
+                ratio = ours / r["samples_per_s"]
+                verdict = "PASS" if ratio >= goal else "FAIL"
+                goals.append(f"vs {LABELS[side]} {ratio:.2f}x (goal >= {goal}x: {verdict})")
+        if goals:
+            lines += ["", "dnis (sparse_adam): " + "; ".join(goals) + "."]
     return "\n".join(lines) + "\n"
+
+
+def measure(args, vocab: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Generate one data set, run every side on it `args.repeats` times; the best run of each."""
+    with tempfile.TemporaryDirectory(prefix="throughput-peers-") as tmp:
+        data_path = Path(tmp) / "data.pt"
+        info = make_data(args.rows, vocab, data_path)
+        print(
+            f"data: {info['train']:,} training rows, {info['fields']} fields, {info['ids']:,} ids "
+            f"({vocab:,} per categorical field), generated in {info['seconds']:.0f} s",
+            flush=True,
+        )
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+        for repeat in range(args.repeats):
+            for side in args.sides:
+                if runs[side] and "skipped" in runs[side][-1]:
+                    continue  # a peer that cannot run is not retried
+                r = run_side(side, data_path, args.warmup, args.timeout)
+                runs[side].append(r)
+                shown = r.get("skipped") or (
+                    f"{r['samples_per_s']:,.0f} samples/s ({r['seconds']:.1f} s), "
+                    f"AUC {r['auc']:.4f}"
+                )
+                print(f"[{repeat + 1}/{args.repeats}] {LABELS[side]:32s} {shown}", flush=True)
+    return info, {side: best_run(side_runs) for side, side_runs in runs.items()}
 
 
 def main() -> None:
@@ -436,7 +472,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows generated (80%% train)")
-    parser.add_argument("--vocab", type=int, default=10_000, help="ids per categorical field")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000],
+        help="ids per categorical field; one data set and one table per value",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="warm-up batches before the epoch")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all sides")
@@ -455,28 +497,11 @@ def main() -> None:
     from _common import machine, write_section
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="throughput-peers-") as tmp:
-        data_path = Path(tmp) / "data.pt"
-        info = make_data(args.rows, args.vocab, data_path)
-        print(
-            f"data: {info['train']:,} training rows, {info['fields']} fields, {info['ids']:,} ids, "
-            f"generated in {info['seconds']:.0f} s",
-            flush=True,
-        )
-        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
-        for repeat in range(args.repeats):
-            for side in args.sides:
-                if runs[side] and "skipped" in runs[side][-1]:
-                    continue  # a peer that cannot run is not retried
-                r = run_side(side, data_path, args.warmup, args.timeout)
-                runs[side].append(r)
-                shown = r.get("skipped") or (
-                    f"{r['samples_per_s']:,.0f} samples/s ({r['seconds']:.1f} s), "
-                    f"AUC {r['auc']:.4f}"
-                )
-                print(f"[{repeat + 1}/{args.repeats}] {LABELS[side]:32s} {shown}", flush=True)
-    results = {side: best_run(side_runs) for side, side_runs in runs.items()}
-    text = report(results, info, args, machine())
+    load = os.getloadavg()[0]
+    configs = [(vocab, *measure(args, vocab)) for vocab in args.vocab]
+    load = max(load, os.getloadavg()[0])
+    shared = f"shared with other jobs (1-minute load average up to {load:.1f} at start/end)"
+    text = report(configs, args, f"{machine()}; {shared}")
     print()
     print(text)
     if not args.no_write:
