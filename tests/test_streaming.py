@@ -328,7 +328,7 @@ def disk_split(folder: Path, rows: int, slots: int = 4, block_rows: int = 4096) 
 def peak_numpy_bytes(split: DiskSplit, batch_size: int) -> int:
     tracemalloc.start()
     seen = 0
-    for ids, labels in batches(split, batch_size, shuffle=True, generator=torch.Generator()):
+    for ids, _ in batches(split, batch_size, shuffle=True, generator=torch.Generator()):
         seen += len(ids)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

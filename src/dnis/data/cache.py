@@ -40,8 +40,6 @@ from dnis.io import write_json
 CACHE_VERSION = 1
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
 DEFAULT_BLOCK_ROWS = 65_536
-# Rows scattered per short-lived mapping while writing: bounds the pages a write touches at once.
-_SCATTER_ROWS = 4_096
 
 
 def cache_key(material: Mapping[str, Any]) -> str:
@@ -161,16 +159,23 @@ def _data_offset(path: Path) -> int:
 class SplitWriter:
     """Writes one split's ids and labels into .npy files at given row positions, in chunks.
 
-    Rows may arrive in any order (a random split sends each file row to a random position). A
-    contiguous run of positions is written with one file write; scattered positions are written
-    through a memory map opened for at most `_SCATTER_ROWS` rows and closed again, so the pages a
-    write touches leave the process' resident set with the mapping.
+    Rows may arrive in any order: a random split sends each file row to a random position. Rows
+    that continue the file in order are appended directly. Others are staged: appended, with
+    their position, to the staging file of their bucket of `bucket_rows` positions; `close` then
+    reads one bucket at a time, puts its rows in place in memory and writes the bucket out
+    sequentially. Memory holds one chunk or one bucket, and the files are written with plain file
+    I/O, never through a memory map (pages of a mapping count as the process' resident memory,
+    and a kernel maps large page-cache folios whole, so scattering through a map grows the
+    resident set with the file).
     """
 
-    def __init__(self, folder: Path, name: str, rows: int, slots: int) -> None:
-        self.rows, self.slots = rows, slots
+    def __init__(
+        self, folder: Path, name: str, rows: int, slots: int, bucket_rows: int = 65_536
+    ) -> None:
+        self.rows, self.slots, self.bucket_rows = rows, slots, bucket_rows
         self.ids_path = folder / f"{name}.ids.npy"
         self.labels_path = folder / f"{name}.labels.npy"
+        self.staging = folder / f".{name}.staging"
         for path, dtype, shape in (
             (self.ids_path, np.int32, (rows, slots)),
             (self.labels_path, np.float32, (rows,)),
@@ -179,37 +184,58 @@ class SplitWriter:
             del array  # the header is written and the file has its full (sparse) size
         self.ids_offset = _data_offset(self.ids_path)
         self.labels_offset = _data_offset(self.labels_path)
+        self.record = np.dtype([("position", "<i8"), ("label", "<f4"), ("ids", "<i4", (slots,))])
+        self.appended = 0  # rows written in order from position 0
+        self.staged: set[int] = set()  # buckets with a staging file
         self.written = 0
         self.label_min = float("inf")
         self.label_max = float("-inf")
 
     def write(self, positions: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
-        if len(positions) == 0:
+        m = len(positions)
+        if m == 0:
             return
-        order = np.argsort(positions, kind="stable")
-        positions, ids, labels = positions[order], ids[order], labels[order]
-        if positions[-1] - positions[0] + 1 == len(positions):  # one contiguous run
-            self._write_at(self.ids_path, self.ids_offset + int(positions[0]) * self.slots * 4, ids)
-            self._write_at(self.labels_path, self.labels_offset + int(positions[0]) * 4, labels)
-        else:
-            for start in range(0, len(positions), _SCATTER_ROWS):
-                part = slice(start, start + _SCATTER_ROWS)
-                self._scatter(positions[part], ids[part], labels[part])
-        self.written += len(positions)
+        self.written += m
         self.label_min = min(self.label_min, float(labels.min()))
         self.label_max = max(self.label_max, float(labels.max()))
+        in_order = positions[0] == self.appended and np.array_equal(
+            positions, np.arange(self.appended, self.appended + m)
+        )
+        if in_order and not self.staged:
+            self._write_at(self.ids_path, self.ids_offset + self.appended * self.slots * 4, ids)
+            self._write_at(self.labels_path, self.labels_offset + self.appended * 4, labels)
+            self.appended += m
+            return
+        records = np.empty(m, dtype=self.record)
+        records["position"], records["label"], records["ids"] = positions, labels, ids
+        records = records[np.argsort(positions, kind="stable")]
+        buckets = records["position"] // self.bucket_rows
+        edges = np.flatnonzero(np.diff(buckets)) + 1
+        self.staging.mkdir(exist_ok=True)
+        for part in np.split(records, edges):
+            bucket = int(part["position"][0] // self.bucket_rows)
+            with open(self.staging / f"{bucket}.bin", "ab") as handle:
+                handle.write(part.tobytes())
+            self.staged.add(bucket)
 
-    def _scatter(self, positions: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> None:
-        mapped = np.memmap(
-            self.ids_path, np.int32, "r+", offset=self.ids_offset, shape=(self.rows, self.slots)
+    def _place(self, bucket: int) -> None:
+        """Put one bucket's staged rows in place (in memory) and write them out."""
+        path = self.staging / f"{bucket}.bin"
+        records = np.fromfile(path, dtype=self.record)
+        start = bucket * self.bucket_rows
+        stop = min(self.rows, start + self.bucket_rows)
+        offsets = records["position"] - start
+        ids = np.zeros((stop - start, self.slots), dtype=np.int32)
+        labels = np.zeros(stop - start, dtype=np.float32)
+        ids[offsets], labels[offsets] = records["ids"], records["label"]
+        first, last = int(offsets.min()), int(offsets.max()) + 1
+        self._write_at(
+            self.ids_path, self.ids_offset + (start + first) * self.slots * 4, ids[first:last]
         )
-        mapped[positions] = ids
-        del mapped
-        mapped = np.memmap(
-            self.labels_path, np.float32, "r+", offset=self.labels_offset, shape=(self.rows,)
+        self._write_at(
+            self.labels_path, self.labels_offset + (start + first) * 4, labels[first:last]
         )
-        mapped[positions] = labels
-        del mapped
+        path.unlink()
 
     @staticmethod
     def _write_at(path: Path, offset: int, array: np.ndarray) -> None:
@@ -218,7 +244,11 @@ class SplitWriter:
             handle.write(np.ascontiguousarray(array).tobytes())
 
     def close(self) -> tuple[float, float] | None:
-        """fsync both files; the label range written (None for an empty split)."""
+        """Place the staged rows, fsync both files; the label range written (None if empty)."""
+        for bucket in sorted(self.staged):
+            self._place(bucket)
+        if self.staged:
+            self.staging.rmdir()
         for path in (self.ids_path, self.labels_path):
             fd = os.open(path, os.O_RDONLY)
             try:

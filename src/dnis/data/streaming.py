@@ -557,7 +557,7 @@ class _Counts:
             return
         self.parts.append(pa.table({"v": values.cast(pa.string()), "c": pa.array(counts)}))
         self.pending += len(values)
-        if self.pending > max(1 << 20, 2 * self.merged):
+        if self.pending > max(1 << 16, self.merged):  # amortised linear, bounded memory
             self._merge()
 
     def _merge(self) -> None:
