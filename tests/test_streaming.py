@@ -388,3 +388,31 @@ def test_dataset_config_streaming_keys(tmp_path: Path) -> None:
         DatasetConfig(**own, split="temporal", streaming=True)
     with pytest.raises(ConfigError, match="vocab"):
         DatasetConfig(**own, vocab="exact")
+
+
+def test_a_yaml_config_streams(tmp_path: Path) -> None:
+    """What `dnis train` runs: the config's keys become `load_files(..., streaming=...)`."""
+    from dnis.config import load_config
+
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame(400))
+    config_path = tmp_path / "cfg.yaml"
+    config_path.write_text(
+        f"output_dir: {tmp_path / 'runs'}\n"
+        "dataset:\n"
+        f"  {{format: csv, path: {path}, task: ctr, streaming: true, vocab: count_min,\n"
+        "   schema: {features: [user, item, city], label: clicked}}\n",
+        encoding="utf-8",
+    )
+    config = load_config(config_path)
+    cfg = config.dataset
+    data = load_files(
+        format=cfg.format,
+        path=cfg.path,
+        schema=Schema.from_dict(cfg.schema),
+        task=cfg.task,
+        split=cfg.split,
+        seed=config.seed,
+        streaming=cfg.streaming_options(config.output_dir),
+    )
+    assert isinstance(data.train, DiskSplit)
+    assert Path(data.meta["cache"]).parent == tmp_path / "runs" / ".cache"
