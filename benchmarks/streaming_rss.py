@@ -6,8 +6,8 @@ over fixed id universes of 4 to 20,000 ids, 5% missing; the label is a logistic 
 of them). Then, in a fresh Python process each time, `load_files(..., streaming=...)` builds (cold)
 or reuses (warm) the on-disk cache and DeepFM (width 16, MLP 400-400-400, batch 4096, Adam) trains
 one epoch and is evaluated on the validation and test splits. Each child reports its own peak RSS
-(`getrusage(RUSAGE_SELF).ru_maxrss`, i.e. VmHWM: resident memory including mapped file pages),
-the peak after loading, the time of each phase and the training samples/s.
+(VmHWM from /proc/self/status: resident memory, mapped file pages included), the peak after
+loading, the time of each phase and the training samples/s.
 
 The id universes are fixed so that the model is the same size at every row count (nearly every id
 already appears in 1M rows): the ratio of peak RSS measures the data path, which is what must not
@@ -99,6 +99,18 @@ def generate(path: Path, rows: int, seed: int = 0) -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process' peak resident memory (VmHWM; getrusage's ru_maxrss where /proc is missing).
+
+    VmHWM belongs to the process' own address space, while ru_maxrss also keeps the high-water
+    mark of the process that forked it (Linux carries it across exec), which would count the
+    parent's memory in the child's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -217,7 +229,12 @@ def main() -> None:
     for rows in sorted(args.rows):
         file = args.data_dir / f"ctr-{rows}.csv"
         if not file.exists():
-            seconds = generate(file, rows)
+            started = time.perf_counter()
+            code = f"import streaming_rss as b; b.generate(__import__('pathlib').Path({str(file)!r}), {rows})"
+            subprocess.run(
+                [sys.executable, "-c", code], cwd=Path(__file__).resolve().parent, check=True
+            )
+            seconds = time.perf_counter() - started
             print(f"generated {file} ({file.stat().st_size / 2**30:.2f} GiB) in {seconds:.0f} s")
         cache = args.data_dir / f"cache-{rows}"
         shutil.rmtree(cache, ignore_errors=True)
@@ -259,7 +276,8 @@ def render(results: dict[int, dict[str, dict[str, Any]]], threads: int) -> str:
         "by `benchmarks/streaming_rss.py`: DeepFM (width 16, MLP 400-400-400, batch 4096, Adam), "
         "one epoch, then evaluation of the validation and test splits, each run in a fresh "
         "process. *cold*: the process builds the cache (scan, count, encode) and trains; *warm*: "
-        "it reuses the cache and trains. Peak RSS is the process' `ru_maxrss` (VmHWM).",
+        "it reuses the cache and trains. Peak RSS is the process' VmHWM (resident memory, mapped "
+        "file pages included); *after load* is the peak once the dataset is ready.",
         "",
         f"Machine: {machine(threads)}.",
         "",

@@ -195,6 +195,13 @@ def test_second_load_reuses_the_cache(tmp_path: Path, monkeypatch, caplog) -> No
     assert second.meta["cache"] == first.meta["cache"]
     assert torch.equal(second.train.ids, first.train.ids)
     monkeypatch.undo()
+    entry, expected = Path(first.meta["cache"]), first.train.read(0, len(first.train))
+    first.train._mapped = second = None  # no live map of a file about to be truncated (SIGBUS)
+    with (entry / "train.ids.npy").open("r+b") as handle:  # a damaged entry is rebuilt
+        handle.truncate(100)
+    rebuilt = load_files(**kwargs)
+    assert rebuilt.meta["cache"] == first.meta["cache"]
+    assert np.array_equal(rebuilt.train.read(0, len(rebuilt.train))[0], expected[0])
     changed = dict(kwargs, seed=1)  # another split: another entry
     assert load_files(**changed).meta["cache"] != first.meta["cache"]
     with path.open("a", encoding="utf-8") as handle:  # the file changes: another entry

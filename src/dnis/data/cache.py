@@ -265,36 +265,43 @@ def open_entry(folder: Path, expected_key: str, block_rows: int) -> dict[str, Di
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if meta.get("key") != expected_key or meta.get("version") != CACHE_VERSION:
-        return None
-    splits = {}
-    for name in SPLIT_NAMES:
-        info = meta["splits"][name]
-        split = DiskSplit(
-            folder,
-            name,
-            info["rows"],
-            meta["slots"],
-            block_rows=block_rows,
-            label_range=None if info["label_range"] is None else tuple(info["label_range"]),
-        )
-        size_ok = split.ids_path.stat().st_size == split._ids_offset + split.rows * split.slots * 4
-        if not size_ok:
+        if meta.get("key") != expected_key or meta.get("version") != CACHE_VERSION:
             return None
-        splits[name] = split
+        splits = {}
+        for name in SPLIT_NAMES:
+            info = meta["splits"][name]
+            split = DiskSplit(
+                folder,
+                name,
+                info["rows"],
+                meta["slots"],
+                block_rows=block_rows,
+                label_range=None if info["label_range"] is None else tuple(info["label_range"]),
+            )
+            ids_bytes = split._ids_offset + split.rows * split.slots * 4
+            labels_bytes = split._labels_offset + split.rows * 4
+            if (split.ids_path.stat().st_size, split.labels_path.stat().st_size) != (
+                ids_bytes,
+                labels_bytes,
+            ):
+                return None
+            splits[name] = split
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing, truncated or foreign: rebuilt
     return splits
 
 
-def publish(tmp: Path, final: Path) -> Path:
-    """Rename a finished entry into place; if another process got there first, keep theirs."""
+def publish(tmp: Path, final: Path, key: str) -> Path:
+    """Rename a finished entry into place. If another process got there first with a complete
+    entry of this key, keep theirs; an incomplete or outdated folder in the way is replaced."""
     try:
         os.rename(tmp, final)
     except OSError:
-        if not (final / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if open_entry(final, key, DEFAULT_BLOCK_ROWS) is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
     return final
 
 

@@ -174,7 +174,7 @@ def load_streaming(
         try:
             info = _Builder(sources, schema, task, ratios, seed, options).build(tmp)
             write_meta(tmp, key, material, info["splits"], info["slots"])  # last: marks it complete
-            publish(tmp, folder)
+            publish(tmp, folder, key)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
