@@ -87,9 +87,18 @@ def assert_same_dataset(memory, disk) -> None:
     assert disk.summary() == memory.summary()
 
 
-def test_csv_streaming_equals_in_memory(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "clicks.csv", clicks_frame(), blank_every=97)
+@pytest.mark.parametrize("variant", ["blank lines", "crlf", "headerless"])
+def test_csv_streaming_equals_in_memory(tmp_path: Path, variant: str) -> None:
+    frame = clicks_frame()
+    path = write_csv(
+        tmp_path / "clicks.csv", frame, blank_every=97 if variant == "blank lines" else 0
+    )
     kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr", seed=3)
+    if variant == "crlf":
+        path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    if variant == "headerless":
+        path.write_text(frame.to_csv(index=False, header=False), encoding="utf-8")
+        kwargs.update(header=False, names=list(frame.columns))
     memory = load_files(**kwargs)
     disk = load_files(**kwargs, streaming=options(tmp_path))
     assert_same_dataset(memory, disk)
