@@ -95,12 +95,12 @@ def write_compare_report(
     table = summarize(frame, metric)
     shown = [
         {
-            "method": r.method, "budget": r.budget, "params": int(round(r.params)),
+            "method": r.method, "budget": f"{r.budget:g}", "params": f"{int(round(r.params)):,}",
             "memory": f"{r.memory_bytes / 1024:.1f} KiB",
             f"test {metric}": f"{r.mean:.4f} ± {r.std:.4f}" + (" ★" if r.pareto else ""),
-            "seeds": r.seeds, "search s": round(r.search_s, 1), "train s": round(r.train_s, 1),
-            "latency ms/batch": None if pd.isna(r.latency_ms) else round(r.latency_ms, 2),
-            "peak MiB": None if pd.isna(r.peak_memory_mb) else round(r.peak_memory_mb, 1),
+            "seeds": r.seeds, "search s": f"{r.search_s:.1f}", "train s": f"{r.train_s:.1f}",
+            "latency ms/batch": None if pd.isna(r.latency_ms) else f"{r.latency_ms:.2f}",
+            "peak MiB": None if pd.isna(r.peak_memory_mb) else f"{r.peak_memory_mb:.1f}",
         }
         for r in table.itertuples()
     ]  # fmt: skip
