@@ -69,6 +69,17 @@ class Skip(Exception):
 # ------------------------------------------------------------------------------------ the sides
 
 
+class Clock:
+    """Wall-clock and CPU seconds of this process since creation. On a shared machine other jobs
+    take turns on the cores, which stretches wall time but not the CPU time of a 1-thread run."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def load_data(path: str) -> dict[str, Any]:
     import torch
 
@@ -107,12 +118,13 @@ def run_dnis(data: dict[str, Any], optimizer: str, warmup: int) -> dict[str, Any
     warm = dataclasses.replace(ds, train=Split(ds.train.ids[:n], ds.train.labels[:n]))
     Trainer(model, make_task(warm), config).fit()
     trainer = Trainer(model, make_task(ds), config)
-    started = time.perf_counter()
+    clock = Clock()
     trainer.fit()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = clock.stop()
     scores = predict(model, ds.test.ids)
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "auc": auc_of(scores.numpy(), ds.test.labels.numpy()),
         "version": f"dnis {dnis.__version__}" if hasattr(dnis, "__version__") else "dnis",
         "params": sum(p.numel() for p in model.parameters()),
@@ -144,17 +156,18 @@ def run_hand(data: dict[str, Any], warmup: int) -> dict[str, Any]:
 
     for start in range(0, warmup * BATCH, BATCH):
         step(ids[start : start + BATCH], labels[start : start + BATCH])
-    started = time.perf_counter()
+    clock = Clock()
     order = torch.randperm(len(ids), generator=generator)
     for start in range(0, len(ids), BATCH):
         index = order[start : start + BATCH]
         step(ids[index], labels[index])
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = clock.stop()
     model.eval()
     with torch.no_grad():
         scores = torch.cat([model(ds.test.ids[s : s + 8192]) for s in range(0, len(ds.test), 8192)])
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "auc": auc_of(scores.numpy(), ds.test.labels.numpy()),
         "version": f"torch {torch.__version__}",
         "params": sum(p.numel() for p in model.parameters()),
@@ -199,12 +212,13 @@ def run_deepctr(data: dict[str, Any], warmup: int) -> dict[str, Any]:
     train_x, train_y = inputs(ds.train.ids), ds.train.labels.numpy()
     n = warmup * BATCH
     model.fit(inputs(ds.train.ids[:n]), train_y[:n], batch_size=BATCH, epochs=1, verbose=0)
-    started = time.perf_counter()
+    clock = Clock()
     model.fit(train_x, train_y, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = clock.stop()
     scores = model.predict(inputs(ds.test.ids), batch_size=8192).reshape(-1)
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "auc": auc_of(scores, ds.test.labels.numpy()),
         "version": f"deepctr-torch {importlib.metadata.version('deepctr-torch')}",
         "params": sum(p.numel() for p in model.parameters()),
@@ -299,13 +313,14 @@ def run_fuxictr(data: dict[str, Any], warmup: int) -> dict[str, Any]:
         )
         model.fit(warm, epochs=1, validation_data=valid)
         model._eval_steps = None  # fit() kept the warm-up's steps per epoch; let it recount
-        started = time.perf_counter()
+        clock = Clock()
         model.fit(train, epochs=1, validation_data=valid)
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = clock.stop()
         scores = model.predict(test)
         assert isinstance(model.embedding_layer, nn.Module)
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "auc": auc_of(scores, ds.test.labels.numpy()),
         "version": f"fuxictr {importlib.metadata.version('fuxictr')}",
         "params": sum(p.numel() for p in model.parameters()),
@@ -331,7 +346,9 @@ def child(side: str, data_path: str, warmup: int) -> None:
     except Skip as why:
         result = {"skipped": str(why)}
     if "seconds" in result:
-        result["samples_per_s"] = len(data["dataset"].train) / result["seconds"]
+        rows = len(data["dataset"].train)
+        result["samples_per_s"] = rows / result["seconds"]
+        result["cpu_samples_per_s"] = rows / result["cpu_seconds"]
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -382,13 +399,18 @@ def run_side(side: str, data_path: Path, warmup: int, timeout: float) -> dict[st
 
 
 def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest run (the one least disturbed by other load), with every run's samples/s."""
+    """The fastest run by wall clock (the one least disturbed by other load), the best CPU-time
+    rate of all runs, and every run's samples/s."""
     timed = [r for r in runs if "samples_per_s" in r]
     if not timed:
         return runs[-1]
     best = dict(max(timed, key=lambda r: r["samples_per_s"]))
+    best["cpu_samples_per_s"] = max(r["cpu_samples_per_s"] for r in timed)
     best["runs"] = [r["samples_per_s"] for r in timed]
     return best
+
+
+GOALS = (("deepctr", 2.0), ("fuxictr", 2.0), ("hand", 0.9))  # dnis (sparse_adam) / side >= goal
 
 
 def report(configs: list[tuple[int, dict[str, Any], dict[str, Any]]], args, machine: str) -> str:
@@ -400,43 +422,54 @@ def report(configs: list[tuple[int, dict[str, Any], dict[str, Any]]], args, mach
         f"synthetic Criteo-shaped data: {args.rows:,} rows (80% train, 10% held-out test), 26 "
         "categorical Zipf fields + 13 numeric fields bucketised into ids (39 fields). One epoch "
         f"after {args.warmup} warm-up batches, 1 torch thread, one process per side, run one "
-        f"after the other, {args.repeats} round(s); samples/s = training rows / seconds of the "
-        "epoch (the best round; every round in the last column); AUC on the held-out test rows "
-        "after that epoch. Peers keep their own loaders, initialisation and training steps; all "
-        "sides train the same objective (no regularisation). `benchmarks/throughput_peers.py`.",
+        f"after the other, {args.repeats} round(s). samples/s = training rows / wall seconds of "
+        "the epoch (the best round; every round in the last column); CPU samples/s = training "
+        "rows / CPU seconds of the process in that epoch (best round), which other jobs on a "
+        "shared machine stretch less. AUC on the held-out test rows after that epoch. Peers keep "
+        "their own loaders, initialisation and training steps; all sides train the same "
+        "objective (no regularisation). `benchmarks/throughput_peers.py`.",
         "",
         f"Machine: {machine}. {args.note}".rstrip(),
     ]
     for vocab, info, results in configs:
-        ours = results.get("dnis-sparse", {}).get("samples_per_s")
+        ours = results.get("dnis-sparse", {})
         lines += [
             "",
             f"## {vocab:,} ids per categorical field ({info['ids']:,} table rows in all)",
             "",
-            f"{info['train']:,} training rows, {info['test']:,} test rows.",
+            f"{info['train']:,} training rows, {info['test']:,} test rows. Ratio = dnis "
+            "(sparse_adam) / side, by wall-clock (by CPU time).",
             "",
-            "| side | samples/s | epoch s | test AUC | dnis (sparse_adam) / side | version | "
+            "| side | samples/s | CPU samples/s | epoch s | test AUC | ratio | version | "
             "rounds (samples/s) |",
-            "|---|---:|---:|---:|---:|---|---|",
+            "|---|---:|---:|---:|---:|---:|---|---|",
         ]
         for side in args.sides:
             r = results[side]
             if "skipped" in r:
-                lines.append(f"| {LABELS[side]} | skipped: {r['skipped']} | | | | | |")
+                lines.append(f"| {LABELS[side]} | skipped: {r['skipped']} | | | | | | |")
                 continue
-            ratio = f"{ours / r['samples_per_s']:.2f}x" if ours else "n/a"
+            ratio = "n/a"
+            if "samples_per_s" in ours:
+                wall = ours["samples_per_s"] / r["samples_per_s"]
+                cpu = ours["cpu_samples_per_s"] / r["cpu_samples_per_s"]
+                ratio = f"{wall:.2f}x ({cpu:.2f}x)"
             rounds = ", ".join(f"{x:,.0f}" for x in r["runs"])
             lines.append(
-                f"| {LABELS[side]} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
-                f"{r['auc']:.4f} | {ratio} | {r['version']} | {rounds} |"
+                f"| {LABELS[side]} | {r['samples_per_s']:,.0f} | {r['cpu_samples_per_s']:,.0f} | "
+                f"{r['seconds']:.1f} | {r['auc']:.4f} | {ratio} | {r['version']} | {rounds} |"
             )
         goals = []
-        for side, goal in (("deepctr", 2.0), ("fuxictr", 2.0), ("hand", 0.9)):
+        for side, goal in GOALS:
             r = results.get(side, {})
-            if ours and "samples_per_s" in r:
-                ratio = ours / r["samples_per_s"]
-                verdict = "PASS" if ratio >= goal else "FAIL"
-                goals.append(f"vs {LABELS[side]} {ratio:.2f}x (goal >= {goal}x: {verdict})")
+            if "samples_per_s" in ours and "samples_per_s" in r:
+                wall = ours["samples_per_s"] / r["samples_per_s"]
+                cpu = ours["cpu_samples_per_s"] / r["cpu_samples_per_s"]
+                verdict = "PASS" if wall >= goal else "FAIL"
+                goals.append(
+                    f"vs {LABELS[side]} {wall:.2f}x ({cpu:.2f}x by CPU time; goal >= {goal}x: "
+                    f"{verdict})"
+                )
         if goals:
             lines += ["", "dnis (sparse_adam): " + "; ".join(goals) + "."]
     return "\n".join(lines) + "\n"
@@ -460,8 +493,8 @@ def measure(args, vocab: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
                 r = run_side(side, data_path, args.warmup, args.timeout)
                 runs[side].append(r)
                 shown = r.get("skipped") or (
-                    f"{r['samples_per_s']:,.0f} samples/s ({r['seconds']:.1f} s), "
-                    f"AUC {r['auc']:.4f}"
+                    f"{r['samples_per_s']:,.0f} samples/s ({r['seconds']:.1f} s; "
+                    f"{r['cpu_samples_per_s']:,.0f} by CPU time), AUC {r['auc']:.4f}"
                 )
                 print(f"[{repeat + 1}/{args.repeats}] {LABELS[side]:32s} {shown}", flush=True)
     return info, {side: best_run(side_runs) for side, side_runs in runs.items()}
