@@ -30,7 +30,7 @@ DELIMITERS = [",", "\t", ";", "|"]
 # plain field characters: no delimiter, quote, line break or blank-only trouble
 PLAIN = st.text(alphabet="abcxyz019 ._-", min_size=1, max_size=6).filter(lambda s: s.strip())
 # characters that make quoting necessary or tricky
-# (no lone \r, and see the notes at the end of this file)
+# (no lone \r: such files are refused, see the notes at the end of this file)
 NASTY = st.text(alphabet="ab1 ,;|\t\"\n'", max_size=6)
 
 
@@ -373,19 +373,7 @@ def test_libfm_garbage_parses_or_raises_data_error(folder, raw) -> None:
 
 # ---------------------------------------------------------------- notes: reader findings
 #
-# The fuzzers found these in readers.py; the generators above avoid them (no example is marked
-# xfail) until readers.py is fixed:
-#
-# 1. Non-ASCII-compatible encodings crash: read_csv(path, encoding="utf-16") on the well-formed
-#    file "a,b\n1,2\n".encode("utf-16") raises UnicodeDecodeError (from _column_names'
-#    sep.decode after the multi-byte-delimiter 0x1f substitution), not DataError; "utf-32" too.
-#    With "utf-16-le" the same file is refused with a spurious "expected 2 fields" on line 3
-#    (the byte-level scan looks for b"\n" and b",").
-# 2. A lone \r splits a row for pandas but not for the scan: b"a,b\nx\ry,1\n" is accepted as two
-#    rows [["x", NaN], ["y", "1"]] (a ragged row slips past the field-count check) and
-#    b"a\nx\ry\n" gives two rows without line attrs. Inside a quoted field a lone \r shifts the
-#    reported line numbers by one (csv.reader counts it as a line end, the rest count \n):
-#    b'a\n"p\rq"\ny\n,\n' is refused naming line 5, the file's line 4.
-# 3. A whitespace-only line is a row for the scan but blank for pandas: b"a\n \nx\n" gives one row
-#    [["x"]] (the " " row is dropped silently) and frame.attrs loses first_line/lines, so later
-#    errors cannot name a line; b"a\tb\n\t \nx\ty\n" (tab) keeps both rows.
+# The fuzzers found three bugs in readers.py, all fixed: a non-ASCII-compatible encoding
+# (UTF-16/32) crashed instead of being refused; a lone \r and a whitespace-only line made pandas
+# and the line scan disagree on the row count, losing or adding rows silently. All three are now
+# refused with a DataError naming the file and the fix (tests in test_readers.py).

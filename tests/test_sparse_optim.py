@@ -276,16 +276,9 @@ METHOD_OPTIONS = {
     "random": {"trials": 2, "trial_epochs": 1},
     "mde": {"temperatures": [0.3]},
 }
-PEP_LACKS_SPARSE_ADAM = pytest.mark.xfail(
-    raises=KeyError,
-    reason="search/pep.py same_optimizer maps only adam/adagrad/sgd to a class for the thresholds",
-)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(m, marks=PEP_LACKS_SPARSE_ADAM) if m == "pep" else m for m in sorted(METHODS)],
-)
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_trains_with_sparse_adam(name: str) -> None:
     """Search methods swap in embeddings of every kind: plain tables go sparse, the others fall
     back to Adam, and every method still searches and retrains."""

@@ -154,10 +154,14 @@ def train_device(train: TrainConfig) -> torch.device:
 
 
 def same_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, decay: float):
-    """An optimizer of the training kind for extra parameters (PEP's thresholds)."""
+    """An optimizer of the training kind for extra parameters (PEP's thresholds).
+
+    The thresholds are dense, so under `sparse_adam` (sparse rows for the table) they use Adam.
+    """
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {name!r}")
-    kind = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+    kind = {"adam": torch.optim.Adam, "sparse_adam": torch.optim.Adam,
+            "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}  # fmt: skip
     return kind[name](params, lr=lr, weight_decay=decay)
 
 
