@@ -69,12 +69,17 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def plot_pareto(table: pd.DataFrame, metric: str, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, group in table.groupby("method"):
+    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: every method its own
+    markers = "osD^vP*Xh<>p"
+    for i, (name, group) in enumerate(table.groupby("method")):
         group = group.sort_values("params")
         axis.errorbar(
-            group["params"], group["mean"], yerr=group["std"], marker="o", capsize=3, label=name
-        )
+            group["params"], group["mean"], yerr=group["std"], capsize=3, label=name,
+            color="black" if name == "uniform" else colors[(2 * i) % 20 + (2 * i) // 20],
+            linestyle="--" if name == "uniform" else "-",  # the baseline every method must beat
+            marker=markers[i % len(markers)], linewidth=2.5 if name == "dnis" else 1.2,
+        )  # fmt: skip
     best = table[table["pareto"]]
     axis.scatter(best["params"], best["mean"], s=160, facecolors="none", edgecolors="black",
                  label="Pareto-optimal")  # fmt: skip
