@@ -592,39 +592,77 @@ def _vocabulary(spec: FeatureSpec, counts: _Counts) -> FieldEncoder:
 
 
 class _Assignment:
-    """Which split, and which position in it, every data row of every file goes to."""
+    """Which split, and which position in it, every data row of every file goes to.
 
-    def __init__(self, rows: dict[str, int], ratios: tuple[float, float, float], seed: int) -> None:
-        self.inv: np.ndarray | None = None
+    For one file split at random, the destination of every file row (its place in the seeded
+    permutation) is written to `folder/inverse.bin` and read back chunk by chunk, so only the
+    permutation itself (4 bytes a row) is ever in memory, and only while it is drawn.
+    """
+
+    def __init__(
+        self, rows: dict[str, int], ratios: tuple[float, float, float], seed: int, folder: Path
+    ) -> None:
+        self.inverse: Path | None = None
         if "all" in rows:
             n = rows["all"]
             a, b = _cuts(n, ratios)
             # the permutation of `random_split` (numpy draws the same one for an int32 arange)
-            dtype = np.int32 if n < 2**31 else np.int64
-            order = np.arange(n, dtype=dtype)
+            self.dtype = np.dtype(np.int32 if n < 2**31 else np.int64)
+            order = np.arange(n, dtype=self.dtype)
             np.random.default_rng(seed).shuffle(order)
-            inv = np.empty(n, dtype=dtype)
-            step = 1 << 22
-            for start in range(0, n, step):
-                inv[order[start : start + step]] = np.arange(
-                    start, min(n, start + step), dtype=dtype
-                )
+            self.inverse = folder / "inverse.bin"
+            _write_inverse(order, self.inverse)
             del order
-            self.inv, self.cuts = inv, (a, b)
+            self.cuts = (a, b)
             self.sizes = {"train": a, "valid": b - a, "test": n - b}
         else:
             self.sizes = {name: rows[name] for name in SPLIT_NAMES}
 
     def __call__(self, key: str, first_row: int, m: int) -> tuple[np.ndarray, np.ndarray]:
         """(split code 0/1/2 per row, position within that split per row)."""
-        if self.inv is None:
+        if self.inverse is None:
             code = np.full(m, SPLIT_NAMES.index(key), dtype=np.int8)
             return code, first_row + np.arange(m, dtype=np.int64)
         a, b = self.cuts
-        dest = self.inv[first_row : first_row + m].astype(np.int64)
+        offset = first_row * self.dtype.itemsize
+        dest = np.fromfile(self.inverse, self.dtype, count=m, offset=offset).astype(np.int64)
         code = (dest >= a).astype(np.int8) + (dest >= b).astype(np.int8)
         starts = np.array([0, a, b], dtype=np.int64)
         return code, dest - starts[code]
+
+    def close(self) -> None:
+        if self.inverse is not None:
+            self.inverse.unlink(missing_ok=True)
+
+
+def _write_inverse(order: np.ndarray, path: Path, bucket_rows: int = 1 << 20) -> None:
+    """Write the inverse permutation (`inverse[order[i]] = i`) to `path` as raw integers.
+
+    Pairs (file row, place) are staged per bucket of `bucket_rows` file rows, then each bucket is
+    inverted in memory and appended: memory beyond `order` is one bucket or one step of pairs.
+    """
+    n, dtype = len(order), order.dtype
+    staging = path.with_suffix(".staging")
+    staging.mkdir()
+    step = 1 << 20
+    for start in range(0, n, step):
+        rows = order[start : start + step]
+        places = np.arange(start, start + len(rows), dtype=dtype)
+        by_row = np.argsort(rows, kind="stable")
+        pairs = np.stack([rows[by_row], places[by_row]], axis=1)
+        buckets = pairs[:, 0] // bucket_rows
+        for part in np.split(pairs, np.flatnonzero(np.diff(buckets)) + 1):
+            with open(staging / f"{int(part[0, 0]) // bucket_rows}.bin", "ab") as handle:
+                handle.write(part.tobytes())
+    with open(path, "wb") as out:
+        for bucket in range((n + bucket_rows - 1) // bucket_rows):
+            piece = staging / f"{bucket}.bin"
+            pairs = np.fromfile(piece, dtype=dtype).reshape(-1, 2)
+            inverse = np.empty(min(bucket_rows, n - bucket * bucket_rows), dtype=dtype)
+            inverse[pairs[:, 0] - bucket * bucket_rows] = pairs[:, 1]
+            out.write(inverse.tobytes())
+            piece.unlink()
+    staging.rmdir()
 
 
 @dataclass
@@ -661,10 +699,11 @@ class _Builder:
 
     def build(self, folder: Path) -> dict[str, Any]:
         """All passes; writes the split arrays and encoder.json into `folder`."""
-        self._scan()
+        self._scan(folder)
         self._float_categoricals()
         self._fit()
         info = self._write(folder)
+        self.assign.close()
         fields = []
         for state in self.fields:
             assert state.encoder is not None
@@ -676,7 +715,7 @@ class _Builder:
         return info
 
     # pass A -----------------------------------------------------------------------------------
-    def _scan(self) -> None:
+    def _scan(self, folder: Path) -> None:
         for source in self.sources.values():
             source.scan()
             frame = pd.DataFrame(columns=source.columns)
@@ -684,7 +723,10 @@ class _Builder:
             require_columns(frame, [f.source for f in self.schema.features])
             require_columns(frame, self.columns)  # the label (and time) column
         self.assign = _Assignment(
-            {key: source.rows for key, source in self.sources.items()}, self.ratios, self.seed
+            {key: source.rows for key, source in self.sources.items()},
+            self.ratios,
+            self.seed,
+            folder,
         )
         if self.assign.sizes["train"] == 0:
             raise DataError("dataset: the training split is empty", fix="supply more rows")

@@ -62,16 +62,23 @@ def predict_split(
     """Scores and labels of every row of a split (on the CPU), read in batches in file order.
 
     For splits on disk (`dnis.data.cache.DiskSplit`): memory holds one block of rows plus the
-    scores, never the split's ids. The batches are the same row slices as `predict`'s.
+    scores, never the split's ids. The batches are the same row slices as `predict`'s. Scores go
+    into one tensor allocated up front: keeping each batch's small output alive between the large
+    freed buffers of the forward passes fragments the heap, which then grows with the rows.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
-    scores, labels = [], []
+    n = len(split)
+    scores: torch.Tensor | None = None
+    labels = torch.empty(n, dtype=torch.float32)
+    start = 0
     for ids, target in batches(split, batch_size):
-        scores.append(model(ids.to(device)).cpu())
-        labels.append(target)
+        out = model(ids.to(device)).cpu()
+        if scores is None:
+            scores = torch.empty(n, dtype=out.dtype)
+        scores[start : start + len(ids)] = out
+        labels[start : start + len(ids)] = target
+        start += len(ids)
     model.train(was_training)
-    if not scores:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(scores), torch.cat(labels)
+    return (torch.zeros(0) if scores is None else scores), labels
