@@ -8,9 +8,10 @@ split, same encoded ids in the same order) without ever holding the file in memo
   counts, header), so a bad line gives the very same `DataError` (file, line, column, fix). Rows
   are counted, which the split needs. Parquet: the row count comes from the file's metadata.
 - **Split**: `split: random` draws the same seeded permutation as the in-memory split
-  (`dnis.data.split.random_split`), kept as one int32 destination per row (4 bytes a row, plus 4
-  more while it is drawn: the one part of the build that grows with rows). Three files
-  (`{train, valid, test}`) are used as given.
+  (`dnis.data.split.random_split`) and stages its inverse (each file row's place) to disk, read
+  back chunk by chunk. Drawing it holds 4 bytes a row (int32) for a moment: the one part of the
+  build whose memory grows with rows (40 MB for 10M rows). Three files (`{train, valid, test}`)
+  are used as given.
 - **Pass B (fit)**: chunks are parsed with pyarrow and checked like the in-memory path (labels,
   times). Categorical and sequence ids of the training rows are counted exactly (pyarrow group-by;
   memory grows with distinct ids, not rows) and numeric values feed a fixed-size reservoir sample
