@@ -87,9 +87,12 @@ def load_data(path: str) -> dict[str, Any]:
 
 
 def auc_of(scores, labels) -> float:
-    from sklearn.metrics import roc_auc_score
+    """dnis's rank-sum AUC (the same for every side; no scikit-learn needed)."""
+    import torch
 
-    return float(roc_auc_score(labels, scores))
+    from dnis.tasks.metrics import auc
+
+    return auc(torch.as_tensor(scores).reshape(-1), torch.as_tensor(labels).reshape(-1).float())
 
 
 def run_dnis(data: dict[str, Any], optimizer: str, warmup: int) -> dict[str, Any]:
