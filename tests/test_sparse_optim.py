@@ -142,6 +142,15 @@ def test_dense_optimizers_switch_sparse_lookups_off(fm_data: EncodedDataset) -> 
         assert not model.embedding.sparse and not model.linear.weights.sparse, name
 
 
+def test_excluded_or_frozen_tables_stay_dense(fm_data: EncodedDataset) -> None:
+    model = model_on(fm_data)
+    model.linear.weights.weight.requires_grad_(False)
+    config = TrainConfig(optimizer="sparse_adam")
+    optimizer = make_optimizer(model, config, exclude=[model.embedding.weight])
+    assert not model.embedding.sparse and not model.linear.weights.sparse
+    assert optimizer.sparse is None  # nothing left for SparseAdam
+
+
 def test_weight_decay_keeps_the_linear_terms_dense(fm_data: EncodedDataset) -> None:
     """Weight decay applies to the linear terms' table, and sparse updates cannot decay it."""
     model = model_on(fm_data)

@@ -128,7 +128,9 @@ class SparseDenseOptimizer:
             self.sparse.load_state_dict(state["sparse"])
 
 
-def set_sparse_lookups(model: Model, config: TrainConfig) -> list[torch.nn.Parameter]:
+def set_sparse_lookups(
+    model: Model, config: TrainConfig, exclude: list[torch.nn.Parameter] | None = None
+) -> list[torch.nn.Parameter]:
     """Switch the model's id tables to sparse lookups when `config.optimizer` takes sparse
     gradients (`sparse_adam`, `adagrad`), off otherwise; returns the tables' weights that now get
     sparse gradients.
@@ -139,15 +141,19 @@ def set_sparse_lookups(model: Model, config: TrainConfig) -> list[torch.nn.Param
     keep dense gradients and are updated by the dense optimizer: under `sparse_adam` that is Adam,
     so such runs train as with `adam`. A table outside the embedding (the linear terms) stays dense
     when `weight_decay` > 0, since weight decay applies to it and sparse updates cannot decay it.
+    Frozen tables and those in `exclude` (stepped elsewhere, if at all) stay dense.
     """
     wanted = config.optimizer in SPARSE_OPTIMIZERS
+    skip = {id(p) for p in exclude or []}
     embedding_ids = {id(p) for p in model.embedding.parameters()}
     weights: list[torch.nn.Parameter] = []
     for module in model.modules():
         if not isinstance(module, FusedEmbedding):
             continue
-        decayed = config.weight_decay > 0 and id(module.weight) not in embedding_ids
-        module.sparse = wanted and module.supports_sparse_grad() and not decayed
+        weight = module.weight
+        decayed = config.weight_decay > 0 and id(weight) not in embedding_ids
+        trained = weight.requires_grad and id(weight) not in skip
+        module.sparse = wanted and trained and module.supports_sparse_grad() and not decayed
         if module.sparse:
             weights.append(module.weight)
     return weights
@@ -174,7 +180,7 @@ def make_optimizer(
     those tables, Adam for the rest), `adagrad` one Adagrad (it takes sparse gradients itself).
     """
     skip = {id(p) for p in exclude or []}
-    sparse_ids = {id(p) for p in set_sparse_lookups(model, config)}
+    sparse_ids = {id(p) for p in set_sparse_lookups(model, config, exclude)}
     embedding_ids = {id(p) for p in model.embedding.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     if config.optimizer == "sparse_adam":
