@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichBar
 from rich.table import Table
 
-from dnis.config import load_config
+from dnis import distributed
+from dnis.config import Config, load_config
 from dnis.errors import DnisError
 from dnis.train.progress import Progress
 
@@ -72,10 +74,23 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from dnis.train.run import train
 
-    config = load_config(args.config, args.set + track_overrides(args))
-    progress = None if args.quiet else RichProgress(config.run_name())
+    config = distributed_config(args.config, args.set + track_overrides(args))
+    progress = None if args.quiet or not distributed.is_main() else RichProgress(config.run_name())
     result = train(config, resume=args.resume, progress=progress)
-    print(json.dumps({"run_dir": str(result.run_dir), "test": result.metrics["test"]}, indent=2))
+    if distributed.is_main():
+        print(
+            json.dumps({"run_dir": str(result.run_dir), "test": result.metrics["test"]}, indent=2)
+        )
+
+
+def distributed_config(path: Path, overrides: list[str]) -> Config:
+    """The config of a command that may run under torchrun: joins the process group the
+    launcher describes (no-op without one); ranks other than 0 neither track nor print."""
+    config = load_config(path, overrides)
+    distributed.setup(config.train.device)
+    if not distributed.is_main():
+        config.tracking = dataclasses.replace(config.tracking, mlflow=False, tensorboard=False)
+    return config
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -87,9 +102,11 @@ def cmd_search(args: argparse.Namespace) -> None:
     budgets = args.budgets or ([args.budget] if args.budget is not None else None)
     if budgets:
         overrides.append(f"search.budgets={list(budgets)}")
-    config = load_config(args.config, overrides)
-    progress = None if args.quiet else RichProgress(config.run_name())
+    config = distributed_config(args.config, overrides)
+    progress = None if args.quiet or not distributed.is_main() else RichProgress(config.run_name())
     _, results = search_run(config, progress=progress, resume=args.resume)
+    if not distributed.is_main():
+        return
     rows = result_rows(results, results[0].metric)
     print(metric_table(rows, list(rows[0])))
     print(f"report: {config.run_dir() / 'report.md'}")
@@ -340,6 +357,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command not in DISTRIBUTED_COMMANDS:
+            distributed.require_single(f"dnis {args.command}")
         args.run(args)
     except DnisError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
@@ -347,7 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted; rerun with --resume to continue from the last epoch")
         return 130
+    finally:
+        distributed.teardown()
     return 0
+
+
+DISTRIBUTED_COMMANDS = ("train", "search")  # the commands that split their work under torchrun
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from dnis import distributed
 from dnis.data.schema import check_keys
 from dnis.errors import ConfigError
 from dnis.search.dnis import DnisConfig
@@ -214,7 +215,9 @@ class Config:
         return f"{self.base_name()}-{self.digest()}"
 
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name()
+        """The run folder; under torchrun, rank r > 0 keeps its own files in `<folder>/ranks/<r>`."""
+        folder = Path(self.output_dir) / self.run_name()
+        return folder if distributed.is_main() else folder / "ranks" / str(distributed.rank())
 
 
 def parse(cls: type, data: Any, where: str) -> Any:

@@ -131,5 +131,7 @@ class FGCNN(Model):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         fields = self.embedding(ids)  # [B, F, d]
         vectors = torch.cat([fields, self.generation(fields)], dim=1)  # [B, N, d]
-        features = torch.cat([vectors.flatten(1), pairwise_inner_products(vectors, self.pairs)], dim=1)
+        features = torch.cat(
+            [vectors.flatten(1), pairwise_inner_products(vectors, self.pairs)], dim=1
+        )
         return self.mlp(features).squeeze(1)

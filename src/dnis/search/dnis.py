@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dnis import distributed
 from dnis.data.dataset import EncodedDataset
 from dnis.data.loader import batches, num_batches
 from dnis.embeddings.base import FieldEmbedding
@@ -186,7 +187,9 @@ def search(
             config_hash=config_hash,
         )
         warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
+        del warmup  # its DistributedDataParallel (under torchrun) must not outlive the warm-up
     alpha.requires_grad_(True)
+    net = distributed.wrap(model)  # model steps run through it (DDP under torchrun)
     model_opt = make_optimizer(model, train, exclude=[alpha])
     alpha_opt: torch.optim.Optimizer = (
         torch.optim.SGD([alpha], lr=config.alpha_lr)
@@ -204,14 +207,14 @@ def search(
         seed = epoch_seed(train.seed, 1000 + epoch)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
+        sampler = distributed.rank_generator(generator, seed)
         valid_stream = _cycle(dataset, train.batch_size, generator)
         model.train()
         progress.epoch_start(epoch, num_batches(dataset.train, train.batch_size))
-        total = 0.0
-        for ids, labels in batches(
-            dataset.train, train.batch_size, shuffle=True, generator=generator
-        ):
-            loss = task.loss(model, ids, labels, generator)
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in batches(dataset.train, train.batch_size, shuffle=True, generator=generator):
+            ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
+            loss = task.loss(net, ids, labels, sampler)
             if train.embedding_l2:
                 loss = loss + train.embedding_l2 * embedding.last_l2
             value = float(loss.detach())
@@ -224,12 +227,12 @@ def search(
             loss.backward()
             model_opt.step()
             total += value * len(ids)
-            _alpha_step(model, task, alpha, next(valid_stream), config, alpha_opt, generator)
+            _alpha_step(model, task, alpha, next(valid_stream), config, alpha_opt, sampler)
             progress.batch_end()
         valid = task.evaluate(model, "valid", train.eval_batch_size)
         record = {
             "epoch": epoch,
-            "loss": total / len(dataset.train),
+            "loss": float(distributed.all_reduce_sum(total)) / len(dataset.train),
             **{f"valid_{k}": v for k, v in valid.items()},
             **alpha_stats(alpha, blocks, dataset.schema.names),
         }
@@ -301,12 +304,17 @@ def _alpha_step(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> None:
-    """One first-order step on alpha with a validation batch, then clamp to [0, 1]."""
-    ids, labels = batch
+    """One first-order step on alpha with a validation batch, then clamp to [0, 1].
+
+    Under torchrun each rank takes its share of the batch and the gradients are averaged, so
+    alpha takes the step of the whole batch and stays identical on every rank.
+    """
+    ids, labels = distributed.shard(*batch)
     loss = task.loss(model, ids, labels, generator)
     if config.alpha_l1:
         loss = loss + config.alpha_l1 * alpha.abs().sum()
     (grad,) = torch.autograd.grad(loss, [alpha])
+    distributed.all_reduce_mean_(grad)
     if config.normalize_alpha_grad:
         grad = grad / (grad.abs().mean(dim=1, keepdim=True) + 1e-12)
     alpha.grad = grad

@@ -6,8 +6,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from dnis.data.dataset import EncodedDataset, Split
-from dnis.data.loader import batches
+from dnis import distributed
+from dnis.data.cache import DiskSplit
+from dnis.data.dataset import EncodedDataset
 from dnis.models.base import Model
 
 
@@ -43,42 +44,44 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict(model: Model, ids: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    """Scores of every row (on the CPU), in batches, in eval mode (the caller's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    out = [
-        model(ids[start : start + batch_size].to(device)).cpu()
-        for start in range(0, len(ids), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    """Scores of every row (on the CPU), in batches, in eval mode (the caller's mode is restored).
 
-
-@torch.no_grad()
-def predict_split(
-    model: Model, split: Split, batch_size: int = 8192
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and labels of every row of a split (on the CPU), read in batches in file order.
-
-    For splits on disk (`dnis.data.cache.DiskSplit`): memory holds one block of rows plus the
-    scores, never the split's ids. The batches are the same row slices as `predict`'s. Scores go
-    into one tensor allocated up front: keeping each batch's small output alive between the large
-    freed buffers of the forward passes fragments the heap, which then grows with the rows.
+    Under torchrun each rank scores its run of batches and every rank gets all the scores.
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
-    n = len(split)
-    scores: torch.Tensor | None = None
-    labels = torch.empty(n, dtype=torch.float32)
-    start = 0
-    for ids, target in batches(split, batch_size):
-        out = model(ids.to(device)).cpu()
-        if scores is None:
-            scores = torch.empty(n, dtype=out.dtype)
-        scores[start : start + len(ids)] = out
-        labels[start : start + len(ids)] = target
-        start += len(ids)
+    first, last = distributed.eval_range(len(ids), batch_size)
+    out = [
+        model(ids[start : min(start + batch_size, last)].to(device)).cpu()
+        for start in range(first, last, batch_size)
+    ]
     model.train(was_training)
-    return (torch.zeros(0) if scores is None else scores), labels
+    return distributed.gather(torch.cat(out) if out else torch.zeros(0))
+
+
+@torch.no_grad()
+def predict_split(
+    model: Model, split: DiskSplit, batch_size: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and labels of every row of a split on disk (on the CPU), read in batches in file
+    order: memory holds one batch of rows plus the scores, never the split's ids. The batches are
+    the same row slices as `predict`'s (and shared between ranks the same way). Scores go into one
+    tensor allocated up front: keeping each batch's small output alive between the large freed
+    buffers of the forward passes fragments the heap, which then grows with the rows.
+    """
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    first, last = distributed.eval_range(len(split), batch_size)
+    scores = torch.empty(0)
+    labels = torch.empty(last - first, dtype=torch.float32)
+    for start in range(first, last, batch_size):
+        ids_np, target = split.read(start, min(start + batch_size, last))
+        out = model(torch.from_numpy(ids_np).long().to(device)).cpu()
+        if start == first:
+            scores = torch.empty(last - first, dtype=out.dtype)
+        scores[start - first : start - first + len(out)] = out
+        labels[start - first : start - first + len(out)] = torch.from_numpy(target)
+    model.train(was_training)
+    return distributed.gather(scores), distributed.gather(labels)

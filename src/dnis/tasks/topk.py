@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from dnis import distributed
 from dnis.data.dataset import EncodedDataset
 from dnis.models.base import Model
 from dnis.tasks.base import Task, model_device
@@ -82,9 +83,14 @@ class TopKTask(Task):
         model.eval()
         chunk = max(1, self.row_budget // self.num_items)
         seen = self.seen[split]
-        ranks = [self._ranks(model, data[s : s + chunk], seen) for s in range(0, len(data), chunk)]
+        first, last = distributed.eval_range(len(data), chunk)  # under torchrun: this rank's users
+        ranks = [
+            self._ranks(model, data[s : min(s + chunk, last)], seen)
+            for s in range(first, last, chunk)
+        ]
         model.train(was_training)
-        metrics = ranking_metrics(torch.cat(ranks), KS) if ranks else {}
+        every = distributed.gather(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long))
+        metrics = ranking_metrics(every, KS) if len(every) else {}
         metrics["users"] = float(len(data))
         return metrics
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dnis import models, track
+from dnis import distributed, models, track
 from dnis.config import Config, DatasetConfig, load_config
 from dnis.data.dataset import EncodedDataset
 from dnis.data.encode import Encoder
@@ -61,7 +61,7 @@ def load_dataset(config: DatasetConfig, seed: int) -> EncodedDataset:
 def model_factory(config: Config, dataset: EncodedDataset) -> Callable[[nn.Module], Model]:
     """Builds the configured model around whatever embedding it is given (search swaps it),
     on the configured device: every method builds its models here, so none needs to know it."""
-    device = resolve_device(config.train.device)
+    device = distributed.local_device(resolve_device(config.train.device))
     return lambda embedding: models.build(
         config.model.name, dataset.schema, embedding, **config.model.params
     ).to(device)
@@ -86,7 +86,8 @@ def start_run(config: Config, run_dir: Path) -> EncodedDataset:
     """Write the resolved config, load the data, save its encoders: the start of every run."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    dataset = load_dataset(config.dataset, config.seed)  # bad data fails before a folder exists
+    with distributed.main_first():  # rank 0 builds a streaming cache, the others reuse it
+        dataset = load_dataset(config.dataset, config.seed)  # bad data fails before any folder
     write_yaml(run_dir / "config.yaml", config.to_dict())
     dataset.encoder.save(run_dir / "encoder.json")
     return dataset

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dnis import distributed
 from dnis.data.loader import batches, num_batches
 from dnis.embeddings.fused import FusedEmbedding
 from dnis.errors import ConfigError, DnisError, did_you_mean
@@ -141,9 +142,11 @@ def set_sparse_lookups(
     keep dense gradients and are updated by the dense optimizer: under `sparse_adam` that is Adam,
     so such runs train as with `adam`. A table outside the embedding (the linear terms) stays dense
     when `weight_decay` > 0, since weight decay applies to it and sparse updates cannot decay it.
-    Frozen tables and those in `exclude` (stepped elsewhere, if at all) stay dense.
+    Frozen tables and those in `exclude` (stepped elsewhere, if at all) stay dense. Under
+    torchrun every table stays dense: DistributedDataParallel averages dense gradient buckets
+    only, so `sparse_adam` trains there as `adam`.
     """
-    wanted = config.optimizer in SPARSE_OPTIMIZERS
+    wanted = config.optimizer in SPARSE_OPTIMIZERS and not distributed.active()
     skip = {id(p) for p in exclude or []}
     embedding_ids = {id(p) for p in model.embedding.parameters()}
     weights: list[torch.nn.Parameter] = []
@@ -258,6 +261,7 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.progress = progress or SilentProgress()
         self.optimizer = make_optimizer(model, config)
+        self.net = distributed.wrap(model)  # training steps run through it (DDP under torchrun)
         self.config_hash = train_config_hash(config) if config_hash is None else config_hash
 
     @property
@@ -316,12 +320,14 @@ class Trainer:
         seed = epoch_seed(cfg.seed, epoch)
         torch.manual_seed(seed)  # dropout and any other global-RNG use
         generator = torch.Generator().manual_seed(seed)
+        sampler = distributed.rank_generator(generator, seed)
         self.model.train()
         split = self.task.dataset.train
         total = torch.zeros((), dtype=torch.float64, device=model_device(self.model))
         self.progress.epoch_start(epoch, num_batches(split, cfg.batch_size))
-        for ids, labels in batches(split, cfg.batch_size, shuffle=True, generator=generator):
-            loss = self.task.loss(self.model, ids, labels, generator)
+        for batch in batches(split, cfg.batch_size, shuffle=True, generator=generator):
+            ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
+            loss = self.task.loss(self.net, ids, labels, sampler)
             if cfg.embedding_l2:
                 loss = loss + cfg.embedding_l2 * self.model.embedding.last_l2
             if not torch.isfinite(loss):
@@ -334,7 +340,7 @@ class Trainer:
             self.optimizer.step()
             total += loss.detach() * len(ids)
             self.progress.batch_end()
-        return float(total / len(split))
+        return float(distributed.all_reduce_sum(total) / len(split))
 
     def _save(self, state: dict[str, Any]) -> None:
         if self.checkpoint_path is None:
