@@ -199,6 +199,7 @@ class Config:
         data.pop("threads")
         data.pop("tracking")  # loggers watch a run; they do not change it
         data["train"].pop("device")
+        data["train"].pop("compile")  # how fast, not what (like the device)
         data["dataset"].pop("cache_dir")  # where the streaming cache lives changes nothing
         if not self.dataset.streaming:  # the streaming keys change nothing when it is off
             for key in STREAMING_KEYS:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -57,7 +56,14 @@ from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
-from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
+from dnis.train.trainer import (
+    TrainConfig,
+    Trainer,
+    epoch_seed,
+    make_optimizer,
+    step_module,
+    training_loss,
+)
 
 
 @dataclass
@@ -189,7 +195,7 @@ def search(
         warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
         del warmup  # its DistributedDataParallel (under torchrun) must not outlive the warm-up
     alpha.requires_grad_(True)
-    net = distributed.wrap(model)  # model steps run through it (DDP under torchrun)
+    net = step_module(model, train)  # model steps run through it (DDP, compiled: as configured)
     model_opt = make_optimizer(model, train, exclude=[alpha])
     alpha_opt: torch.optim.Optimizer = (
         torch.optim.SGD([alpha], lr=config.alpha_lr)
@@ -214,15 +220,12 @@ def search(
         total = torch.zeros((), dtype=torch.float64)
         for batch in batches(dataset.train, train.batch_size, shuffle=True, generator=generator):
             ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
-            loss = task.loss(net, ids, labels, sampler)
-            if train.embedding_l2:
-                loss = loss + train.embedding_l2 * embedding.last_l2
+            loss = training_loss(
+                task, net, embedding, (ids, labels), sampler, train, f"search epoch {epoch}",
+                "lower train.lr or search.alpha_lr, or add regularisation (the last good "
+                "checkpoint is kept)",
+            )  # fmt: skip
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DnisError(
-                    f"the search loss became {value} in search epoch {epoch}; lower train.lr or "
-                    "search.alpha_lr, or add regularisation (the last good checkpoint is kept)"
-                )
             model_opt.zero_grad(set_to_none=True)
             loss.backward()
             model_opt.step()

@@ -65,7 +65,7 @@ from dnis.embeddings.masked import (
     swap_embedding,
     width_report,
 )
-from dnis.errors import ConfigError, DnisError
+from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.pep import REPORT_BLOCKS, train_device
@@ -74,7 +74,7 @@ from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import TrainConfig, epoch_seed, make_optimizer
+from dnis.train.trainer import TrainConfig, epoch_seed, make_optimizer, training_loss
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -233,14 +233,10 @@ def train_sparse(
             step += 1
             update = step % config.update_every == 0 and step <= t_end
             embedding.dense_grad = update  # the dense gradient, for regrowth
-            loss = task.loss(model, ids, labels, generator)
-            if train.embedding_l2:
-                loss = loss + train.embedding_l2 * embedding.last_l2
-            if not torch.isfinite(loss):
-                raise DnisError(
-                    f"dsl: the training loss became {float(loss.detach())} in epoch {epoch}; "
-                    "lower train.lr or add regularisation"
-                )
+            loss = training_loss(
+                task, model, embedding, (ids, labels), generator, train, f"dsl epoch {epoch}",
+                "lower train.lr or add regularisation",
+            )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if update:

@@ -64,7 +64,7 @@ from dnis.embeddings.masked import (
     swap_embedding,
     width_report,
 )
-from dnis.errors import ConfigError, DnisError
+from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
@@ -79,6 +79,7 @@ from dnis.train.trainer import (
     epoch_seed,
     make_optimizer,
     resolve_device,
+    training_loss,
 )
 
 REPORT_BLOCKS = 6  # frequency blocks per field for the width report (not used by the method)
@@ -241,14 +242,10 @@ def pep_search(
         for ids, labels in batches(
             dataset.train, train.batch_size, shuffle=True, generator=generator
         ):
-            loss = task.loss(model, ids, labels, generator)
-            if train.embedding_l2:
-                loss = loss + train.embedding_l2 * embedding.last_l2
-            if not torch.isfinite(loss):
-                raise DnisError(
-                    f"pep: the training loss became {float(loss.detach())} in epoch {epoch}; "
-                    "lower train.lr or threshold_lr"
-                )
+            loss = training_loss(
+                task, model, embedding, (ids, labels), generator, train, f"pep epoch {epoch}",
+                "lower train.lr or threshold_lr",
+            )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             threshold_optimizer.zero_grad(set_to_none=True)
             loss.backward()

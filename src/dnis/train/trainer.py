@@ -46,6 +46,7 @@ class TrainConfig:
     eval_batch_size: int = 8192
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (cuda when available)
+    compile: bool = False  # torch.compile the training steps' forward (pays off on long runs)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -208,6 +209,38 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=config.lr)
 
 
+def step_module(model: Model, config: TrainConfig) -> torch.nn.Module:
+    """What training steps call: the model, wrapped in DistributedDataParallel under torchrun,
+    compiled with `torch.compile` when `config.compile` (evaluation always runs the model itself:
+    its batch sizes differ and would compile again)."""
+    net = distributed.wrap(model)
+    return torch.compile(net) if config.compile else net
+
+
+def training_loss(
+    task: Task,
+    net: torch.nn.Module,
+    embedding: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    config: TrainConfig,
+    where: str,
+    fix: str = "lower train.lr or add regularisation",
+) -> torch.Tensor:
+    """One batch's training loss plus `embedding_l2` on the embedding rows it looked up.
+
+    A loss that is not finite stops the run with an error saying where (`where`, e.g.
+    "epoch 3") and what to change (`fix`), instead of training on NaN weights.
+    """
+    ids, labels = batch
+    loss = task.loss(net, ids, labels, generator)
+    if config.embedding_l2:
+        loss = loss + config.embedding_l2 * embedding.last_l2
+    if not torch.isfinite(loss):
+        raise DnisError(f"the training loss became {float(loss.detach())} in {where}; {fix}")
+    return loss
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is the GPU when one is visible; asking for a GPU that is not there is an error."""
     if name == "auto":
@@ -261,7 +294,7 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.progress = progress or SilentProgress()
         self.optimizer = make_optimizer(model, config)
-        self.net = distributed.wrap(model)  # training steps run through it (DDP under torchrun)
+        self.net = step_module(model, config)  # training steps run through it
         self.config_hash = train_config_hash(config) if config_hash is None else config_hash
 
     @property
@@ -327,14 +360,11 @@ class Trainer:
         self.progress.epoch_start(epoch, num_batches(split, cfg.batch_size))
         for batch in batches(split, cfg.batch_size, shuffle=True, generator=generator):
             ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
-            loss = self.task.loss(self.net, ids, labels, sampler)
-            if cfg.embedding_l2:
-                loss = loss + cfg.embedding_l2 * self.model.embedding.last_l2
-            if not torch.isfinite(loss):
-                raise DnisError(
-                    f"the training loss became {float(loss.detach())} in epoch {epoch}; lower train.lr or "
-                    "add regularisation (the last good checkpoint is kept)"
-                )
+            loss = training_loss(
+                self.task, self.net, self.model.embedding, (ids, labels), sampler, cfg,
+                f"epoch {epoch}",
+                "lower train.lr or add regularisation (the last good checkpoint is kept)",
+            )  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
