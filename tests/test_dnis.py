@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 
 import numpy as np
@@ -284,3 +285,52 @@ def test_explicit_block_edges_from_the_config():
         assert len(state.blocks.blocks_of(field)) <= 3
     with pytest.raises(ConfigError):
         DnisConfig(block_mode="quantiles")
+
+
+# ---------------------------------------------------------------- early stopping of the search
+
+
+def test_search_patience_stops_after_stale_epochs_and_keeps_the_best(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Validation AUC 0.60, 0.70, 0.65, 0.66, ...: with patience 2 the search stops after epoch 4,
+    keeps epoch 2's model, and a resumed search stops there too (nothing more is trained)."""
+    from dnis.tasks import make_task
+
+    dnis_module = importlib.import_module("dnis.search.dnis")  # the package exports a `dnis()`
+
+    ds = load_synthetic(task="ctr", n_rows=1500, ranks=(4,), noise_fields=1, vocab=50, seed=3)
+    scripted = iter([0.60, 0.70, 0.65, 0.66, 0.90, 0.95, 0.97])
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def scripted_task(dataset):
+        task = make_task(dataset)
+        real = task.evaluate
+
+        def evaluate(model, split, batch_size=8192):
+            out = real(model, split, batch_size)
+            if split == "valid" and model.embedding.alpha.requires_grad:  # a search epoch's
+                snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+                out["auc"] = next(scripted)
+            return out
+
+        task.evaluate = evaluate
+        return task
+
+    monkeypatch.setattr(dnis_module, "make_task", scripted_task)
+    config = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=7, patience=2)
+    train = TrainConfig(batch_size=256, lr=1e-2)
+
+    def make(embedding):
+        return models.build("fm", ds.schema, embedding)
+
+    state = search(make, ds, dim=4, config=config, train=train, run_dir=tmp_path)
+    assert [r["valid_auc"] for r in state.history] == [0.60, 0.70, 0.65, 0.66]
+    for key, value in state.model.state_dict().items():
+        if key != "embedding.alpha":  # alpha is frozen after the search, values as of epoch 2
+            assert torch.equal(value, snapshots[1][key]), key
+    assert torch.equal(state.embedding.alpha.detach(), snapshots[1]["embedding.alpha"])
+    again = search(make, ds, dim=4, config=config, train=train, run_dir=tmp_path, resume=True)
+    assert len(again.history) == 4
+    with pytest.raises(ConfigError, match="patience"):
+        DnisConfig(patience=-1)

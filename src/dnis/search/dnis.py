@@ -76,6 +76,9 @@ class DnisConfig:
     block_mode: str | list[float] = "count"
     warmup_epochs: int = 1  # plain training before alpha starts to move
     search_epochs: int = 10  # bilevel epochs
+    # stop the bilevel search after this many epochs without a better validation metric (the best
+    # epoch is kept either way); 0: run all search_epochs
+    patience: int = 0
     alpha_lr: float = 0.01
     alpha_optimizer: str = "sgd"  # sgd | adam
     alpha_l1: float = 1e-4  # L1 penalty on alpha in the alpha step
@@ -97,9 +100,14 @@ class DnisConfig:
             raise ConfigError("search.alpha_optimizer must be 'sgd' or 'adam'")
         for budget in self.budgets:
             budget_params(budget, 1 << 62)  # refuses 0, negatives and non-integral counts > 1
-        if self.search_epochs < 1 or self.num_blocks < 1 or self.warmup_epochs < 0:
+        if (
+            self.search_epochs < 1
+            or self.num_blocks < 1
+            or self.warmup_epochs < 0
+            or self.patience < 0
+        ):
             raise ConfigError(
-                "search: search_epochs and num_blocks must be >= 1, warmup_epochs >= 0"
+                "search: search_epochs and num_blocks must be >= 1, warmup_epochs and patience >= 0"
             )
 
 
@@ -210,6 +218,11 @@ def search(
         best, best_state, history = saved["best"], saved["best_state"], saved["history"]
         done, earlier = saved["epoch"], saved["seconds"]  # time spent before the interruption
     for epoch in range(done + 1, config.search_epochs + 1):
+        if (
+            config.patience
+            and _stale_epochs(history, f"valid_{task.metric}", best) >= config.patience
+        ):
+            break  # early-stopped (checked first, so a search resumed at that point stops too)
         seed = epoch_seed(train.seed, 1000 + epoch)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -266,6 +279,14 @@ def search(
     return SearchState(
         model, embedding, blocks, task, before, history, earlier + time.perf_counter() - started
     )
+
+
+def _stale_epochs(history: list[dict[str, Any]], key: str, best: float | None) -> int:
+    """Epochs run since the best one (the first epoch that reached `best`)."""
+    for index, record in enumerate(history):
+        if record[key] == best:
+            return len(history) - index - 1
+    return 0
 
 
 def _exists(path: Path | None) -> bool:
