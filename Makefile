@@ -26,10 +26,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# Roughly shortest first (minutes) to longest (hours on 2 cores); each writes its own section of
+# docs/performance.md or docs/results.md.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/quality_vs_peers.py
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/search_vs_train.py
+	$(BIN)/python benchmarks/topk_eval.py
+	$(BIN)/python benchmarks/quality_vs_peers.py
+	$(BIN)/python benchmarks/throughput_peers.py
+	$(BIN)/python benchmarks/streaming_rss.py
 
 clean:
 	rm -rf $(VENV) runs build dist site src/*.egg-info
