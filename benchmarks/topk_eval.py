@@ -212,21 +212,26 @@ def report(
             f"{1000 * r['seconds'] / r['users']:.1f} | {mib(r['added'])} | {mib(whole)} | "
             f"{r['added'] / whole:.3f} | {mib(r['rss_before'])} | {r['ndcg@10']:.4f} |"
         )
-    per_row = [
-        r["added"] / (r["chunk_users"] * r["items"])
-        for _, _, r in results
-        if "added" in r and r["chunk_users"] > 1
-    ]
-    if per_row:
-        lines += [
-            "",
-            f"Peak added memory per scored (user, item) pair in a chunk: {min(per_row):,.0f} to "
-            f"{max(per_row):,.0f} bytes (the chunk's id grid, the looked-up vectors and the "
-            "scores; chunks of more than one user), so memory follows `row_budget`, not the number "
-            f"of users. The scores alone are 4 bytes per pair and the id grid {8 * 2} (2 id slots "
-            f"of int64); at width {args.dim} the user and item vectors looked up for every pair "
-            f"are {2 * args.dim * 4} bytes.",
+    for model, how in (
+        ("bprmf", "one matrix product of the chunk's user factors with every item's (MF's "
+                  "`factors`): the scores, 4 bytes per pair, and the masks"),
+        ("neumf", "every pair through the forward pass: the chunk's id grid "
+                  f"({8 * 2} bytes per pair, 2 int64 slots), the user and item vectors looked up "
+                  f"for every pair ({2 * args.dim * 4} bytes at width {args.dim}), the MLP's "
+                  "activations and the scores"),
+    ):  # fmt: skip
+        per_pair = [
+            r["added"] / (r["chunk_users"] * r["items"])
+            for name, _, r in results
+            if name == model and "added" in r and r["chunk_users"] > 1
         ]
+        if per_pair:
+            lines += [
+                "",
+                f"{MODELS[model]}: peak added memory per scored (user, item) pair of a chunk "
+                f"{min(per_pair):,.0f} to {max(per_pair):,.0f} bytes (chunks of more than one "
+                f"user): {how}.",
+            ]
     big = 20_000 * info["items"] * 4
     lines += [
         "",

@@ -189,7 +189,7 @@ def test_full_ranking_matches_brute_force(
         assert metrics[key] == pytest.approx(value), key
     assert metrics["users"] == len(topk_data.split(split))
     # the ranks themselves, not only their averages
-    got = task._ranks(TableScorer(table), topk_data.split(split).ids, task.seen[split])
+    got = task._ranks(TableScorer(table), topk_data.split(split).ids, task.seen[split], None)
     assert got.tolist() == ranks.tolist()
 
 
@@ -224,7 +224,7 @@ def test_target_first_gives_perfect_metrics(topk_data: EncodedDataset, split: st
     for u, target in topk_data.split(split).ids.tolist():
         worst[u, target] = -10.0
     task = TopKTask(topk_data)
-    ranks = task._ranks(TableScorer(worst), topk_data.split(split).ids, task.seen[split])
+    ranks = task._ranks(TableScorer(worst), topk_data.split(split).ids, task.seen[split], None)
     assert ranks.tolist() == brute_ranks(topk_data, worst, split)
     assert max(ranks.tolist()) > 10
 
@@ -266,3 +266,25 @@ def test_topk_loss_is_bpr(topk_data: EncodedDataset, make_model) -> None:
     assert float(loss.detach()) == float(again.detach())
     # at initialisation (scores ~ 0) BPR is about log 2
     assert float(loss.detach()) == pytest.approx(math.log(2), abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["bprmf", "mf"])
+def test_dot_product_models_rank_by_one_matrix_product_like_the_pairwise_path(
+    topk_data: EncodedDataset, make_model, name: str
+) -> None:
+    """MF and BPR-MF expose `factors`: full ranking scores a chunk of users as one matrix product
+    (biases folded into two extra columns), ranking every item as the pair-by-pair forward does."""
+    model = make_model(topk_data, name, dim=6, seed=3)
+    if name == "mf":  # non-zero biases, so the folded columns matter
+        torch.nn.init.normal_(model.linear.weights.weight, std=0.5)
+    model.eval()
+    task = TopKTask(topk_data)
+    rows = topk_data.split("test").ids
+    user, item = model.factors(rows)
+    assert torch.allclose((user * item).sum(1), model(rows), atol=1e-6)
+    items = task._item_factors(model, rows[:1])
+    assert items is not None and items.shape[0] == topk_data.cardinalities[1]
+    fast = task._ranks(model, rows, task.seen["test"], items)
+    slow = task._ranks(model, rows, task.seen["test"], None)
+    assert torch.equal(fast, slow)
+    assert task._item_factors(TableScorer(random_table(topk_data)), rows[:1]) is None

@@ -5,6 +5,9 @@ Protocol: each user's last interaction is the test item and the one before the v
 already interacted with masked (training items for validation; training and validation items for
 test). Scores are computed in chunks of users, so the user x item matrix is never held whole (a chunk
 holds at least one user's full item list, so `row_budget` below the item count means one user).
+Models that score by a dot product (a `factors` method: MF, BPR-MF) score a chunk as one matrix
+product with every item's factors, computed once per evaluation; any other model scores every
+(user, item) pair of the chunk with its forward pass.
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ class TopKTask(Task):
         chunk = max(1, self.row_budget // self.num_items)
         seen = self.seen[split]
         first, last = distributed.eval_range(len(data), chunk)  # under torchrun: this rank's users
+        items = self._item_factors(model, data[:1]) if len(data) else None
         ranks = [
-            self._ranks(model, data[s : min(s + chunk, last)], seen)
+            self._ranks(model, data[s : min(s + chunk, last)], seen, items)
             for s in range(first, last, chunk)
         ]
         model.train(was_training)
@@ -94,12 +98,37 @@ class TopKTask(Task):
         metrics["users"] = float(len(data))
         return metrics
 
-    def _ranks(self, model: Model, rows: torch.Tensor, seen: History) -> torch.Tensor:
-        """0-based rank of each row's held-out item among all items (higher score = better)."""
+    def _item_factors(self, model: Model, template: torch.Tensor) -> torch.Tensor | None:
+        """Every item's side of a model that scores by a dot product (`factors`, e.g. MF and
+        BPR-MF), computed once per evaluation: [items, k]; None for any other model."""
+        if not hasattr(model, "factors"):
+            return None
+        rows = template.repeat(self.num_items, 1)
+        rows[:, self.item_slot] = torch.arange(self.num_items)
+        device = model_device(model)
+        return torch.cat(
+            [
+                model.factors(rows[s : s + 65536].to(device))[1]
+                for s in range(0, self.num_items, 65536)
+            ]
+        )
+
+    def _ranks(
+        self, model: Model, rows: torch.Tensor, seen: History, items: torch.Tensor | None
+    ) -> torch.Tensor:
+        """0-based rank of each row's held-out item among all items (higher score = better).
+
+        With the items' factors (`_item_factors`) the chunk's scores are one matrix product (4
+        bytes per user-item pair); otherwise every (user, item) pair goes through the model.
+        """
         users, targets = rows[:, self.user_slot], rows[:, self.item_slot]
-        grid = rows.repeat_interleave(self.num_items, dim=0)
-        grid[:, self.item_slot] = torch.arange(self.num_items).repeat(len(rows))
-        scores = model(grid.to(model_device(model))).cpu().view(len(rows), self.num_items)
+        device = model_device(model)
+        if items is not None:
+            scores = (model.factors(rows.to(device))[0] @ items.T).cpu()
+        else:
+            grid = rows.repeat_interleave(self.num_items, dim=0)
+            grid[:, self.item_slot] = torch.arange(self.num_items).repeat(len(rows))
+            scores = model(grid.to(device)).cpu().view(len(rows), self.num_items)
         target_scores = scores.gather(1, targets.unsqueeze(1))
         r, items = seen.pairs(users)
         scores[r, items] = float("-inf")
