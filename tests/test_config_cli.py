@@ -186,6 +186,13 @@ def test_dataset_name_and_format_are_exclusive() -> None:
         )
 
 
+def test_loader_options_with_own_files_are_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match=r"dataset.options \(min_count\).*dataset.schema"):
+        DatasetConfig(
+            format="csv", path="x.csv", schema={"features": ["a"]}, options={"min_count": 5}
+        )
+
+
 def test_unknown_dataset_name_suggests(tmp_path: Path, tiny_config_dict) -> None:
     with pytest.raises(ConfigError, match=r"(?i)did you mean 'movielens-latest-small'"):
         registry.load("movielens-latest-smal", task="rating")

@@ -66,6 +66,13 @@ class DatasetConfig:
             )
         if self.format is not None and (self.path is None or self.schema is None):
             raise ConfigError("dataset: own files need `path` and `schema` besides `format`")
+        if self.format is not None and self.options:
+            raise ConfigError(
+                f"dataset.options ({', '.join(sorted(self.options))}) are options of registered "
+                "datasets (`name`) and would be ignored for your own files: set a feature's "
+                "min_count (or max_len, pooling) in dataset.schema and the reading options as "
+                "dataset keys (delimiter, header, names, encoding, split), then remove `options`"
+            )
         if self.split is None:
             self.split = "leave_last_out" if self.task == "topk" else "random"
         if self.vocab not in ("two_pass", "count_min"):
