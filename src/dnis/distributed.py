@@ -138,7 +138,7 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's `tensor` (same trailing shape, any length) concatenated in rank order."""
     if not active():
         return tensor
-    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     local = tensor.to(device)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([len(local)], device=device))
@@ -160,12 +160,17 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over ranks (a new tensor)."""
+    """The sum of `tensor` over ranks (a new tensor, where `tensor` was)."""
     if not active():
         return tensor
-    total = tensor.clone()
+    total = tensor.to(collective_device(), copy=True)
     dist.all_reduce(total)
-    return total
+    return total.to(tensor.device)
+
+
+def collective_device() -> torch.device:
+    """Where collectives take their tensors: this rank's GPU under NCCL, else the CPU."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @contextmanager
