@@ -6,7 +6,9 @@ In one process, on the same data, with the same model and the same training sett
 1. plain training: the full-width model (`dnis.search.uniform` with `dim = full_dim`: a
    `FusedEmbedding` of width D, `Trainer.fit`, early stopping on validation with patience 3,
    best epoch restored, then the test evaluation);
-2. the DNIS search with the default `DnisConfig` search settings (`dnis.search.search`): the
+2. the DNIS search with the default `DnisConfig` search settings (`dnis.search.search`), once
+   with `search.patience` 0 (the default: all search epochs) and once with 3 (the plain run's
+   early-stopping patience, applied to the bilevel epochs; `--search-patience`): the
    warm-up epoch(s) of plain training, then the bilevel epochs (each training batch is a model
    step and an alpha step on a validation batch), a validation evaluation after every epoch, and
    the valid/test evaluation of the searched model;
@@ -166,7 +168,9 @@ class Stage:
     note: str = ""
 
 
-def run_model(model_name: str, quick: bool) -> dict[str, Any]:
+def run_model(
+    model_name: str, quick: bool, patience: int = 0, search_epochs: int | None = None
+) -> dict[str, Any]:
     """The three stages of one model, one after the other in this process."""
     import dataclasses
 
@@ -182,7 +186,9 @@ def run_model(model_name: str, quick: bool) -> dict[str, Any]:
     task, width, params, train_fields = SETTINGS[model_name]
     ds = data.load(DATASET, task, seed=0)
     train = TrainConfig(**{**train_fields, "epochs": 1 if quick else train_fields["epochs"]})
-    config = DnisConfig(budgets=[BUDGET])
+    config = DnisConfig(budgets=[BUDGET], patience=patience)
+    if search_epochs is not None:
+        config.search_epochs = search_epochs
     if quick:
         config = DnisConfig(warmup_epochs=1, search_epochs=1, budgets=[BUDGET])
 
@@ -315,6 +321,7 @@ def report(runs: list[dict[str, Any]], machine: str, note: str) -> str:
         "the same data with the same model and `TrainConfig`: plain training of the full-width "
         "model (`uniform` with dim = full dim: early stopping on validation, patience 3, best "
         "epoch restored, test evaluation), the DNIS search with the default `DnisConfig` "
+        "and the `search.patience` given in each heading (0: all search epochs) "
         "(warm-up, bilevel epochs, evaluation of the searched model), and the retrain at budget "
         f"{BUDGET:g} (prune, materialise, fine-tune with early stopping). Seconds by wall clock "
         "and by CPU time of the process (CPU time is what other jobs on a shared machine stretch "
@@ -337,14 +344,16 @@ def model_section(run: dict[str, Any]) -> list[str]:
     plain, whole, retrain = stages["plain"], stages["search"], stages["retrain"]
     lines += [
         "",
-        f"## {run['model']} ({run['task']}, width {run['width']})",
+        f"## {run['model']} ({run['task']}, width {run['width']}), search.patience "
+        f"{search.patience}",
         "",
         f"{run['rows']['train']:,} training rows ({run['batches']['train']} batches of "
         f"{train.batch_size}), {run['rows']['valid']:,} validation rows. TrainConfig: epochs "
         f"{train.epochs}, patience {train.patience}, batch {train.batch_size}, lr {train.lr:g}, "
         f"embedding_l2 {train.embedding_l2:g}. DnisConfig: warmup_epochs "
         f"{search.warmup_epochs}, search_epochs {search.search_epochs}, num_blocks "
-        f"{search.num_blocks}, alpha_lr {search.alpha_lr:g}. Model params: "
+        f"{search.num_blocks}, alpha_lr {search.alpha_lr:g}, patience {search.patience}. "
+        "Model params: "
         f"{run['params'] or 'defaults'}.",
         "",
         "| stage | epochs | wall s | CPU s | wall s/epoch | CPU s/epoch | steps CPU s/epoch "
@@ -365,9 +374,14 @@ def model_section(run: dict[str, Any]) -> list[str]:
     stopped += f"; best validation epoch {run['plain_best']}"
     lines += [
         "",
-        f"Plain training ran {len(plain.epochs)} epoch(s) ({stopped}); the search runs "
-        f"{search.warmup_epochs} + {search.search_epochs} epochs whatever the data. "
-        f"Test {run['metric']}: plain {run['plain_test']:.4f}, DNIS @{BUDGET:g} "
+        f"Plain training ran {len(plain.epochs)} epoch(s) ({stopped}); the search ran "
+        f"{search.warmup_epochs} + {len(stages['bilevel'].epochs)} epochs "
+        + (
+            f"(bilevel epochs early-stopped with patience {search.patience}). "
+            if search.patience
+            else "(search.patience 0: all search_epochs, whatever the data). "
+        )
+        + f"Test {run['metric']}: plain {run['plain_test']:.4f}, DNIS @{BUDGET:g} "
         f"{run['dnis_test']:.4f} ({run['dnis_params']:,} of {run['full_params']:,} "
         "embedding parameters).",
         "",
@@ -431,6 +445,18 @@ def main() -> None:
         metavar="ROWS",
         help="also profile one plain vs one bilevel epoch on ROWS training rows (default 40960)",
     )
+    parser.add_argument(
+        "--search-patience",
+        type=int,
+        nargs="+",
+        default=[0, 3],
+        metavar="N",
+        help="search.patience values to run (0: all search_epochs; default: 0 and 3, the plain "
+        "run's patience)",
+    )
+    parser.add_argument(
+        "--search-epochs", type=int, help="search.search_epochs (default: DnisConfig's default)"
+    )
     parser.add_argument("--note", default="", help="extra text after the machine line")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
@@ -443,9 +469,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     runs = []
     for name in args.models:
-        print(f"{name}: plain training, DNIS search, retrain @{BUDGET:g} ...", flush=True)
-        runs.append(run_model(name, args.quick))
-        print("\n".join(model_section(runs[-1])), flush=True)
+        for patience in args.search_patience:
+            print(f"{name}: plain training, DNIS search (patience {patience}), retrain ...")
+            runs.append(run_model(name, args.quick, patience, args.search_epochs))
+            print("\n".join(model_section(runs[-1])), flush=True)
     load = max(load, os.getloadavg()[0])
     shared = f"shared with other jobs (1-minute load average up to {load:.1f} at start/end)"
     note = ("Smoke run (--quick: 1 epoch per stage); " + args.note) if args.quick else args.note

@@ -75,7 +75,8 @@ class DnisConfig:
     # of each field's ids, e.g. [0.05, 0.2, 0.5] (then num_blocks is ignored)
     block_mode: str | list[float] = "count"
     warmup_epochs: int = 1  # plain training before alpha starts to move
-    search_epochs: int = 10  # bilevel epochs
+    # bilevel epochs; 6 as in our benchmarks: 10 gave no better DeepFM AUC (docs/performance.md)
+    search_epochs: int = 6
     # stop the bilevel search after this many epochs without a better validation metric (the best
     # epoch is kept either way); 0: run all search_epochs
     patience: int = 0
@@ -202,7 +203,8 @@ def search(
         )
         warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
         del warmup  # its DistributedDataParallel (under torchrun) must not outlive the warm-up
-    alpha.requires_grad_(True)
+    # alpha stays frozen in the model steps (its gradient there would be thrown away) and takes
+    # gradients only inside `_alpha_step`
     net = step_module(model, train)  # model steps run through it (DDP, compiled: as configured)
     model_opt = make_optimizer(model, train, exclude=[alpha])
     alpha_opt: torch.optim.Optimizer = (
@@ -274,7 +276,6 @@ def search(
         progress.epoch_end(record)
     assert best_state is not None
     model.load_state_dict(best_state)
-    alpha.requires_grad_(False)
     before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
     return SearchState(
         model, embedding, blocks, task, before, history, earlier + time.perf_counter() - started
@@ -334,10 +335,14 @@ def _alpha_step(
     alpha takes the step of the whole batch and stays identical on every rank.
     """
     ids, labels = distributed.shard(*batch)
-    loss = task.loss(model, ids, labels, generator)
-    if config.alpha_l1:
-        loss = loss + config.alpha_l1 * alpha.abs().sum()
-    (grad,) = torch.autograd.grad(loss, [alpha])
+    alpha.requires_grad_(True)
+    try:
+        loss = task.loss(model, ids, labels, generator)
+        if config.alpha_l1:
+            loss = loss + config.alpha_l1 * alpha.abs().sum()
+        (grad,) = torch.autograd.grad(loss, [alpha])
+    finally:
+        alpha.requires_grad_(False)
     distributed.all_reduce_mean_(grad)
     if config.normalize_alpha_grad:
         grad = grad / (grad.abs().mean(dim=1, keepdim=True) + 1e-12)
