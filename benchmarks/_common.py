@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,28 @@ def write_section(path: Path, key: str, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
+
+
+def run_child(
+    script: str, args: list[str], timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run `script` with `args` in a fresh one-thread Python process and return the JSON of its
+    last `RESULT {...}` line, or {"skipped": why} when it timed out or failed."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "PYTHONWARNINGS": "ignore", **(env or {})}  # fmt: skip
+    try:
+        done = subprocess.run(
+            [sys.executable, script, *args],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"did not finish within {timeout:.0f} s (--timeout)"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"skipped": f"failed (exit {done.returncode}): {tail}"}

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -386,20 +384,10 @@ def make_data(rows: int, vocab: int, path: Path) -> dict[str, Any]:
 
 
 def run_side(side: str, data_path: Path, warmup: int, timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, __file__, "--child", side, "--data", str(data_path)]
-    command += ["--warmup", str(warmup)]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"did not finish within {timeout:.0f} s (--timeout)"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"skipped": f"failed (exit {done.returncode}): {tail}"}
+    from _common import run_child
+
+    args = ["--child", side, "--data", str(data_path), "--warmup", str(warmup)]
+    return run_child(__file__, args, timeout)
 
 
 def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -33,8 +33,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -147,22 +145,13 @@ def run_child(
     timeout: float,
     fixed_mmap: bool = False,
 ) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    if fixed_mmap:  # glibc: every block >= 1 MiB is mmapped and unmapped when freed
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    command = [sys.executable, __file__, "--child", model, "--data", str(data_path)]
-    command += ["--row-budget", str(budget), "--dim", str(dim), "--users", str(users)]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"did not finish within {timeout:.0f} s (--timeout)"}
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"skipped": f"failed (exit {done.returncode}): {tail}"}
+    from _common import run_child as run
+
+    args = ["--child", model, "--data", str(data_path), "--row-budget", str(budget)]
+    args += ["--dim", str(dim), "--users", str(users)]
+    # glibc: with the threshold fixed, every block >= 1 MiB is mmapped and unmapped when freed
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)} if fixed_mmap else None
+    return run(__file__, args, timeout, env)
 
 
 # ----------------------------------------------------------------------------------- reporting
