@@ -235,13 +235,12 @@ def report(
             "\\* the same setting run with `MALLOC_MMAP_THRESHOLD_="
             f"{MMAP_THRESHOLD}` (glibc then returns every freed block of 1 MiB or more to the "
             "system). By default glibc raises its mmap threshold after such a block is freed (up "
-            "to 32 MiB), so chunk tensors below 32 MiB (at width 32, one user's 100k items) come "
-            "from the heap, which grows and fragments from chunk to chunk: that peak depends on "
-            "how the heap happens to fragment, differs from run to run of the same setting, and "
-            "can pass the whole score matrix. With the threshold fixed the peak is about one chunk, but every "
-            "chunk's tensors are mapped and faulted in again, as with the larger chunks (above "
-            "32 MiB, always mapped), which costs time: reusing heap pages is why the default run "
-            "at one user per chunk is the fastest.",
+            "to 32 MiB), so chunk tensors below 32 MiB come from the heap, which can grow and "
+            "fragment from chunk to chunk: with the pairwise path (one user's 100k items through "
+            "the forward pass) that peak depended on how the heap happened to fragment and "
+            "differed from run to run. With the threshold fixed the peak is about one chunk, but "
+            "every chunk's tensors are mapped and faulted in again, which costs time when chunks "
+            "are many and small.",
         ]
     return "\n".join(lines) + "\n"
 
