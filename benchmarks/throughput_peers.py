@@ -467,7 +467,28 @@ def report(configs: list[tuple[int, dict[str, Any], dict[str, Any]]], args, mach
                 )
         if goals:
             lines += ["", "dnis (sparse_adam): " + "; ".join(goals) + "."]
+        ceiling = ceiling_line(results)
+        if ceiling:
+            lines += ["", ceiling]
     return "\n".join(lines) + "\n"
+
+
+def ceiling_line(results: dict[str, dict[str, Any]]) -> str:
+    """How far any implementation of this model can lead the peers here: the hand-written loop
+    (the same model and steps, no framework) against each peer, by CPU time."""
+    hand = results.get("hand", {})
+    peers = [side for side in ("deepctr", "fuxictr") if "samples_per_s" in results.get(side, {})]
+    if "samples_per_s" not in hand or not peers:
+        return ""
+    ratios = ", ".join(
+        f"{hand['cpu_samples_per_s'] / results[side]['cpu_samples_per_s']:.2f}x {LABELS[side]}'s"
+        for side in peers
+    )
+    return (
+        f"Ceiling: the hand-written loop (the same model and steps with no framework) runs at "
+        f"{ratios} CPU samples/s here; where that is below 2x, the dense layers' work, which "
+        "every implementation shares, bounds the lead any library can take."
+    )
 
 
 def measure(args, vocab: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
