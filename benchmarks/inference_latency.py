@@ -14,23 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from _common import ROOT, machine, write_section
-
-
-def median_ms(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        model(ids)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - started)
-    return 1000 * float(np.median(times))
 
 
 def main() -> None:
@@ -49,6 +36,7 @@ def main() -> None:
     from dnis.embeddings.blocks import dataset_blocks
     from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
     from dnis.models import build
+    from dnis.search.inference import batch_latency_ms
 
     dataset = load_synthetic(
         task="ctr", n_rows=200_000, ranks=(8, 4, 2, 8, 4, 2), noise_fields=2, vocab=args.vocab
@@ -69,7 +57,8 @@ def main() -> None:
     rows = []
     for name, embedding in embeddings.items():
         model = build("deepfm", dataset.schema, embedding, hidden=[400, 400, 400]).eval()
-        rows.append((name, median_ms(model, ids, args.repeats), embedding.memory_bytes()))
+        ms = batch_latency_ms(model, ids, len(ids), args.repeats)
+        rows.append((name, ms, embedding.memory_bytes()))
     reference = rows[0][1]
     load = os.getloadavg()[0]
     lines = [

@@ -10,7 +10,6 @@ random structure on frequency blocks), and the ratios to the fused table.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -18,17 +17,7 @@ import torch
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.embeddings.blocks import frequency_blocks
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
-
-
-def median_ms(module: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        module(ids)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            module(ids)
-            times.append(time.perf_counter() - started)
-    return 1000 * float(np.median(times))
+from dnis.search.inference import batch_latency_ms
 
 
 def main() -> None:
@@ -56,10 +45,11 @@ def main() -> None:
         "ragged (element) 25%": RaggedEmbedding(layout, d, element_keep),
     }
     ids = torch.randint(0, n, (args.batch, f))
-    reference = median_ms(modules["fused d=64"], ids, args.repeats)
+    times = {name: batch_latency_ms(m, ids, len(ids), args.repeats) for name, m in modules.items()}
+    reference = times["fused d=64"]  # its own row's time: the ratio of that row is 1 exactly
     print(f"batch {args.batch} x {f} fields, {n:,} ids per field, width {d}, 1 torch thread")
     for name, module in modules.items():
-        ms = median_ms(module, ids, args.repeats)
+        ms = times[name]
         mib = module.memory_bytes() / 2**20
         print(f"{name:22s} {ms:8.3f} ms/batch  {ms / reference:6.2f}x fused   {mib:8.1f} MiB")
 

@@ -21,9 +21,10 @@ from dnis.models.base import Model
 
 @torch.no_grad()
 def batch_latency_ms(
-    model: Model, ids: torch.Tensor, batch_size: int = 4096, repeats: int = 5
+    model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4096, repeats: int = 5
 ) -> float:
-    """Median wall time of one forward pass over `batch_size` rows, after a warm-up."""
+    """Median wall time (ms) of one forward pass over `batch_size` rows in eval mode, after a
+    warm-up: of a model, or of any module that maps ids to outputs (an embedding alone)."""
     model.eval()
     batch = ids[:batch_size]
     model(batch)
