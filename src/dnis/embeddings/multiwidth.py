@@ -116,21 +116,26 @@ class MultiWidthEmbedding(FieldEmbedding):
             return self.tables[0][:, : self.candidates[m]]
         return self.tables[m]
 
-    def _normalize(self, m: int, x: torch.Tensor, field: torch.Tensor, real: torch.Tensor):
-        """Batch norm of candidate m's projected rows, statistics per (field, output dim)."""
+    def _normalize(self, m: int, x: torch.Tensor, key: torch.Tensor, real: torch.Tensor):
+        """Batch norm of candidate m's projected vectors x [B, K, dim], statistics per (field,
+        output dim); position k belongs to field key[k], real [B, K] marks what counts.
+
+        A batch passes its slots as K (so the sums run over B first and only [K, dim] partial
+        sums are scattered to fields), a lookup of arbitrary rows passes B = 1."""
         if not self.training:
-            mean, var = self.running_mean[m][field], self.running_var[m][field]
+            mean, var = self.running_mean[m][key], self.running_var[m][key]
             return (x - mean) / torch.sqrt(var + self.eps)
         fields = self.layout.num_fields
-        weight = real.to(x.dtype).unsqueeze(1)
+        weight = real.to(x.dtype).unsqueeze(-1)
         count = torch.zeros(fields, dtype=x.dtype, device=x.device).index_add_(
-            0, field, real.to(x.dtype)
+            0, key, real.to(x.dtype).sum(0)
         )
         denominator = count.clamp(min=1.0).unsqueeze(1)
         mean = torch.zeros(fields, self.dim, dtype=x.dtype, device=x.device)
-        mean = mean.index_add(0, field, x * weight) / denominator
-        centred = x - mean[field]
-        var = torch.zeros_like(mean).index_add(0, field, centred.pow(2) * weight) / denominator
+        mean = mean.index_add(0, key, (x * weight).sum(0)) / denominator
+        centred = x - mean[key]
+        var = torch.zeros_like(mean).index_add(0, key, (centred.pow(2) * weight).sum(0))
+        var = var / denominator
         with torch.no_grad():
             seen = (count > 0).unsqueeze(1)
             unbiased = var * (count / (count - 1).clamp(min=1.0)).unsqueeze(1)
@@ -141,7 +146,7 @@ class MultiWidthEmbedding(FieldEmbedding):
             self.running_var[m] = torch.where(
                 seen, (1 - step) * self.running_var[m] + step * unbiased, self.running_var[m]
             )
-        return centred / torch.sqrt(var[field] + self.eps)
+        return centred / torch.sqrt(var[key] + self.eps)
 
     def _weights(self, m: int) -> torch.Tensor:
         """W[:, m] as [fields, c_m, dim]."""
@@ -193,10 +198,16 @@ class MultiWidthEmbedding(FieldEmbedding):
                 ).view(*rows.shape, self.dim)
             projected = projected + self.biases[m][key]
             if self.batch_norm:
-                flat = self._normalize(
-                    m, projected.reshape(-1, self.dim), field.reshape(-1), real.reshape(-1)
-                )
-                projected = flat.view_as(projected)
+                if slot_field is None:
+                    normalized = self._normalize(
+                        m,
+                        projected.reshape(1, -1, self.dim),
+                        field.reshape(-1),
+                        real.reshape(1, -1),
+                    )
+                else:
+                    normalized = self._normalize(m, projected, slot_field, real)
+                projected = normalized.view_as(projected)
             term = p[..., m].unsqueeze(-1) * projected
             out = term if out is None else out + term
         assert out is not None
