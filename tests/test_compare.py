@@ -167,3 +167,35 @@ def test_adding_a_method_or_seed_reuses_the_finished_cells(tmp_path):
     before = cell.stat().st_mtime_ns
     compare(more)
     assert cell.stat().st_mtime_ns == before
+
+
+def test_dnis_standing_names_the_best_other_method_and_the_margin():
+    from dnis.report.compare_report import dnis_standing
+
+    def cell(method, budget, seed, auc):
+        return {"method": method, "budget": budget, "seed": seed, "embedding_params": 10,
+                "memory_bytes": 40, "test_auc": auc, "search_seconds": 0, "retrain_seconds": 1,
+                "latency_ms": 1, "peak_memory_mb": 1}  # fmt: skip
+
+    frame = pd.DataFrame(
+        [cell("dnis", 0.1, s, a) for s, a in enumerate([0.80, 0.82])]  # 0.81 ± 0.0141
+        + [cell("uniform", 0.1, s, a) for s, a in enumerate([0.78, 0.78])]
+        + [cell("pep", 0.1, s, a) for s, a in enumerate([0.79, 0.79])]
+        + [cell("dnis", 0.5, s, a) for s, a in enumerate([0.80, 0.80])]
+        + [cell("pep", 0.5, s, a) for s, a in enumerate([0.81, 0.83])]  # 0.82 ± 0.0141
+        + [cell("uniform", 0.5, s, a) for s, a in enumerate([0.70, 0.70])]
+        + [cell("dnis", 0.25, s, a) for s, a in enumerate([0.80, 0.80])]
+        + [cell("pep", 0.25, s, a) for s, a in enumerate([0.79, 0.83])]  # 0.81 ± 0.0283
+    )
+    low, middle, high = dnis_standing(summarize(frame, "auc"), "auc")
+    assert (low["best other"], low["DNIS margin"], low["DNIS rank"]) == ("pep", "+0.0200", "1 of 3")
+    assert low["verdict"] == "DNIS best"
+    assert (high["best other"], high["DNIS margin"], high["DNIS rank"]) == (
+        "pep",
+        "-0.0200",
+        "2 of 3",
+    )
+    assert high["verdict"] == "behind pep by more than the stds"  # 0.02 > sqrt(0 + 0.0141^2)
+    assert (middle["DNIS margin"], middle["verdict"]) == ("-0.0100", "behind pep, within one std")
+    rmse = dnis_standing(summarize(frame.rename(columns={"test_auc": "test_rmse"}), "rmse"), "rmse")
+    assert rmse[0]["best other"] == "uniform" and rmse[0]["DNIS margin"] == "-0.0300"

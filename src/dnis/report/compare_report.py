@@ -68,6 +68,45 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table
 
 
+def dnis_standing(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
+    """Per budget: DNIS against the best other method at that budget, and by how much.
+
+    Every method is held to the same budget, so the budget is the fair unit of comparison.
+    `margin` is DNIS minus the best other method, signed so that > 0 means DNIS is better;
+    `noise` is the two cells' stds combined (sqrt of the sum of squares)."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    out = []
+    for budget, group in table.groupby("budget", sort=True):
+        ours, others = group[group["method"] == "dnis"], group[group["method"] != "dnis"]
+        if ours.empty or others.empty:
+            continue
+        dnis = ours.iloc[0]
+        best = others.loc[(sign * others["mean"]).idxmax()]
+        margin = sign * (dnis["mean"] - best["mean"])
+        noise = float((dnis["std"] ** 2 + best["std"] ** 2) ** 0.5)
+        rank = 1 + int((sign * others["mean"] > sign * dnis["mean"]).sum())
+        if margin >= 0:
+            verdict = "DNIS best"
+        elif min(dnis["seeds"], best["seeds"]) < 2:
+            verdict = f"behind {best['method']} (one seed: no std to read it against)"
+        elif -margin <= noise:
+            verdict = f"behind {best['method']}, within one std"
+        else:
+            verdict = f"behind {best['method']} by more than the stds"
+        out.append(
+            {
+                "budget": f"{budget:g}",
+                f"DNIS {metric}": f"{dnis['mean']:.4f} ± {dnis['std']:.4f}",
+                "best other": best["method"],
+                f"its {metric}": f"{best['mean']:.4f} ± {best['std']:.4f}",
+                "DNIS margin": f"{margin:+.4f}",
+                "DNIS rank": f"{rank} of {len(group)}",
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
 def plot_pareto(table: pd.DataFrame, metric: str, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: every method its own
@@ -114,6 +153,13 @@ def write_compare_report(
         "as few parameters and a metric as good). Latency and peak memory: the first seed's model, "
         "one batch, a fresh process.\n\n" + metric_table(shown, list(shown[0]))
     )
+    standing = dnis_standing(table, metric)
+    if standing:
+        text += (
+            "\nDNIS against the best other method at each budget (margin > 0: DNIS better; "
+            "the stds combined are the noise a margin is read against):\n\n"
+            + metric_table(standing, list(standing[0]))
+        )
     infeasible = sorted({(r["method"], r["budget"], r["infeasible"]) for r in rows
                          if "infeasible" in r})  # fmt: skip
     if infeasible:
