@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/search_vs_train.py
 	$(BIN)/python benchmarks/compile_speedup.py
 	$(BIN)/python benchmarks/inference_latency.py
+	$(BIN)/python benchmarks/embedding_step.py
 	$(BIN)/python benchmarks/topk_eval.py
 	$(BIN)/python benchmarks/quality_vs_peers.py
 	$(BIN)/python benchmarks/throughput_peers.py
