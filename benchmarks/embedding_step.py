@@ -23,6 +23,13 @@ import torch
 from _common import ROOT, load, machine, write_section
 
 
+def model_step(layer: torch.nn.Module) -> torch.nn.Module:
+    """The layer as the searches' model steps run it: alpha (the architecture) gets no gradient
+    there, only in the architecture steps."""
+    layer.alpha.requires_grad_(False)
+    return layer
+
+
 def layers(dataset, dim: int) -> dict[str, Callable[[], torch.nn.Module]]:
     """Every method's training-time input layer, built lazily, at about 25% where it has a size."""
     from dnis.embeddings.blocks import dataset_blocks
@@ -48,7 +55,9 @@ def layers(dataset, dim: int) -> dict[str, Callable[[], torch.nn.Module]]:
     widths = [max(1, dim >> r) for r in rank]
     return {
         "fused d=64 (uniform, reference)": lambda: FusedEmbedding(layout, dim),
-        "soft selection (DNIS search)": lambda: SoftSelectionEmbedding(layout, dim, blocks),
+        "soft selection (DNIS search)": lambda: model_step(
+            SoftSelectionEmbedding(layout, dim, blocks)
+        ),
         "block mixed 25% (DNIS retrain)": lambda: BlockMixedEmbedding(
             layout, dim, blocks, torch.rand(blocks.num_blocks, dim) < 0.25
         ),
@@ -56,8 +65,8 @@ def layers(dataset, dim: int) -> dict[str, Callable[[], torch.nn.Module]]:
         "masked 25% (PEP retrain, DSL)": lambda: MaskedEmbedding(
             layout, dim, (torch.rand(layout.total_rows, dim) < 0.25) & readable.unsqueeze(1)
         ),
-        "multi-width (AutoDim search)": lambda: MultiWidthEmbedding(
-            layout, dim, [2, 8, 16, 24, 32, 64]
+        "multi-width (AutoDim search)": lambda: model_step(
+            MultiWidthEmbedding(layout, dim, [2, 8, 16, 24, 32, 64])
         ),
         "projected blocks (MDE, AutoDim retrain)": lambda: ProjectedBlockEmbedding(
             layout, dim, blocks, widths

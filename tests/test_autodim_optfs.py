@@ -128,7 +128,7 @@ def test_multiwidth_embedding_mixes_projected_candidates():
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_multiwidth_batch_path_equals_row_lookups(batch_norm):
-    """forward's per-slot matmuls give what pooling row lookups (embedding_bag) gives."""
+    """forward's folded matmul gives what pooling row lookups (embedding_bag) gives."""
     torch.manual_seed(0)
     # field 1 is a 3-slot mean-pooled sequence field (its id 0 is padding)
     layout = FieldLayout(("a", "b"), (4, 5), (0, 1, 1, 1), (False, True), (False, True))
@@ -146,11 +146,20 @@ def test_multiwidth_batch_path_equals_row_lookups(batch_norm):
     expected = emb.pooling(emb.lookup(rows), emb.pooling.slot_weights(ids, torch.float32))
     torch.testing.assert_close(emb(ids), expected)
     emb.train()
+    twin = MultiWidthEmbedding(layout, 4, (1, 3), batch_norm=batch_norm)  # the row-lookup path
+    twin.load_state_dict(emb.state_dict())  # the same weights and running statistics
     torch.manual_seed(1)
     batch = emb(ids)
     torch.manual_seed(1)  # same Gumbel draw
-    pooled = emb.pooling(emb.lookup(rows), emb.pooling.slot_weights(ids, torch.float32))
+    pooled = twin.pooling(twin.lookup(rows), twin.pooling.slot_weights(ids, torch.float32))
     torch.testing.assert_close(batch, pooled)
+    # the batch path folds batch norm into one matmul: same gradients and running statistics
+    batch.square().sum().backward()
+    pooled.square().sum().backward()
+    for (name, mine), theirs in zip(emb.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(emb.running_mean, twin.running_mean)
+    torch.testing.assert_close(emb.running_var, twin.running_var)
     # L2 on the stored candidate vectors of real (non-padding) slots
     real = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     squared = sum(t[rows].pow(2).sum(-1)[real].sum() for t in emb.tables)

@@ -12,13 +12,13 @@ swamp an FM's pairwise products), and at 1 without. p[f] is a Gumbel-softmax sam
 field's architecture weights `alpha[f]` at temperature `temperature` while training (a plain
 softmax of alpha at that temperature in eval mode), or the uniform 1/M during warm-up.
 
-A batch (`forward`) knows each slot's field, so the projections are batched matmuls over slots;
-without batch norm the mixture is linear in the candidates and is one matmul over their
-concatenated vectors with the mixture weights folded into [slots, sum c_m, dim] weights. A lookup
-of arbitrary rows (`lookup`, e.g. all items of a field) uses one `embedding_bag` per candidate
-instead: `e W[f, m]` is a weighted sum of field f's projection rows, the trick of
-`ProjectedBlockEmbedding`, so no [rows, c_m, dim] tensor is built. Python loops run over the few
-candidates only, never over rows or fields.
+A batch (`forward`) knows each slot's field, so the whole mixture is one matmul over the
+candidates' concatenated vectors with per-slot weights: batch norm is an affine map per (field,
+output dim), so it folds into those weights and a shift, its statistics taken from each candidate's
+per-field mean and covariance (`_folded`). No [B, slots, dim] tensor is built per candidate, which
+made this layer 2-3x slower. A lookup of arbitrary rows (`lookup`, e.g. all items of a field) uses
+one `embedding_bag` per candidate instead: `e W[f, m]` is a weighted sum of field f's projection
+rows (per-sample weights e), so no [rows, c_m, dim] tensor is built. Python loops run over the few candidates only, never over rows or fields.
 Batch statistics are per field, over the rows the batch looks up (sequence padding excluded).
 `last_l2` (the trainer's `embedding_l2` term) is taken on the stored candidate vectors.
 """
@@ -117,11 +117,9 @@ class MultiWidthEmbedding(FieldEmbedding):
         return self.tables[m]
 
     def _normalize(self, m: int, x: torch.Tensor, key: torch.Tensor, real: torch.Tensor):
-        """Batch norm of candidate m's projected vectors x [B, K, dim], statistics per (field,
-        output dim); position k belongs to field key[k], real [B, K] marks what counts.
-
-        A batch passes its slots as K (so the sums run over B first and only [K, dim] partial
-        sums are scattered to fields), a lookup of arbitrary rows passes B = 1."""
+        """Batch norm of candidate m's projected vectors x [1, N, dim] (a lookup of arbitrary
+        rows), statistics per (field, output dim); row n belongs to field key[n], real [1, N]
+        marks what counts. A batch takes `_folded` instead."""
         if not self.training:
             mean, var = self.running_mean[m][key], self.running_var[m][key]
             return (x - mean) / torch.sqrt(var + self.eps)
@@ -136,17 +134,23 @@ class MultiWidthEmbedding(FieldEmbedding):
         centred = x - mean[key]
         var = torch.zeros_like(mean).index_add(0, key, (centred.pow(2) * weight).sum(0))
         var = var / denominator
-        with torch.no_grad():
-            seen = (count > 0).unsqueeze(1)
-            unbiased = var * (count / (count - 1).clamp(min=1.0)).unsqueeze(1)
-            step = self.momentum
-            self.running_mean[m] = torch.where(
-                seen, (1 - step) * self.running_mean[m] + step * mean, self.running_mean[m]
-            )
-            self.running_var[m] = torch.where(
-                seen, (1 - step) * self.running_var[m] + step * unbiased, self.running_var[m]
-            )
+        self._update_running(m, mean, var, count)
         return centred / torch.sqrt(var[key] + self.eps)
+
+    @torch.no_grad()
+    def _update_running(
+        self, m: int, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
+    ) -> None:
+        """Momentum update of candidate m's running statistics, for fields the batch saw."""
+        seen = (count > 0).unsqueeze(1)
+        unbiased = var * (count / (count - 1).clamp(min=1.0)).unsqueeze(1)
+        step = self.momentum
+        self.running_mean[m] = torch.where(
+            seen, (1 - step) * self.running_mean[m] + step * mean, self.running_mean[m]
+        )
+        self.running_var[m] = torch.where(
+            seen, (1 - step) * self.running_var[m] + step * unbiased, self.running_var[m]
+        )
 
     def _weights(self, m: int) -> torch.Tensor:
         """W[:, m] as [fields, c_m, dim]."""
@@ -164,54 +168,91 @@ class MultiWidthEmbedding(FieldEmbedding):
         real = ~(self.sequence_field[field] & (rows == self.field_offsets[field]))
         p = self.mixture_weights()
         p = p[field] if slot_field is None else p[slot_field]  # [..., M] or [S, M]
-        key = field if slot_field is None else slot_field
         vectors = [self._table(m)[rows] for m in range(len(self.candidates))]
         if self.training:
             self._raw_l2 = sum((v.pow(2).sum(dim=-1) * real).sum() for v in vectors)
-        if slot_field is not None and not self.batch_norm:
-            # linear in the candidates: one matmul over their concatenation, weights pre-mixed
-            weight = torch.cat(
-                [
-                    p[:, m].view(-1, 1, 1) * self._weights(m)[slot_field]
-                    for m in range(len(self.candidates))
-                ],
-                dim=1,
-            )  # [S, sum c_m, dim]
-            bias = sum(
-                p[:, m].unsqueeze(1) * self.biases[m][slot_field]
-                for m in range(len(self.candidates))
-            )
-            out = torch.einsum("bsk,skd->bsd", torch.cat(vectors, dim=-1), weight) + bias
-            return out * self.scale[slot_field]
+        if slot_field is not None:
+            return self._folded(vectors, slot_field, real, p)
         out = None
         for m, width in enumerate(self.candidates):
-            if slot_field is not None:
-                projected = torch.einsum("bsc,scd->bsd", vectors[m], self._weights(m)[slot_field])
-            else:  # any rows: a weighted sum of the field's projection rows, no [N, c, dim]
-                j = torch.arange(width, device=rows.device)
-                index = field.reshape(-1, 1) * width + j
-                projected = functional.embedding_bag(
-                    index,
-                    self.projections[m],
-                    per_sample_weights=vectors[m].reshape(-1, width),
-                    mode="sum",
-                ).view(*rows.shape, self.dim)
-            projected = projected + self.biases[m][key]
+            # a weighted sum of the field's projection rows, no [N, c, dim]
+            j = torch.arange(width, device=rows.device)
+            index = field.reshape(-1, 1) * width + j
+            projected = functional.embedding_bag(
+                index,
+                self.projections[m],
+                per_sample_weights=vectors[m].reshape(-1, width),
+                mode="sum",
+            ).view(*rows.shape, self.dim)
+            projected = projected + self.biases[m][field]
             if self.batch_norm:
-                if slot_field is None:
-                    normalized = self._normalize(
-                        m,
-                        projected.reshape(1, -1, self.dim),
-                        field.reshape(-1),
-                        real.reshape(1, -1),
-                    )
-                else:
-                    normalized = self._normalize(m, projected, slot_field, real)
+                normalized = self._normalize(
+                    m, projected.reshape(1, -1, self.dim), field.reshape(-1), real.reshape(1, -1)
+                )
                 projected = normalized.view_as(projected)
             term = p[..., m].unsqueeze(-1) * projected
             out = term if out is None else out + term
         assert out is not None
-        return out * self.scale[key]
+        return out * self.scale[field]
+
+    def _folded(
+        self, vectors: list[torch.Tensor], slot_field: torch.Tensor, real: torch.Tensor,
+        p: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The batch path: the mixture as one matmul over the concatenated candidates.
+
+        Batch norm is an affine map per (field, output dim), so `scale * sum_m p_m * BN(v_m W_m
+        + b_m)` equals `v @ W' + c'` with v the candidates' vectors side by side, W' the
+        projections times p_m * scale / std_m, and c' what the biases and means leave. The
+        statistics of v_m W_m + b_m come from v_m's per-field mean and covariance (two-pass, on
+        [fields, c_m, c_m]), never from a [B, slots, dim] tensor per candidate; the result, its
+        gradients and the running statistics equal the per-candidate batch norm's."""
+        scale = self.scale[slot_field]  # [S, dim]
+        weights, offset = [], 0.0
+        for m, v in enumerate(vectors):
+            weight = self._weights(m)  # [fields, c, dim]
+            if self.batch_norm:
+                mean, var = self._projected_moments(m, v, weight, slot_field, real)
+                inverse_std = torch.rsqrt(var + self.eps)  # [fields, dim]
+            else:
+                mean = inverse_std = None
+            factor = p[:, m].unsqueeze(1) * scale  # [S, dim]
+            if inverse_std is not None:
+                factor = factor * inverse_std[slot_field]
+            weights.append(weight[slot_field] * factor.unsqueeze(1))  # [S, c, dim]
+            shift = self.biases[m][slot_field]
+            if mean is not None:
+                shift = shift - mean[slot_field]
+            offset = offset + shift * factor
+        out = torch.einsum("bsk,skd->bsd", torch.cat(vectors, dim=-1), torch.cat(weights, dim=1))
+        return out + offset
+
+    def _projected_moments(
+        self, m: int, v: torch.Tensor, weight: torch.Tensor, slot_field: torch.Tensor,
+        real: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Per-field mean and (biased) variance of candidate m's projected vectors [fields, dim]
+        over the batch's real rows (training, running statistics updated) or the running ones."""
+        if not self.training:
+            return self.running_mean[m], self.running_var[m]
+        fields = self.layout.num_fields
+        w = real.to(v.dtype)  # [B, S]
+        count = torch.zeros(fields, dtype=v.dtype, device=v.device).index_add_(
+            0, slot_field, w.sum(0)
+        )
+        denominator = count.clamp(min=1.0).unsqueeze(1)
+        total = torch.einsum("bs,bsc->sc", w, v)
+        v_mean = torch.zeros(fields, v.shape[-1], dtype=v.dtype, device=v.device)
+        v_mean = v_mean.index_add(0, slot_field, total) / denominator  # [fields, c]
+        centred = v - v_mean[slot_field]
+        second = torch.einsum("bsj,bsk->sjk", centred * w.unsqueeze(-1), centred)
+        covariance = torch.zeros(fields, *second.shape[1:], dtype=v.dtype, device=v.device)
+        covariance = covariance.index_add(0, slot_field, second) / denominator.unsqueeze(2)
+        bias = self.biases[m] * (count > 0).to(v.dtype).unsqueeze(1)  # 0 for unseen fields
+        mean = torch.einsum("fc,fcd->fd", v_mean, weight) + bias
+        var = torch.einsum("fjd,fjk,fkd->fd", weight, covariance, weight)
+        self._update_running(m, mean, var, count)
+        return mean, var
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         return self._mixture(rows)

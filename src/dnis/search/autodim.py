@@ -204,7 +204,6 @@ def search(
         warm = TrainConfig(**{**vars(train), "epochs": config.warmup_epochs, "patience": 0})
         Trainer(model, task, warm).fit()
         embedding.warmup = False
-    alpha.requires_grad_(True)
     model_opt = make_optimizer(model, train, exclude=[alpha])
     alpha_opt = torch.optim.Adam([alpha], lr=config.alpha_lr)
     history: list[dict[str, Any]] = []
@@ -270,10 +269,15 @@ def _alpha_step(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> None:
-    """One first-order step on alpha with a validation batch (the weights held fixed)."""
+    """One first-order step on alpha with a validation batch (the weights held fixed).
+
+    alpha requires a gradient only here, so the model steps do not compute one (the mixture
+    weights' gradient costs a full pass over every candidate's vectors)."""
     ids, labels = batch
+    alpha.requires_grad_(True)
     loss = task.loss(model, ids, labels, generator)
     (grad,) = torch.autograd.grad(loss, [alpha])
+    alpha.requires_grad_(False)
     alpha.grad = grad
     optimizer.step()
 
