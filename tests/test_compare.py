@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from dnis.config import load_config
+from dnis.io import write_json
 from dnis.report.compare_report import summarize
 from dnis.search.compare import compare
 
@@ -167,6 +168,18 @@ def test_adding_a_method_or_seed_reuses_the_finished_cells(tmp_path):
     before = cell.stat().st_mtime_ns
     compare(more)
     assert cell.stat().st_mtime_ns == before
+
+
+def test_a_cell_another_process_finished_meanwhile_is_not_recomputed(tmp_path):
+    config = load_config(write(tmp_path), ["compare.methods=['uniform']", "compare.options={}"])
+    planted = [{"method": "uniform", "seed": 1, "from": "the other process"}]
+
+    def other_process_finishes_seed_1(name, seed, seconds):
+        if seed == 0:  # while this run trains seed 0, another one writes seed 1's cell
+            write_json(config.run_dir() / "cells" / "uniform-seed1.json", planted)
+
+    rows = compare(config, on_cell=other_process_finishes_seed_1)
+    assert rows[-1] == planted[0]  # read back, not trained again
 
 
 def test_dnis_standing_names_the_best_other_method_and_the_margin():

@@ -128,6 +128,8 @@ def _grid(
             log_rows(tracker, json.loads(cell_path(run_dir, *cell).read_text(encoding="utf-8")))
     if config.compare.jobs == 1:
         for name, seed in todo:
+            if cell_path(run_dir, name, seed).exists():
+                continue  # another `dnis compare` on this folder finished it meanwhile
             _finish(
                 run_dir, name, seed, *_timed_cell(config, dataset, name, seed), on_cell, tracker
             )
