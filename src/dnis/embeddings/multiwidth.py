@@ -15,10 +15,11 @@ softmax of alpha at that temperature in eval mode), or the uniform 1/M during wa
 A batch (`forward`) knows each slot's field, so the whole mixture is one matmul over the
 candidates' concatenated vectors with per-slot weights: batch norm is an affine map per (field,
 output dim), so it folds into those weights and a shift, its statistics taken from each candidate's
-per-field mean and covariance (`_folded`). No [B, slots, dim] tensor is built per candidate, which
-made this layer 2-3x slower. A lookup of arbitrary rows (`lookup`, e.g. all items of a field) uses
-one `embedding_bag` per candidate instead: `e W[f, m]` is a weighted sum of field f's projection
-rows (per-sample weights e), so no [rows, c_m, dim] tensor is built. Python loops run over the few candidates only, never over rows or fields.
+per-field mean and covariance (`_folded`), so no [B, slots, dim] tensor is built per candidate.
+A lookup of arbitrary rows (`lookup`, e.g. all items of a field) uses one `embedding_bag` per
+candidate instead: `e W[f, m]` is a weighted sum of field f's projection rows (per-sample weights
+e), so no [rows, c_m, dim] tensor is built. Python loops run over the few candidates only, never
+over rows or fields.
 Batch statistics are per field, over the rows the batch looks up (sequence padding excluded).
 `last_l2` (the trainer's `embedding_l2` term) is taken on the stored candidate vectors.
 """
@@ -116,26 +117,24 @@ class MultiWidthEmbedding(FieldEmbedding):
             return self.tables[0][:, : self.candidates[m]]
         return self.tables[m]
 
-    def _normalize(self, m: int, x: torch.Tensor, key: torch.Tensor, real: torch.Tensor):
-        """Batch norm of candidate m's projected vectors x [1, N, dim] (a lookup of arbitrary
-        rows), statistics per (field, output dim); row n belongs to field key[n], real [1, N]
-        marks what counts. A batch takes `_folded` instead."""
+    def _normalize(self, m: int, x: torch.Tensor, field: torch.Tensor, real: torch.Tensor):
+        """Batch norm of candidate m's projected rows x [N, dim] (a lookup of arbitrary rows),
+        statistics per (field, output dim) over the `real` rows. A batch takes `_folded`."""
         if not self.training:
-            mean, var = self.running_mean[m][key], self.running_var[m][key]
+            mean, var = self.running_mean[m][field], self.running_var[m][field]
             return (x - mean) / torch.sqrt(var + self.eps)
         fields = self.layout.num_fields
-        weight = real.to(x.dtype).unsqueeze(-1)
+        weight = real.to(x.dtype).unsqueeze(1)
         count = torch.zeros(fields, dtype=x.dtype, device=x.device).index_add_(
-            0, key, real.to(x.dtype).sum(0)
+            0, field, real.to(x.dtype)
         )
         denominator = count.clamp(min=1.0).unsqueeze(1)
         mean = torch.zeros(fields, self.dim, dtype=x.dtype, device=x.device)
-        mean = mean.index_add(0, key, (x * weight).sum(0)) / denominator
-        centred = x - mean[key]
-        var = torch.zeros_like(mean).index_add(0, key, (centred.pow(2) * weight).sum(0))
-        var = var / denominator
+        mean = mean.index_add(0, field, x * weight) / denominator
+        centred = x - mean[field]
+        var = torch.zeros_like(mean).index_add(0, field, centred.pow(2) * weight) / denominator
         self._update_running(m, mean, var, count)
-        return centred / torch.sqrt(var[key] + self.eps)
+        return centred / torch.sqrt(var[field] + self.eps)
 
     @torch.no_grad()
     def _update_running(
@@ -187,7 +186,7 @@ class MultiWidthEmbedding(FieldEmbedding):
             projected = projected + self.biases[m][field]
             if self.batch_norm:
                 normalized = self._normalize(
-                    m, projected.reshape(1, -1, self.dim), field.reshape(-1), real.reshape(1, -1)
+                    m, projected.reshape(-1, self.dim), field.reshape(-1), real.reshape(-1)
                 )
                 projected = normalized.view_as(projected)
             term = p[..., m].unsqueeze(-1) * projected
