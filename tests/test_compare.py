@@ -212,3 +212,30 @@ def test_dnis_standing_names_the_best_other_method_and_the_margin():
     assert (middle["DNIS margin"], middle["verdict"]) == ("-0.0100", "behind pep, within one std")
     rmse = dnis_standing(summarize(frame.rename(columns={"test_auc": "test_rmse"}), "rmse"), "rmse")
     assert rmse[0]["best other"] == "uniform" and rmse[0]["DNIS margin"] == "-0.0300"
+
+
+def test_pareto_plot_draws_a_cell_with_no_embedding_parameters():
+    """OutRank can drop every field (0 parameters); a log axis would silently hide that cell."""
+    import matplotlib.pyplot as plt
+
+    from dnis.report.compare_report import pareto_figure
+
+    def cell(method, budget, params, auc):
+        return {"method": method, "budget": budget, "seed": 0, "embedding_params": params,
+                "memory_bytes": 4 * params, "test_auc": auc, "search_seconds": 0,
+                "retrain_seconds": 1, "latency_ms": 1, "peak_memory_mb": 1}  # fmt: skip
+
+    frame = pd.DataFrame(
+        [cell("outrank", 0.1, 0, 0.76), cell("outrank", 0.5, 0, 0.76)]
+        + [cell("dnis", 0.1, 10_000, 0.78), cell("dnis", 0.5, 50_000, 0.79)]
+    )
+    table = summarize(frame, "auc")
+    figure = pareto_figure(table, "auc")
+    axis = figure.axes[0]
+    drawn = [(x, y) for line in axis.lines for x, y in zip(*line.get_data(), strict=True)]
+    assert (0, 0.76) in drawn and (10_000, 0.78) in drawn
+    left, right = axis.get_xlim()
+    assert left < 0 < 10_000 < 50_000 < right  # 0 is inside the visible axis, not at -inf
+    pixels = axis.transData.transform([(0, 0.76), (10_000, 0.78)])
+    assert pixels[0][0] < pixels[1][0]
+    plt.close(figure)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dnis.io import write_text  # noqa: E402
@@ -107,7 +108,10 @@ def dnis_standing(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
     return out
 
 
-def plot_pareto(table: pd.DataFrame, metric: str, path: Path) -> None:
+def pareto_figure(table: pd.DataFrame, metric: str) -> plt.Figure:
+    """Metric against parameters, one line per method. The x axis is symlog, linear below the
+    smallest non-zero count, so a cell that keeps no embedding (OutRank dropping every field)
+    is drawn at 0 rather than vanishing from a log axis while the table still lists it."""
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: every method its own
     markers = "osD^vP*Xh<>p"
@@ -122,12 +126,23 @@ def plot_pareto(table: pd.DataFrame, metric: str, path: Path) -> None:
     best = table[table["pareto"]]
     axis.scatter(best["params"], best["mean"], s=160, facecolors="none", edgecolors="black",
                  label="Pareto-optimal")  # fmt: skip
-    axis.set_xscale("log")
-    axis.set_xlabel("embedding parameters (log scale)")
+    positive = table.loc[table["params"] > 0, "params"]
+    if (table["params"] <= 0).any() and len(positive):
+        floor = 10 ** np.floor(np.log10(positive.min()))
+        axis.set_xscale("symlog", linthresh=floor, linscale=0.5)
+        axis.set_xlim(left=-0.1 * floor)
+        axis.set_xlabel(f"embedding parameters (log scale above {floor:,.0f}; 0 at the left)")
+    else:
+        axis.set_xscale("log")
+        axis.set_xlabel("embedding parameters (log scale)")
     axis.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    save_figure(figure, path)
+    return figure
+
+
+def plot_pareto(table: pd.DataFrame, metric: str, path: Path) -> None:
+    save_figure(pareto_figure(table, metric), path)
 
 
 def write_compare_report(
