@@ -239,3 +239,7 @@ def test_pareto_plot_draws_a_cell_with_no_embedding_parameters():
     pixels = axis.transData.transform([(0, 0.76), (10_000, 0.78)])
     assert pixels[0][0] < pixels[1][0]
     plt.close(figure)
+    alone = pareto_figure(summarize(frame[frame["method"] == "outrank"], "auc"), "auc")
+    left, right = alone.axes[0].get_xlim()  # only 0-parameter cells (`--methods outrank`)
+    assert left < 0 < right
+    plt.close(alone)

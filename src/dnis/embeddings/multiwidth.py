@@ -210,18 +210,13 @@ class MultiWidthEmbedding(FieldEmbedding):
         weights, offset = [], 0.0
         for m, v in enumerate(vectors):
             weight = self._weights(m)  # [fields, c, dim]
-            if self.batch_norm:
-                mean, var = self._projected_moments(m, v, weight, slot_field, real)
-                inverse_std = torch.rsqrt(var + self.eps)  # [fields, dim]
-            else:
-                mean = inverse_std = None
             factor = p[:, m].unsqueeze(1) * scale  # [S, dim]
-            if inverse_std is not None:
-                factor = factor * inverse_std[slot_field]
-            weights.append(weight[slot_field] * factor.unsqueeze(1))  # [S, c, dim]
             shift = self.biases[m][slot_field]
-            if mean is not None:
+            if self.batch_norm:
+                mean, var = self._projected_moments(m, v, weight, slot_field, real)  # [fields, dim]
+                factor = factor * torch.rsqrt(var + self.eps)[slot_field]
                 shift = shift - mean[slot_field]
+            weights.append(weight[slot_field] * factor.unsqueeze(1))  # [S, c, dim]
             offset = offset + shift * factor
         out = torch.einsum("bsk,skd->bsd", torch.cat(vectors, dim=-1), torch.cat(weights, dim=1))
         return out + offset

@@ -127,8 +127,8 @@ def pareto_figure(table: pd.DataFrame, metric: str) -> plt.Figure:
     axis.scatter(best["params"], best["mean"], s=160, facecolors="none", edgecolors="black",
                  label="Pareto-optimal")  # fmt: skip
     positive = table.loc[table["params"] > 0, "params"]
-    if (table["params"] <= 0).any() and len(positive):
-        floor = 10 ** np.floor(np.log10(positive.min()))
+    if (table["params"] <= 0).any():
+        floor = 10 ** np.floor(np.log10(positive.min())) if len(positive) else 1.0
         axis.set_xscale("symlog", linthresh=floor, linscale=0.5)
         axis.set_xlim(left=-0.1 * floor)
         axis.set_xlabel(f"embedding parameters (log scale above {floor:,.0f}; 0 at the left)")
