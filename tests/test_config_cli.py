@@ -289,7 +289,7 @@ def test_cli_errors_in_process(tmp_path: Path, tiny_config_dict, capsys) -> None
     assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--quiet"]) == 2
     assert "error:" in err()
     assert main(["evaluate", str(tmp_path)]) == 2
-    assert "not a finished run" in err()
+    assert "is not a dnis run" in err()
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "runs"))
     assert main(["train", "--config", str(path), "--quiet", "--set", "embedding.dim=x"]) == 2
     assert "embedding.dim" in err()

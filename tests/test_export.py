@@ -183,7 +183,7 @@ def test_export_round_trip_equals_the_in_process_model(runs, tmp_path, fmt, case
     need(fmt)
     run_dir = runs(case, kind)
     result = export_run(run_dir, fmt, budget=budget, output=tmp_path / "export")
-    predictor = load(result.path)
+    predictor = load(result.path, trust=True)
     assert predictor.backend == fmt
 
     frame = raw_frame(case)
@@ -212,7 +212,7 @@ def test_din_rows_without_any_history_match(runs, tmp_path, fmt):
     """A batch where no row has a real history item (the attention sees zero positions)."""
     need(fmt)
     run_dir = runs("din", "element")
-    predictor = load(export_run(run_dir, fmt, budget=0.5, output=tmp_path / "e").path)
+    predictor = load(export_run(run_dir, fmt, budget=0.5, output=tmp_path / "e").path, trust=True)
     frame = raw_frame("din", 5).assign(history="")
     ids = predictor.encode(frame)
     assert (ids[:, 2:7] == 0).all()
@@ -222,7 +222,7 @@ def test_din_rows_without_any_history_match(runs, tmp_path, fmt):
 
 def test_scores_from_a_dict_of_columns_and_ctr_probabilities(runs, tmp_path):
     run_dir = runs("deepfm", "block")
-    predictor = load(export_run(run_dir, "torchscript", budget=0.25, output=tmp_path / "e").path)
+    predictor = load(export_run(run_dir, "torchscript", budget=0.25, output=tmp_path / "e").path, trust=True)
     frame = raw_frame("deepfm", 4)
     columns = {c: frame[c].tolist() for c in predictor.columns}
     raw = predictor.raw(columns)
@@ -281,12 +281,12 @@ def test_a_changed_file_is_refused(runs, tmp_path):
     original = encoders.read_text()
     encoders.write_text(original.replace('"1"', '"one"', 1))
     with pytest.raises(DnisError, match=r"encoders.json is corrupt or was changed.*export the run"):
-        load(folder)
+        load(folder, trust=True)
     encoders.write_text(original)
-    assert load(folder).backend == "torchscript"
+    assert load(folder, trust=True).backend == "torchscript"
     (folder / "model.torchscript.pt").unlink()
     with pytest.raises(DnisError, match="model.torchscript.pt is missing"):
-        load(folder)
+        load(folder, trust=True)
 
 
 # ---------------------------------------------------------------- choosing the model
@@ -374,12 +374,12 @@ def test_predict_cli_scores_a_csv_into_parquet_and_csv(runs, tmp_path, capsys):
 
     out = tmp_path / "scores.parquet"
     assert main(["predict", str(export), "--input", str(tmp_path / "in.csv"),
-                 "--output", str(out), "--batch-size", "128"]) == 0  # fmt: skip
+                 "--output", str(out), "--batch-size", "128", "--trust"]) == 0  # fmt: skip
     assert "scored 700 rows" in capsys.readouterr().err
     scores = pd.read_parquet(out)
     assert list(scores.columns) == ["row_id", "score"]  # the id column is kept
     assert scores["row_id"].tolist() == frame["row_id"].tolist()
-    predictor = load(export)
+    predictor = load(export, trust=True)
     expected = predictor.predict(frame)
     np.testing.assert_allclose(scores["score"].to_numpy(), expected, rtol=0, atol=1e-6)
     assert ((expected > 0) & (expected < 1)).all()  # ctr scores are probabilities
@@ -398,17 +398,17 @@ def test_predict_missing_column_is_a_clear_error(runs, tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     raw_frame("din", 20).drop(columns=["history"]).to_parquet(bad)
     out = tmp_path / "out.csv"
-    assert main(["predict", str(export.path), "--input", str(bad), "--output", str(out)]) == 2
+    assert main(["predict", str(export.path), "--input", str(bad), "--output", str(out), "--trust"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert str(bad) in err and "column 'history'" in err and "fix:" in err
     assert not out.exists()
     with pytest.raises(DataError, match="missing feature column") as info:
-        predict_file(load(export.path), bad, out)
+        predict_file(load(export.path, trust=True), bad, out)
     assert info.value.column == "history" and info.value.path == str(bad)
     with pytest.raises(DnisError, match="unknown output format"):
-        predict_file(load(export.path), bad, tmp_path / "out.xlsx")
+        predict_file(load(export.path, trust=True), bad, tmp_path / "out.xlsx")
     with pytest.raises(DataError, match=r"--keep names column\(s\) \['nope'\]"):
         raw_frame("din", 20).to_csv(tmp_path / "ok.csv", index=False)
-        predict_file(load(export.path), tmp_path / "ok.csv", out, keep=["nope"])
+        predict_file(load(export.path, trust=True), tmp_path / "ok.csv", out, keep=["nope"])
     assert main(["export", str(tmp_path / "nope"), "--format", "onnx"]) == 2
     assert "is not a folder" in " ".join(capsys.readouterr().err.split())

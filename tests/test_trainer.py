@@ -18,7 +18,8 @@ from dnis.models.base import Model
 from dnis.tasks import make_task
 from dnis.train import Progress, TrainConfig, Trainer
 from dnis.train.checkpoint import load_checkpoint
-from dnis.train.run import evaluate, train
+from dnis.evaluate import evaluate
+from dnis.train.run import train
 
 
 class Killed(Exception):
@@ -290,7 +291,7 @@ def test_a_fresh_run_ignores_an_old_checkpoint(tmp_path: Path, tiny_config_dict)
 
 
 def test_evaluate_refuses_an_unfinished_run(tmp_path: Path) -> None:
-    with pytest.raises(DnisError, match="not a finished run"):
+    with pytest.raises(DnisError, match="not a dnis run"):
         evaluate(tmp_path)
 
 

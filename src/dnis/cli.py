@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,9 +170,9 @@ def add_track(command: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dnis.train.run import evaluate
+    from dnis.evaluate import evaluate
 
-    print(json.dumps(evaluate(args.run_dir, args.split), indent=2))
+    print(json.dumps(evaluate(args.run_dir, args.split, args.budget), indent=2))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -208,7 +210,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from dnis.export import load, predict_file
 
-    predictor = load(args.source, budget=args.budget)
+    predictor = load(args.source, budget=args.budget, trust=args.trust)
     bar = RichBar(
         TextColumn("[bold]scoring[/]"),
         BarColumn(),
@@ -231,12 +233,45 @@ def cmd_predict(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             keep=args.keep,
             on_batch=advance,
+            encoding=args.encoding,
         )
     console.print(
         f"scored {result.rows:,} rows with {predictor.backend} -> {result.output} "
         f"(columns: {', '.join(result.columns)})",
         highlight=False,
     )
+
+
+def budget_arg(text: str) -> float:
+    """A --budget value: a finite number > 0 (a fraction in (0, 1] or a parameter count)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.25)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a budget: give a fraction in (0, 1] (e.g. 0.25) or a parameter "
+            "count > 1"
+        )
+    return value
+
+
+def os_error_message(error: OSError) -> str:
+    """What the file system refused, on which file, and the fix."""
+    where = error.filename or "a file"
+    reason = error.strerror or str(error)
+    if isinstance(error, PermissionError):
+        fix = (
+            "make the folder writable, or choose another one (--set output_dir=PATH for runs, "
+            "--output for exports and scores)"
+        )
+    elif isinstance(error, IsADirectoryError):
+        fix = "pass a file, not a folder"
+    elif error.errno == errno.ENOSPC:
+        fix = "free disk space, or choose another output folder (--set output_dir=PATH)"
+    else:
+        fix = "check the path and its permissions"
+    return f"{reason}: {where}; {fix}"
 
 
 def rich_table(title: str, rows: list[dict[str, Any]]) -> Table:
@@ -282,8 +317,10 @@ def parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="DNIS: search dims, prune to budgets, retrain")
     search.add_argument("--config", required=True, type=Path)
-    search.add_argument("--budget", type=float, help="fraction of the full embedding, e.g. 0.25")
-    search.add_argument("--budgets", type=float, nargs="+", help="several budgets, one search")
+    search.add_argument(
+        "--budget", type=budget_arg, help="fraction of the full embedding, e.g. 0.25"
+    )
+    search.add_argument("--budgets", type=budget_arg, nargs="+", help="several budgets, one search")
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--quiet", action="store_true")
     search.add_argument(
@@ -295,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
     compare.add_argument("--config", required=True, type=Path)
     compare.add_argument("--methods", nargs="+", help="e.g. dnis uniform mde hashing qr random")
-    compare.add_argument("--budgets", type=float, nargs="+")
+    compare.add_argument("--budgets", type=budget_arg, nargs="+")
     compare.add_argument("--seeds", type=int)
     compare.add_argument("--jobs", type=int, help="cells run in this many processes at once")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -305,6 +342,11 @@ def parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="re-evaluate a finished run")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--split", default="test", choices=("valid", "test"))
+    evaluate.add_argument(
+        "--budget",
+        help="which model of the run folder: a search budget (e.g. 0.25) or 'full'; default: "
+        "every model the folder holds",
+    )
     evaluate.set_defaults(run=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="train the example configs and print a results table")
@@ -349,6 +391,16 @@ def parser() -> argparse.ArgumentParser:
         metavar="COLUMN",
         help="input columns copied next to the score (default: id columns; none if empty)",
     )
+    predict.add_argument(
+        "--encoding",
+        help="text encoding of a CSV/TSV input (default: the training files' dataset.encoding)",
+    )
+    predict.add_argument(
+        "--trust",
+        action="store_true",
+        help="allow a TorchScript export, which is code and runs when loaded: only for exports "
+        "from a source you trust (ONNX exports and run folders need no flag)",
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
     predict.set_defaults(run=cmd_predict)
     return root
@@ -362,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except DnisError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except OSError as error:  # the file system refused: say which file and what to do
+        console.print(f"[bold red]error:[/] {os_error_message(error)}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; rerun with --resume to continue from the last epoch")

@@ -228,20 +228,38 @@ class Config:
         return folder if distributed.is_main() else folder / "ranks" / str(distributed.rank())
 
 
-def parse(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking keys and value types recursively."""
+def parse(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and value types recursively.
+
+    `where` is the dotted key of `data` in the config ("" for the whole file); every ConfigError
+    raised here carries the key at fault, for `load_config` to point at its line."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(
+            f"{where or 'config'}: expected a mapping, got {type(data).__name__} {data!r}",
+            key=where,
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    check_keys(data, known, where)
-    values = {}
-    for key, value in data.items():
-        values[key] = _convert(hints[key], value, f"{where}.{key}")
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        try:
+            check_keys(data, known, where or "config")
+        except ConfigError as error:
+            error.key = _join(where, str(unknown[0]))
+            raise
+    values = {key: _convert(hints[key], value, _join(where, key)) for key, value in data.items()}
     try:
         return cls(**values)
     except TypeError as error:  # a required key is missing
-        raise ConfigError(f"{where}: {error}") from None
+        raise ConfigError(f"{where or 'config'}: {error}", key=where) from None
+    except ConfigError as error:  # a value checked by the section itself
+        if error.key is None:
+            error.key = where
+        raise
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
@@ -259,14 +277,22 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
                 return _convert(option, value, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} is not a valid {_name(hint)}")
+        raise ConfigError(f"{where}: {value!r} is not a valid {_name(hint)}", key=where)
     base = origin or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is typing.Any:
         return value
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {_name(hint)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{where}: expected {_name(hint)}, got {type(value).__name__} {value!r}", key=where
+        )
+    if base is list and typing.get_args(hint):
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if base is dict and typing.get_args(hint):
+        _, item = typing.get_args(hint)
+        return {k: _convert(item, v, _join(where, str(k))) for k, v in value.items()}
     return value
 
 
@@ -275,17 +301,86 @@ def _name(hint: Any) -> str:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    """Read a YAML config and apply `key.sub=value` overrides (values parsed as YAML).
+
+    Errors name the file and, for a key of the file, its line and column."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} is a folder, not a file; pass a YAML file, e.g. "
+            f"--config configs/movielens-rating-mf.yaml"
+        )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read ({error})") from None
+    data, positions = read_yaml(text, path)
+    if data is None:
+        raise ConfigError(
+            f"config file {path} is empty; it needs at least a `dataset:` section, e.g. "
+            "dataset: {name: movielens-latest-small, task: rating} (see docs/configuration.md)"
+        )
     for item in overrides or []:
         apply_override(data, item)
-    return parse(Config, data, where=str(path))
+    try:
+        return parse(Config, data)
+    except ConfigError as error:
+        raise ConfigError(_located(str(error), path, positions, error.key), error.key) from None
+
+
+def read_yaml(text: str, path: Path) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """(data, {dotted key: (line, column)}) of a YAML text; duplicated keys are refused.
+
+    The position map lets an error about `train.lr` point at the line a user has to edit."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    positions: dict[str, tuple[int, int]] = {}
+    if node is not None:
+        _walk(node, "", positions, path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:  # e.g. an unhashable key, which compose accepts
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return data, positions
+
+
+def _walk(node: yaml.Node, where: str, positions: dict[str, tuple[int, int]], path: Path) -> None:
+    """Record where every mapping key sits, refusing a key given twice in one mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line, column = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{path}, line {line}, column {column}: key {_join(where, key)!r} is given "
+                    f"twice (first on line {seen[key]}); YAML keeps only the last silently, so "
+                    "remove one of them",
+                    key=_join(where, key),
+                )
+            seen[key] = line
+            positions[_join(where, key)] = (line, column)
+            _walk(value_node, _join(where, key), positions, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            positions[f"{where}[{index}]"] = (item.start_mark.line + 1, item.start_mark.column + 1)
+            _walk(item, f"{where}[{index}]", positions, path)
+
+
+def _located(
+    message: str, path: Path, positions: dict[str, tuple[int, int]], key: str | None
+) -> str:
+    """`message` prefixed with the file and the line/column of `key` (or its nearest parent)."""
+    while key:
+        if key in positions:
+            line, column = positions[key]
+            return f"{path}, line {line}, column {column}: {message}"
+        key = key[: max(key.rfind("."), key.rfind("["), 0)]
+    return f"{path}: {message}"
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

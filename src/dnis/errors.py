@@ -12,7 +12,14 @@ class DnisError(Exception):
 
 
 class ConfigError(DnisError):
-    """A config file or an option is wrong: unknown key, wrong type, impossible value."""
+    """A config file or an option is wrong: unknown key, wrong type, impossible value.
+
+    `key` is the dotted config key at fault (e.g. "train.lr"), when known: `load_config` turns it
+    into the line and column of the YAML file."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class BudgetError(ConfigError):

@@ -15,14 +15,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from dnis.data.encode import Encoder
 from dnis.errors import DataError, DnisError
-from dnis.export.artifact import ENCODERS, MANIFEST, read_manifest, runner_for
+from dnis.export.artifact import CONFIG, ENCODERS, MANIFEST, read_manifest, runner_for
 from dnis.export.source import load_run, read_encoder
 from dnis.models.base import Model
 
 Runner = Callable[[np.ndarray], np.ndarray]
+DEFAULT_ENCODING = "utf-8"
 
 
 class EagerRunner:
@@ -54,6 +56,7 @@ class Predictor:
         backend: str,
         source: Path,
         manifest: dict[str, Any] | None = None,
+        encoding: str = DEFAULT_ENCODING,
     ) -> None:
         self.encoder = encoder
         self.runner = runner
@@ -61,6 +64,7 @@ class Predictor:
         self.backend = backend  # torchscript | onnx | torch
         self.source = source
         self.manifest = manifest
+        self.encoding = encoding  # of the training files: input CSVs are read with it by default
 
     @property
     def columns(self) -> list[str]:
@@ -118,8 +122,13 @@ class Predictor:
         return self.to_score(self.raw(data, batch_size))
 
 
-def load(path: str | Path, budget: float | str | None = None) -> Predictor:
-    """A Predictor for an export folder or a run folder (one budget of a search run)."""
+def load(path: str | Path, budget: float | str | None = None, *, trust: bool = False) -> Predictor:
+    """A Predictor for an export folder or a run folder (one budget of a search run).
+
+    A TorchScript export is a program: loading it runs what its author put in it. It is loaded
+    only with `trust=True` (`dnis predict --trust`); ONNX exports and run folders hold data only
+    and need no such flag (docs/security.md).
+    """
     path = Path(path)
     if (path / MANIFEST).is_file():
         manifest = read_manifest(path)
@@ -129,6 +138,12 @@ def load(path: str | Path, budget: float | str | None = None) -> Predictor:
                 "drop --budget, or export the budget you want and use that export"
             )
         fmt = manifest["format"]
+        if fmt == "torchscript" and not trust:
+            raise DnisError(
+                f"{path} is a TorchScript export, which is code: loading it runs whatever its "
+                "author put in it. Pass --trust (Python: trust=True) if you trust where it came "
+                "from, or score with an ONNX export or the run folder, which hold data only"
+            )
         return Predictor(
             read_encoder(path / ENCODERS),
             runner_for(fmt, path / manifest["model_file"]),
@@ -136,13 +151,29 @@ def load(path: str | Path, budget: float | str | None = None) -> Predictor:
             backend=fmt,
             source=path,
             manifest=manifest,
+            encoding=_export_encoding(path / CONFIG),
         )
     if (path / "config.yaml").is_file() or not path.exists():
         run = load_run(path, budget)
         return Predictor(
-            run.encoder, EagerRunner(run.model), task=run.task, backend="torch", source=path
+            run.encoder,
+            EagerRunner(run.model),
+            task=run.task,
+            backend="torch",
+            source=path,
+            encoding=run.config.dataset.encoding,
         )
     raise DnisError(
         f"{path} is neither a dnis export (no {MANIFEST}) nor a run folder (no config.yaml); "
         "pass the folder `dnis export` or `dnis train`/`dnis search` wrote"
     )
+
+
+def _export_encoding(config: Path) -> str:
+    """The text encoding of the training files, from the run config an export carries."""
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        encoding = data["dataset"].get("encoding", DEFAULT_ENCODING)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return DEFAULT_ENCODING  # the manifest's checksum already vouched for the file
+    return encoding if isinstance(encoding, str) else DEFAULT_ENCODING

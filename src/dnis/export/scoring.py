@@ -34,12 +34,12 @@ class ScoredFile:
     columns: list[str]
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix in PARQUET:
         return read_parquet(path)
     if suffix in READERS:
-        return read_csv(path, delimiter=READERS[suffix])
+        return read_csv(path, delimiter=READERS[suffix], encoding=encoding)
     raise DataError(
         f"unknown input format {suffix or '(no extension)'!r}",
         path=path,
@@ -85,15 +85,19 @@ def predict_file(
     batch_size: int = 8192,
     keep: Sequence[str] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    encoding: str | None = None,
 ) -> ScoredFile:
-    """Score every row of `input` into `output`; `on_batch(rows done, rows total)` after each batch."""
+    """Score every row of `input` into `output`; `on_batch(rows done, rows total)` after each batch.
+
+    A CSV/TSV input is read with `encoding`, by default the training files' (`predictor.encoding`).
+    """
     input, output = Path(input), Path(output)
     if batch_size < 1:
         raise DnisError(f"--batch-size must be >= 1, got {batch_size}")
     write = writer_for(output)  # a bad output name fails before any work
     if output.resolve() == input.resolve():
         raise DnisError(f"{output} is the input file; write the scores to another file")
-    frame = read_table(input)
+    frame = read_table(input, encoding or predictor.encoding)
     predictor.check_columns(frame, path=input)
     if keep is None:
         kept = id_columns(frame, predictor)

@@ -25,9 +25,10 @@ from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import frequency_blocks
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
-from dnis.errors import DnisError
+from dnis.errors import ConfigError, DnisError
 from dnis.export.traceable import ragged_keep
 from dnis.models.base import Model
+from dnis.train.checkpoint import UnsafeFileError, read_checkpoint, safe_load
 
 RUN_FIX = "pass a folder written by `dnis train` or `dnis search` (runs/<name>-<hash>/)"
 
@@ -145,7 +146,10 @@ def read_run_config(run_dir: Path) -> Config:
     train = data.get("train")
     if isinstance(train, dict) and "device" in train:
         train["device"] = "cpu"  # a GPU-trained run is exported on a machine without one
-    return parse(Config, data, where=str(path))
+    try:
+        return parse(Config, data)
+    except ConfigError as error:
+        raise DnisError(f"{path}: {error}; {RUN_FIX}") from None
 
 
 def read_encoder(path: Path) -> Encoder:
@@ -161,12 +165,12 @@ def read_encoder(path: Path) -> Encoder:
 def read_state(path: Path) -> dict[str, torch.Tensor]:
     """A saved state dict (plain, or inside a checksummed checkpoint envelope)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_load(path)
+    except UnsafeFileError:
+        raise
     except Exception as error:  # torch raises many types for a damaged file
         raise DnisError(f"{path} is corrupt or not a model file ({error}); rerun the run") from None
     if isinstance(state, dict) and "payload" in state and "sha256" in state:
-        from dnis.train.checkpoint import read_checkpoint
-
         _, state = read_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DnisError(f"{path} does not hold model weights (a state dict); rerun the run")

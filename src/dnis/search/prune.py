@@ -12,6 +12,8 @@ Padding rows of sequence fields are never read by a model, so they get no dims.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dnis.embeddings.blocks import BlockLayout
@@ -23,6 +25,11 @@ GRANULARITIES: tuple[str, ...] = ("block", "element")
 
 def budget_params(budget: float, full_params: int) -> int:
     """A budget as a parameter count: a fraction in (0, 1] of the full table, or a count > 1."""
+    if not math.isfinite(budget):
+        raise ConfigError(
+            f"budget must be a finite number (a fraction of the full embedding, e.g. 0.25, or a "
+            f"parameter count), got {budget}"
+        )
     if budget <= 0:
         raise ConfigError(
             f"budget must be > 0 (a fraction of the full embedding or a count), got {budget}"

@@ -25,7 +25,7 @@ import torch
 from dnis import track
 from dnis.config import Config
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import DnisError
+from dnis.errors import ConfigError, DnisError
 from dnis.io import atomic_write, write_json
 from dnis.search.dnis import (
     SearchState,
@@ -38,6 +38,7 @@ from dnis.search.dnis import (
 )
 from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory
+from dnis.train.checkpoint import UnsafeFileError, safe_load
 from dnis.train.progress import Progress
 from dnis.train.run import model_factory, start_run
 
@@ -61,6 +62,12 @@ def search_run(
 
     `resume` continues a killed run from its checkpoints (see the module docstring).
     """
+    if not (config.search.budgets if budgets is None else budgets):
+        raise ConfigError(
+            "search.budgets is empty, so the search would prune to nothing: give at least one "
+            "budget (--budget 0.25, or search.budgets: [0.1, 0.25] in the config); to train "
+            "without a search, run `dnis train`"
+        )
     run_dir = config.run_dir()
     if not resume:
         clear_checkpoints(run_dir)  # a fresh run must not inherit an old resume point
@@ -169,7 +176,9 @@ def reload_budget(
         state, make_model, budget, config=config.search, train=config.train
     )
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(safe_load(weights))
+    except UnsafeFileError:
+        raise
     except Exception as error:  # torch raises many types for a damaged or foreign file
         raise DnisError(
             f"{weights} cannot be loaded into this budget's compact model ({error}); "

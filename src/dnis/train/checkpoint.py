@@ -4,16 +4,22 @@ On disk a checkpoint is a `torch.save` of a small envelope::
 
     {"format": 1, "config_hash": str, "sha256": hex digest of payload, "payload": bytes}
 
-where `payload` is the `torch.save` serialisation of the training state. Loading reads the
-envelope with `weights_only=True` (it holds only plain types), verifies the SHA-256 of the payload
-before unpickling it, and compares the config hash, so a truncated, bit-flipped or foreign file
-and a checkpoint written by another config are refused, never loaded silently.
+where `payload` is the `torch.save` serialisation of the training state: tensors, numbers,
+strings and plain containers only. Loading reads the envelope, verifies the SHA-256 of the exact
+payload bytes, and compares the config hash, so a truncated, bit-flipped or foreign file and a
+checkpoint written by another config are refused, never loaded silently.
+
+Run folders are shared between people, so a checkpoint is data, never code: both the envelope and
+the payload are read with `weights_only=True`, whose unpickler builds tensors and plain containers
+only and refuses any other global (a crafted `__reduce__` is never called). The checksum guards
+against damage, not against an attacker, who can recompute it; `weights_only` is the guard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,33 @@ from dnis.io import atomic_write
 FORMAT = 1
 
 _START_OVER = "delete it and start the run again without --resume"
+
+
+class UnsafeFileError(DnisError):
+    """A file that should hold tensors holds other pickled objects: loading it could run code."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"{path} was refused: it holds pickled objects other than tensors and plain "
+            f"containers, and loading it could run code ({reason}). dnis writes no such files; do "
+            "not use a run folder or export of unknown origin (see docs/security.md)"
+        )
+
+
+def safe_load(source: str | Path | io.BytesIO) -> Any:
+    """`torch.load` restricted to tensors and plain containers, on the CPU; never runs code.
+
+    Raises `UnsafeFileError` for a file that names any other global (e.g. a crafted
+    `__reduce__`); a damaged file raises what torch raises, for the caller to explain."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        globals_named = [line for line in str(error).splitlines() if "GLOBAL" in line]
+        if not globals_named:
+            raise  # a damaged stream (e.g. an unknown opcode): the caller calls it corrupt
+        name = source if isinstance(source, str | Path) else "the file"
+        raise UnsafeFileError(name, globals_named[0].strip()) from None
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], config_hash: str) -> None:
@@ -47,7 +80,9 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any]]:
     if not path.is_file():
         raise DnisError(f"checkpoint {path} does not exist; start the run without --resume")
     try:
-        envelope = torch.load(path, map_location="cpu", weights_only=True)
+        envelope = safe_load(path)
+    except UnsafeFileError:
+        raise
     except Exception as error:  # torch raises many types for a damaged or foreign file
         raise DnisError(
             f"checkpoint {path} is corrupt or not a checkpoint (cannot be read: {error}); "
@@ -71,7 +106,9 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict[str, Any]]:
             + _START_OVER
         )
     try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        state = safe_load(io.BytesIO(payload))
+    except UnsafeFileError as error:
+        raise UnsafeFileError(path, error.reason) from None
     except Exception as error:  # checksum matched: written by an incompatible torch/dnis
         raise DnisError(f"checkpoint {path} cannot be unpacked ({error}); " + _START_OVER) from None
     if not isinstance(state, dict):
