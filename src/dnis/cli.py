@@ -413,10 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.require_single(f"dnis {args.command}")
         args.run(args)
     except DnisError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
     except OSError as error:  # the file system refused: say which file and what to do
-        console.print(f"[bold red]error:[/] {os_error_message(error)}", highlight=False)
+        console.print(
+            f"[bold red]error:[/] {os_error_message(error)}", highlight=False, soft_wrap=True
+        )
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; rerun with --resume to continue from the last epoch")

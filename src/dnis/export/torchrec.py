@@ -72,6 +72,7 @@ from dnis.errors import DnisError
 from dnis.export.source import RunModel, run_summary
 from dnis.export.traceable import example_ids
 from dnis.io import write_json
+from dnis.train.checkpoint import safe_load
 
 FILENAME = "torchrec_tables.json"
 WEIGHTS = "weights.pt"
@@ -310,7 +311,7 @@ class TorchRecTables:
     @classmethod
     def from_files(cls, folder: Path, section: Mapping[str, Any]) -> TorchRecTables:
         configs = json.loads((folder / FILENAME).read_text(encoding="utf-8"))
-        weights = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        weights = safe_load(folder / WEIGHTS)  # data only: a crafted file is refused, not run
         return cls(configs, weights, section)
 
     def tables(self, module: str = INPUT) -> list[dict[str, Any]]:
