@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dnis.data.encode import Encoder, require_columns
+from dnis.data.encode import Encoder, check_values, require_columns
 from dnis.data.schema import Schema
 from dnis.data.split import file_lines, split_frame
 from dnis.errors import ConfigError, DataError
@@ -84,13 +84,14 @@ def build_dataset(
         if missing:
             raise ConfigError(f"pre-split data lacks split(s) {sorted(missing)}")
         parts = {k: data[k] for k in ("train", "valid", "test")}
+        for frame in parts.values():
+            check_values(frame, schema)
     else:
+        check_values(data, schema)  # before the split, so a bad row is named by its file position
         user_col = schema[schema.user].source if schema.user else None
         parts = split_frame(data, split, ratios=ratios, seed=seed, user=user_col, time=schema.time)
     if len(parts["train"]) == 0:
         raise DataError(f"dataset {name!r}: the training split is empty", fix="supply more rows")
-    for frame in parts.values():
-        require_columns(frame, [f.source for f in schema.features])
     encoder = Encoder.fit(schema, parts["train"])
     encoded = {k: encode_split(encoder, frame, task) for k, frame in parts.items()}
     return EncodedDataset(

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dnis.data.schema import FeatureSpec, Schema
+from dnis.data.split import file_lines
 from dnis.errors import DataError
 from dnis.io import write_json
 
@@ -69,10 +70,18 @@ class FieldEncoder:
     def fit(cls, spec: FeatureSpec, values: pd.Series) -> FieldEncoder:
         if spec.kind == "numeric":
             numbers = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=np.float64)
-            if len(numbers) == 0:
-                return cls(spec, edges=[], counts=[])
-            qs = np.quantile(numbers, np.linspace(0, 1, spec.buckets + 1)[1:-1])
-            edges = np.unique(qs)
+            finite = numbers[np.isfinite(numbers)]  # +-inf would make the quantiles NaN
+            if len(finite) == 0:
+                raise DataError(
+                    f"numeric feature {spec.name!r} has no finite number in the training split "
+                    f"({len(numbers)} infinite, {len(values) - len(numbers)} missing or "
+                    "non-numeric), so it has no bucket edges",
+                    path=values.attrs.get("source"),
+                    column=spec.source,
+                    fix="clean the column, declare it `kind: categorical`, or remove the feature",
+                )
+            qs = np.quantile(finite, np.linspace(0, 1, spec.buckets + 1)[1:-1])
+            edges = np.unique(qs)  # infinite values fall into the first or the last bucket
             ids = np.searchsorted(edges, numbers, side="right") + 1
             counts = np.bincount(ids, minlength=len(edges) + 2)[1:]
             return cls(spec, edges=edges.tolist(), counts=counts.tolist())
@@ -149,6 +158,49 @@ class Encoder:
         schema = Schema.from_dict(data["schema"])
         return cls(
             schema, [FieldEncoder(spec, **data["fields"][spec.name]) for spec in schema.features]
+        )
+
+
+def check_values(frame: pd.DataFrame, schema: Schema) -> None:
+    """Refuse list and struct values (e.g. from Parquet) in a feature column that takes scalars.
+
+    Turned into strings they would silently become one category per distinct list ('[25  4]').
+    Lists may feed only `sequence` features, structs none. Only object columns whose values are
+    not all of one scalar kind are inspected value by value.
+    """
+    require_columns(frame, [f.source for f in schema.features])
+    for spec in schema.features:
+        values = frame[spec.source]
+        if values.dtype != object or pd.api.types.infer_dtype(values, skipna=True) not in (
+            "mixed",
+            "mixed-integer",
+        ):
+            continue
+        nested = (dict,) if spec.kind == "sequence" else (dict, list, tuple, set, np.ndarray)
+        bad = np.flatnonzero(values.map(type, na_action="ignore").isin(nested).to_numpy())
+        if len(bad) == 0:
+            continue
+        row = int(bad[0])
+        value = values.iloc[row]
+        what = "struct" if isinstance(value, dict) else "list"
+        takes = "lists of values" if spec.kind == "sequence" else "one value per row"
+        if what == "struct":
+            fix = "flatten the struct into one column per field and declare those as features"
+        elif spec.kind == "numeric":
+            fix = "write one number per row"
+        else:
+            fix = (
+                f"declare {spec.name!r} as `kind: sequence` (with `max_len:`) to use every "
+                "value of the list, or write one value per row"
+            )
+        lines = file_lines(frame)
+        raise DataError(
+            f"{spec.kind} feature {spec.name!r} takes {takes}, but row {row + 1} holds a {what} "
+            f"({str(value)[:60]}; {len(bad)} such row(s) in all)",
+            path=frame.attrs.get("source"),
+            line=None if lines is None else int(lines[row]),
+            column=spec.source,
+            fix=fix,
         )
 
 

@@ -4,12 +4,23 @@ Every reader records where its rows came from in ``frame.attrs``: ``source`` (th
 either ``first_line`` (the 1-based file line of row 0, rows being consecutive lines) or ``lines``
 (the file line of every row). `check_numeric` and `dnis.data.dataset.check_labels` use them to name
 the exact line of a bad value. Malformed input raises `DataError`, never a parser stack trace.
+
+Text files may be gzip, bzip2 or xz compressed, or a zip archive of one file: the format is told by
+the file's first bytes, not its name. A UTF-8 byte-order mark is dropped.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import csv
+import gzip
 import io
+import lzma
+import re
+import zipfile
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +32,19 @@ from dnis.errors import DataError
 
 # Stands in for a multi-byte delimiter (such as MovieLens-1M's "::"), which pandas' C parser lacks.
 _UNIT_SEPARATOR = b"\x1f"
+
+# First bytes of each compressed format; bzip2's magic is followed by a block or end-of-stream mark
+# so that a header such as "BZh1..." stays text.
+_COMPRESSED: dict[str, re.Pattern[bytes]] = {
+    "gzip": re.compile(rb"\x1f\x8b"),
+    "bzip2": re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"),
+    "xz": re.compile(rb"\xfd7zXZ\x00"),
+    "zip": re.compile(rb"PK(\x03\x04|\x05\x06)"),
+    "zstd": re.compile(rb"\x28\xb5\x2f\xfd"),
+}
+_DECOMPRESS = {"gzip": gzip.decompress, "bzip2": bz2.decompress, "xz": lzma.decompress}
+# Byte-order marks of UTF-16/32, which ASCII-compatible decoding would turn into garbage.
+_WIDE_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def read_csv(
@@ -43,6 +67,7 @@ def read_csv(
     characters, in which case the csv module walks it record by record.
     """
     path = Path(path)
+    encoding = _codec(encoding, path)
     if "\n,".encode(encoding, errors="replace") != b"\n,":
         raise DataError(
             f"encoding {encoding!r} is not ASCII-compatible (e.g. UTF-16), which the line and "
@@ -50,7 +75,7 @@ def read_csv(
             path=path,
             fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with the default encoding",
         )
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, encoding)
     _check_encoding(raw, path, encoding)
     sep = delimiter.encode(encoding)
     if len(sep) != 1:
@@ -115,6 +140,7 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataF
         raise DataError("file not found", path=path, fix="check the path")
     try:
         available = pq.read_schema(path).names
+        _check_unique(available, path, None, "rename the column where the file is written")
         missing = [c for c in columns or [] if c not in available]
         if missing:
             raise DataError(f"missing column(s) {missing}; the file has {available}", path=path)
@@ -138,7 +164,8 @@ def read_libfm(path: str | Path, *, encoding: str = "utf-8") -> pd.DataFrame:
     line and the token's position on it (the label is token 1).
     """
     path = Path(path)
-    raw = _read_bytes(path)
+    encoding = _codec(encoding, path)
+    raw = _read_bytes(path, encoding)
     _check_encoding(raw, path, encoding)
     text = pd.Series(raw.decode(encoding).splitlines(), dtype=object)
     lines = np.flatnonzero(text.str.strip().str.len().to_numpy() > 0) + 1
@@ -187,14 +214,89 @@ def check_numeric(frame: pd.DataFrame, column: str, *, allow_missing: bool = Fal
     return values
 
 
-def _read_bytes(path: Path) -> bytes:
+def _codec(encoding: str, path: Path) -> str:
+    """`encoding`, checked; any spelling of UTF-8 (utf-8-sig too) becomes "utf-8", since
+    `_read_bytes` drops the byte-order mark."""
+    try:
+        name = codecs.lookup(encoding).name
+        "\n".encode(encoding)  # refuses codecs that are not text encodings, such as rot13
+    except LookupError:
+        raise DataError(
+            f"{encoding!r} is not a known text encoding",
+            path=path,
+            fix="give a Python codec name, e.g. utf-8 or latin-1",
+        ) from None
+    return "utf-8" if name in ("utf-8", "utf-8-sig") else encoding
+
+
+def _read_bytes(path: Path, encoding: str) -> bytes:
+    """The file's bytes, decompressed and without a UTF-8 byte-order mark (Excel writes one)."""
     if not path.is_file():
         hint = " (it is a folder)" if path.is_dir() else ""
         raise DataError(f"file not found{hint}", path=path, fix="check the path")
-    raw = path.read_bytes()
+    raw = _decompressed(path.read_bytes(), path)
+    if encoding == "utf-8":
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+    if "\n".encode(encoding) == b"\n" and raw.startswith(_WIDE_BOMS):
+        raise DataError(
+            "the file is UTF-16 or UTF-32 (it starts with their byte-order mark)",
+            path=path,
+            fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with the "
+            "default encoding",
+        )
     if not raw.strip():
         raise DataError("the file is empty", path=path, fix="check the path and the file")
     return raw
+
+
+def _compression(raw: bytes) -> str | None:
+    """The compressed format `raw` starts with, if any."""
+    return next((name for name, magic in _COMPRESSED.items() if magic.match(raw)), None)
+
+
+def _decompressed(raw: bytes, path: Path) -> bytes:
+    """`raw` decompressed when its first bytes say it is gzip, bzip2, xz or a one-file zip."""
+    kind = _compression(raw)
+    if kind is None:
+        return raw
+    if kind == "zstd":
+        raise DataError(
+            "the file is zstd-compressed, which dnis does not read",
+            path=path,
+            fix="decompress it first (zstd -d FILE) or recompress it with gzip",
+        )
+    try:
+        return _unzipped(raw, path) if kind == "zip" else _DECOMPRESS[kind](raw)
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        zlib.error,
+        lzma.LZMAError,
+        zipfile.BadZipFile,
+    ) as error:
+        raise DataError(
+            f"the file is {kind}-compressed but does not decompress: {error}",
+            path=path,
+            fix="the file is probably truncated or corrupt: download or compress it again",
+        ) from None
+
+
+def _unzipped(raw: bytes, path: Path) -> bytes:
+    """The one file in a zip archive; an archive of several files is ambiguous, so refused."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        members = [member for member in archive.infolist() if not member.is_dir()]
+        if len(members) != 1:
+            names = [member.filename for member in members[:5]]
+            raise DataError(
+                f"the file is a zip archive of {len(members)} files {names}; dnis reads an "
+                "archive of exactly one file",
+                path=path,
+                fix="unzip it and point `path` at the file to read",
+            )
+        return archive.read(members[0])
 
 
 def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
@@ -203,6 +305,14 @@ def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
         raw.decode(encoding)
     except UnicodeDecodeError as error:
         start = error.start
+        kind = _compression(raw)
+        if kind is not None:  # a reader that does not decompress (streaming) got a compressed file
+            raise DataError(
+                f"the file is {kind}-compressed, which this reader does not decompress",
+                path=path,
+                fix="decompress it first (e.g. gunzip -k FILE); streaming reads uncompressed "
+                "files only",
+            ) from None
         line = raw.count(b"\n", 0, start) + 1
         column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
         raise DataError(
@@ -276,23 +386,47 @@ def _column_names(
     expected: int,
     path: Path,
 ) -> list[str]:
-    """Column names: `names`, else the header row, else 0..n-1 as strings."""
+    """Column names: `names`, else the header row, else 0..n-1 as strings; all distinct."""
     if names is not None:
         if len(names) != expected:
             raise DataError(
                 f"`names` lists {len(names)} columns but the file has {expected}", path=path
             )
+        _check_unique(names, path, None, "give every column its own name in `names:`")
         return list(names)
     if not header:
         return [str(i) for i in range(expected)]
     first = next(line for line in raw.decode(encoding).splitlines() if line.strip())
+    first = first.removeprefix("\ufeff")  # streaming passes the file's first bytes as they are
     quoting = csv.QUOTE_MINIMAL if quotechar else csv.QUOTE_NONE
     row = next(
         csv.reader(
             [first], delimiter=sep.decode(encoding), quotechar=quotechar or '"', quoting=quoting
         )
     )
-    return [name.strip() for name in row]
+    columns = [name.strip() for name in row]
+    line = raw.count(b"\n", 0, len(raw) - len(raw.lstrip())) + 1  # blank lines may come first
+    _check_unique(
+        columns,
+        path,
+        line,
+        "rename the duplicated column in the header, or name all columns with `names:` "
+        "(it replaces the header)",
+    )
+    return columns
+
+
+def _check_unique(columns: list[str], path: Path, line: int | None, fix: str) -> None:
+    """Refuse duplicated column names: a feature reading one of them would be ambiguous."""
+    duplicated = [name for name, count in Counter(columns).items() if count > 1]
+    if duplicated:
+        raise DataError(
+            f"column name(s) {duplicated} appear more than once in {columns}",
+            path=path,
+            line=line,
+            column=duplicated[0],
+            fix=fix,
+        )
 
 
 def _with_lines(frame: pd.DataFrame, path: Path, lines: np.ndarray) -> pd.DataFrame:
