@@ -48,6 +48,9 @@ class RichProgress(Progress):
         assert self.bar is not None
         self.bar.advance(self.task)
 
+    def note(self, message: str) -> None:
+        console.print(f"[yellow]{self.label}: {message}[/]", highlight=False)
+
     def epoch_end(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.stop()

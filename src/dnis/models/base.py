@@ -7,6 +7,7 @@ from torch import nn
 
 from dnis.data.schema import Schema
 from dnis.errors import ConfigError
+from dnis.models.layers import LinearTerms
 
 
 class Model(nn.Module):
@@ -39,6 +40,25 @@ class Model(nn.Module):
                 f"has {self.num_fields}: add the item field to the schema or pick a model such as fm"
             )
         return 0, 1
+
+    def output_bias(self) -> nn.Parameter | None:
+        """The scalar added to every score (the global bias), or None when the model has none.
+
+        Training starts it at the task's base score (the mean rating, the log-odds of the click
+        rate), so the first epochs learn the interactions instead of the offset. Found by role:
+        the linear terms' bias, else the bias of the last layer that emits the score (an ensemble,
+        an output layer, or the MLP's last layer), whichever the model has first.
+        """
+        linear = getattr(self, "linear", None)
+        if isinstance(linear, LinearTerms):
+            return linear.bias
+        for name in ("ensemble", "output", "mlp"):
+            layer = getattr(self, name, None)
+            if isinstance(layer, nn.Sequential) and len(layer):
+                layer = layer[-1]
+            if isinstance(layer, nn.Linear) and layer.out_features == 1 and layer.bias is not None:
+                return layer.bias
+        return None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -65,6 +65,8 @@ from dnis.train.trainer import (
     training_loss,
 )
 
+CONVERGE = "converge"  # search.warmup_epochs: train to early stopping before the search
+
 
 @dataclass
 class DnisConfig:
@@ -74,7 +76,9 @@ class DnisConfig:
     # count: equal id counts; mass: equal training frequency mass; or explicit edges as fractions
     # of each field's ids, e.g. [0.05, 0.2, 0.5] (then num_blocks is ignored)
     block_mode: str | list[float] = "count"
-    warmup_epochs: int = 1  # plain training before alpha starts to move
+    # plain training before alpha starts to move: a number of epochs, or "converge" (train until
+    # validation stops improving: train.patience, capped at train.epochs)
+    warmup_epochs: int | str = 1
     # bilevel epochs; 6 as in our benchmarks: 10 gave no better DeepFM AUC (docs/performance.md)
     search_epochs: int = 6
     # stop the bilevel search after this many epochs without a better validation metric (the best
@@ -104,11 +108,13 @@ class DnisConfig:
         if (
             self.search_epochs < 1
             or self.num_blocks < 1
-            or self.warmup_epochs < 0
+            or (self.warmup_epochs != CONVERGE and not isinstance(self.warmup_epochs, int))
+            or (isinstance(self.warmup_epochs, int) and self.warmup_epochs < 0)
             or self.patience < 0
         ):
             raise ConfigError(
-                "search: search_epochs and num_blocks must be >= 1, warmup_epochs and patience >= 0"
+                "search: search_epochs and num_blocks must be >= 1, patience >= 0, warmup_epochs "
+                f">= 0 or {CONVERGE!r}"
             )
 
 
@@ -192,7 +198,8 @@ def search(
     if folder is not None and resume and (folder / "checkpoint.pt").exists():
         saved = _read_search_checkpoint(folder / "checkpoint.pt", settings, config_hash)
     if saved is None and config.warmup_epochs:  # a search checkpoint supersedes the warm-up
-        warm = TrainConfig(**{**vars(train), "epochs": config.warmup_epochs, "patience": 0})
+        fixed = {"epochs": config.warmup_epochs, "patience": 0}
+        warm = TrainConfig(**{**vars(train), **({} if config.warmup_epochs == CONVERGE else fixed)})
         warmup = Trainer(
             model,
             task,
@@ -316,6 +323,14 @@ def _read_search_checkpoint(
 
 
 def _cycle(dataset: EncodedDataset, batch_size: int, generator: torch.Generator):
+    """Validation batches without end, for the alpha steps. An empty validation split would make
+    the loop spin forever without yielding, so it is refused (runs refuse it before training, in
+    `dnis.data.split.check_splits`; this guards every other caller)."""
+    if len(dataset.valid) == 0:
+        raise DnisError(
+            "DNIS steps alpha on validation batches, but the validation split is empty; "
+            "give it rows (more data, or your own valid file)"
+        )
     while True:
         yield from batches(dataset.valid, batch_size, shuffle=True, generator=generator)
 

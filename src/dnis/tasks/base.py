@@ -30,6 +30,11 @@ class Task(ABC):
     def evaluate(self, model: Model, split: str, batch_size: int = 8192) -> dict[str, float]:
         """Metrics of `model` on a split ("valid" or "test")."""
 
+    def base_score(self) -> float | None:
+        """The score that fits the training labels best before any feature is used (the model's
+        global bias starts there), or None when the task has no such offset (ranking)."""
+        return None
+
     def better(self, new: float, best: float | None) -> bool:
         if best is None:
             return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -24,6 +26,10 @@ class RatingTask(Task):
         super().__init__(dataset)
         self.low, self.high = label_range(dataset.train)
 
+    def base_score(self) -> float:
+        """The mean training rating: the constant of least squared error."""
+        return float(self.dataset.train.labels.double().mean())
+
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
         device = model_device(model)
         return F.mse_loss(model(ids.to(device)), labels.to(device))
@@ -38,6 +44,12 @@ class CTRTask(Task):
     name = "ctr"
     metric = "auc"
     higher_is_better = True
+
+    def base_score(self) -> float:
+        """The log-odds of the training click rate: the constant logit of least log loss."""
+        rate = float(self.dataset.train.labels.double().mean())
+        rate = min(max(rate, 1e-6), 1 - 1e-6)
+        return math.log(rate / (1 - rate))
 
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
         device = model_device(model)

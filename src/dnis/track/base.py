@@ -103,6 +103,9 @@ class TrackingProgress(Progress):
     def batch_end(self) -> None:
         self.inner.batch_end()
 
+    def note(self, message: str) -> None:
+        self.inner.note(message)
+
     def epoch_end(self, record: dict[str, Any]) -> None:
         self.inner.epoch_end(record)
         prefix = self.prefix(record) if callable(self.prefix) else self.prefix

@@ -14,5 +14,8 @@ class Progress:
 
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
+    def note(self, message: str) -> None:
+        """Something the user should read, e.g. that training stopped at its epoch cap."""
+
 
 SilentProgress = Progress

@@ -68,6 +68,8 @@ class TrainResult:
     valid: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    # stopped by train.epochs while validation was still improving (not by patience)
+    capped: bool = False
 
 
 class SparseDenseOptimizer:
@@ -346,7 +348,18 @@ class Trainer:
             self.model.load_state_dict(state["best_state"])
         best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
         valid = {k[len("valid_") :]: v for k, v in best.items() if k.startswith("valid_")}
-        return TrainResult(state["best_epoch"], valid, state["history"], state["seconds"])
+        capped = (
+            bool(cfg.patience) and state["epoch"] == cfg.epochs and state["stale"] < cfg.patience
+        )
+        if capped:
+            self.progress.note(
+                f"stopped at the epoch cap (train.epochs={cfg.epochs}) while validation "
+                f"{task.metric} was still improving (best epoch {state['best_epoch']}): raise "
+                "train.epochs for a better model"
+            )
+        return TrainResult(
+            state["best_epoch"], valid, state["history"], state["seconds"], capped=capped
+        )
 
     def _train_epoch(self, epoch: int) -> float:
         cfg = self.config
