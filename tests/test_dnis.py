@@ -17,7 +17,7 @@ from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.embeddings.soft_selection import SoftSelectionEmbedding
 from dnis.errors import ConfigError
 from dnis.search.dnis import DnisConfig, materialize, retrain, search
-from dnis.search.prune import budget_params, prune_blocks, prune_elements
+from dnis.search.prune import block_saliency, budget_params, prune_blocks, prune_elements
 from dnis.tasks.base import predict
 from dnis.train import TrainConfig
 
@@ -194,7 +194,7 @@ def test_search_finds_the_planted_structure(planted):
 @pytest.mark.parametrize("granularity", ["block", "element"])
 def test_compact_model_predicts_like_the_pruned_soft_model(planted, granularity):
     ds, make, state = planted
-    compact = materialize(state, 0.2, granularity)
+    compact = materialize(state, 0.2, DnisConfig(granularity=granularity))
     model = make(compact)
     dense = {k: v for k, v in state.model.state_dict().items() if not k.startswith("embedding.")}
     model.load_state_dict(dense, strict=False)
@@ -203,7 +203,8 @@ def test_compact_model_predicts_like_the_pruned_soft_model(planted, granularity)
     full = soft.weight.numel()
     with torch.no_grad():
         if granularity == "block":
-            keep = prune_blocks(soft.alpha, state.blocks, budget_params(0.2, full))
+            saliency = block_saliency(soft.selected_weight(), state.blocks)
+            keep = prune_blocks(soft.alpha, state.blocks, budget_params(0.2, full), saliency)
             soft.alpha.mul_(keep)
         else:
             keep = prune_elements(soft.selected_weight(), soft.layout, budget_params(0.2, full))
@@ -334,3 +335,56 @@ def test_search_patience_stops_after_stale_epochs_and_keeps_the_best(
     assert len(again.history) == 4
     with pytest.raises(ConfigError, match="patience"):
         DnisConfig(patience=-1)
+
+
+def test_tied_alphas_are_ranked_by_saliency_not_field_order():
+    """alpha clamped at exactly 1 everywhere: the kept blocks follow the weights, and permuting
+    the blocks permutes the result (field 0 does not win ties)."""
+    blocks = BlockLayout(field=(0, 1, 2), start=(0, 10, 20), size=(10, 10, 10), frequency=(5, 5, 5))
+    alpha = torch.ones(3, 4)
+    table = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    table[20:] *= 10.0  # block 2 carries the most mass in every dim
+    keep = prune_blocks(alpha, blocks, 40, block_saliency(table, blocks))
+    assert keep[2].all() and not keep[:2].any()
+    permutation = [2, 0, 1]
+    moved = torch.cat([table[10 * b : 10 * b + 10] for b in permutation])
+    again = prune_blocks(alpha, blocks, 40, block_saliency(moved, blocks))
+    assert torch.equal(again, keep[permutation])
+
+
+def test_saliency_does_not_change_when_scale_moves_between_weights_and_alpha():
+    blocks = BlockLayout(field=(0, 1), start=(0, 5), size=(5, 5), frequency=(1, 1))
+    weight = torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
+    alpha = torch.rand(2, 3, generator=torch.Generator().manual_seed(2)) + 0.1
+    folded = weight * alpha[blocks.row_block()]
+    rescaled = (weight * 4.0) * (alpha / 4.0)[blocks.row_block()]
+    torch.testing.assert_close(block_saliency(folded, blocks), block_saliency(rescaled, blocks))
+
+
+@pytest.mark.parametrize(("l1_step", "shrink"), [("proximal", 0.01 * 1e-3), ("loss", 0.01)])
+def test_a_block_absent_from_the_validation_batch_shrinks_only_by_the_proximal_l1(
+    ctr_data, l1_step, shrink
+):
+    """With the L1 term in the loss, the per-block normalisation turns a block's pure L1 gradient
+    (it is absent from the batch) into a full-size step; as a proximal step it shrinks by lr * l1."""
+    from dnis.embeddings.blocks import dataset_blocks
+    from dnis.search.dnis import _alpha_step
+    from dnis.tasks import make_task
+
+    blocks = dataset_blocks(ctr_data, 6, "count")
+    soft = SoftSelectionEmbedding(FieldLayout.from_dataset(ctr_data), 4, blocks)
+    model = models.build("fm", ctr_data.schema, soft)
+    with torch.no_grad():
+        soft.alpha.fill_(0.5)
+    config = DnisConfig(alpha_lr=0.01, alpha_l1=1e-3, l1_step=l1_step)
+    ids, labels = ctr_data.valid.ids[:8], ctr_data.valid.labels[:8]
+    rows = ids + soft.layout.slot_offsets()
+    used = set(blocks.row_block()[rows.reshape(-1)].tolist())
+    absent = [b for b in range(blocks.num_blocks) if b not in used]
+    assert absent, "the batch touches every block; pick fewer rows"
+    optimizer = torch.optim.SGD([soft.alpha], lr=config.alpha_lr)
+    _alpha_step(model, make_task(ctr_data), soft.alpha, (ids, labels), config, optimizer,
+                torch.Generator().manual_seed(0))  # fmt: skip
+    torch.testing.assert_close(
+        soft.alpha[absent], torch.full((len(absent), 4), 0.5 - shrink), rtol=0, atol=1e-7
+    )

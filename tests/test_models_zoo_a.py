@@ -234,7 +234,7 @@ def test_compact_embeddings_give_the_same_shapes_and_predictions(
     full = soft.weight.numel()
     dense = {k: v for k, v in state.model.state_dict().items() if not k.startswith("embedding.")}
     for granularity, cls in (("block", BlockMixedEmbedding), ("element", RaggedEmbedding)):
-        compact = materialize(state, 0.3, granularity)
+        compact = materialize(state, 0.3, DnisConfig(granularity=granularity))
         assert isinstance(compact, cls)
         assert compact(ids).shape == soft(ids).shape == (300, soft.layout.num_fields, 8)
         model = factory(compact)

@@ -49,7 +49,13 @@ from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.embeddings.soft_selection import SoftSelectionEmbedding
 from dnis.errors import ConfigError, DnisError
 from dnis.models.base import Model
-from dnis.search.prune import GRANULARITIES, budget_params, prune_blocks, prune_elements
+from dnis.search.prune import (
+    GRANULARITIES,
+    block_saliency,
+    budget_params,
+    prune_blocks,
+    prune_elements,
+)
 from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory, block_report
 from dnis.tasks import make_task
@@ -88,6 +94,12 @@ class DnisConfig:
     alpha_optimizer: str = "sgd"  # sgd | adam
     alpha_l1: float = 1e-4  # L1 penalty on alpha in the alpha step
     normalize_alpha_grad: bool = True  # per-block gradient normalisation
+    # alpha_l1 as a loss term (its gradient is normalised with the loss's) or as a proximal
+    # step after the normalised gradient step (the same shrinkage for every entry)
+    l1_step: str = "loss"  # loss | proximal
+    # how block pruning ranks dims: alpha (ties broken by saliency) or saliency, the block's mean
+    # |weight * alpha| per dim, which does not depend on how scale splits between the two
+    rank: str = "alpha"  # alpha | saliency
     granularity: str = "block"  # block | element
     retrain: str = "finetune"  # finetune: start from the searched weights; scratch: re-initialise
     budgets: list[float] = field(default_factory=lambda: [0.25])  # fractions of the full table
@@ -101,6 +113,10 @@ class DnisConfig:
             raise ConfigError(f"search.granularity must be one of {GRANULARITIES}")
         if self.retrain not in ("finetune", "scratch"):
             raise ConfigError("search.retrain must be 'finetune' or 'scratch'")
+        if self.l1_step not in ("loss", "proximal"):
+            raise ConfigError(f"search.l1_step must be 'loss' or 'proximal', got {self.l1_step!r}")
+        if self.rank not in ("alpha", "saliency"):
+            raise ConfigError(f"search.rank must be 'alpha' or 'saliency', got {self.rank!r}")
         if self.alpha_optimizer not in ("sgd", "adam"):
             raise ConfigError("search.alpha_optimizer must be 'sgd' or 'adam'")
         for budget in self.budgets:
@@ -353,7 +369,7 @@ def _alpha_step(
     alpha.requires_grad_(True)
     try:
         loss = task.loss(model, ids, labels, generator)
-        if config.alpha_l1:
+        if config.alpha_l1 and config.l1_step == "loss":
             loss = loss + config.alpha_l1 * alpha.abs().sum()
         (grad,) = torch.autograd.grad(loss, [alpha])
     finally:
@@ -364,17 +380,26 @@ def _alpha_step(
     alpha.grad = grad
     optimizer.step()
     with torch.no_grad():
+        if config.alpha_l1 and config.l1_step == "proximal":
+            # soft-thresholding after the normalised step: every entry shrinks by the same
+            # lr * l1, however often its block appears in validation batches
+            alpha.sub_(config.alpha_lr * config.alpha_l1)
         alpha.clamp_(0.0, 1.0)
 
 
-def materialize(state: SearchState, budget: float, granularity: str) -> FieldEmbedding:
+def materialize(state: SearchState, budget: float, config: DnisConfig) -> FieldEmbedding:
     """The compact embedding for one budget, holding the searched weights with alpha folded in."""
+    granularity = config.granularity
     soft = state.embedding
     full = soft.weight.numel()
     target = budget_params(budget, full)
     table = soft.selected_weight().detach()
     if granularity == "block":
-        keep = prune_blocks(soft.alpha, state.blocks, target)
+        saliency = block_saliency(table, state.blocks)
+        if config.rank == "saliency":
+            keep = prune_blocks(saliency, state.blocks, target)
+        else:
+            keep = prune_blocks(soft.alpha, state.blocks, target, tiebreak=saliency)
         compact: FieldEmbedding = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
     else:
         keep = prune_elements(table, soft.layout, target)
@@ -453,7 +478,7 @@ def compact_model(
     train: TrainConfig,
 ) -> tuple[FieldEmbedding, Model]:
     """The compact embedding for `budget` and the model around it, before retraining."""
-    compact = materialize(state, budget, config.granularity)
+    compact = materialize(state, budget, config)
     torch.manual_seed(train.seed)
     model = make_model(compact)
     if config.retrain == "finetune":

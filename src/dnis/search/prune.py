@@ -49,12 +49,30 @@ def padding_rows(layout: FieldLayout) -> torch.Tensor:
     return offsets[torch.tensor(layout.sequence_fields, dtype=torch.bool)]
 
 
-def prune_blocks(alpha: torch.Tensor, blocks: BlockLayout, budget: int) -> torch.Tensor:
-    """keep [num_blocks, dim]: the entries of largest alpha whose total rows fit `budget`."""
+def block_saliency(table: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
+    """[num_blocks, dim]: the mean |value| of each block's rows in each dim of `table` (alpha
+    folded in), a score that does not change when scale moves between the weights and alpha."""
+    row_block = blocks.row_block().to(table.device)
+    total = torch.zeros(blocks.num_blocks, table.shape[1], dtype=table.dtype, device=table.device)
+    total.index_add_(0, row_block, table.detach().abs())
+    sizes = torch.tensor(blocks.size, dtype=table.dtype, device=table.device).clamp_min(1)
+    return (total / sizes.unsqueeze(1)).cpu()
+
+
+def prune_blocks(
+    score: torch.Tensor, blocks: BlockLayout, budget: int, tiebreak: torch.Tensor | None = None
+) -> torch.Tensor:
+    """keep [num_blocks, dim]: the entries of largest `score` whose total rows fit `budget`.
+
+    Equal scores (alpha clamped at exactly 0 or 1) are ordered by `tiebreak`, also larger first,
+    so that a tie is decided by the data, not by which field comes first in the schema."""
     sizes = torch.tensor(blocks.size, dtype=torch.long)
-    cost = sizes.unsqueeze(1).expand_as(alpha).reshape(-1)
-    value = alpha.detach().cpu().reshape(-1)  # a structure decision: made on the CPU
-    order = torch.argsort(value, descending=True, stable=True)
+    cost = sizes.unsqueeze(1).expand_as(score).reshape(-1)
+    value = score.detach().cpu().reshape(-1)  # a structure decision: made on the CPU
+    order = torch.arange(value.numel())
+    if tiebreak is not None:  # lexicographic: sort by the tie-break, then stably by the score
+        order = torch.argsort(tiebreak.detach().cpu().reshape(-1), descending=True, stable=True)
+    order = order[torch.argsort(value[order], descending=True, stable=True)]
     keep = torch.zeros_like(value, dtype=torch.bool)
     cumulative = torch.cumsum(cost[order], 0)
     prefix = int((cumulative <= budget).sum())  # the largest-alpha entries that fit together
@@ -66,7 +84,7 @@ def prune_blocks(alpha: torch.Tensor, blocks: BlockLayout, budget: int) -> torch
             spent += int(cost[index])
         if spent == budget:
             break
-    return keep.view_as(alpha)
+    return keep.view_as(score)
 
 
 def prune_elements(table: torch.Tensor, layout: FieldLayout, budget: int) -> torch.Tensor:
