@@ -388,3 +388,19 @@ def test_a_block_absent_from_the_validation_batch_shrinks_only_by_the_proximal_l
     torch.testing.assert_close(
         soft.alpha[absent], torch.full((len(absent), 4), 0.5 - shrink), rtol=0, atol=1e-7
     )
+
+
+def test_budgets_come_from_the_config_and_init_std_is_honoured(ctr_data):
+    """One source of budgets: without `budget`, dnis() prunes to `config.budgets`; the searched
+    table starts at `init_std` (a tiny learning rate keeps it there for this check)."""
+    from dnis.search import dnis
+
+    def make(embedding):
+        return models.build("fm", ctr_data.schema, embedding)
+
+    config = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=1, budgets=[0.2, 0.6])
+    train = TrainConfig(epochs=1, batch_size=512, lr=1e-9, patience=0)
+    results = dnis(make, ctr_data, dim=4, config=config, train=train, init_std=0.3)
+    assert [r.budget for r in results] == [0.2, 0.6]
+    state = search(make, ctr_data, dim=4, config=config, train=train, init_std=0.3)
+    assert float(state.embedding.weight.std()) == pytest.approx(0.3, rel=0.1)

@@ -158,10 +158,12 @@ def alpha_stats(alpha: torch.Tensor, blocks: BlockLayout, names: Sequence[str]) 
     }
 
 
-def search_settings(dim: int, config: DnisConfig, train: TrainConfig) -> dict[str, Any]:
+def search_settings(
+    dim: int, config: DnisConfig, train: TrainConfig, init_std: float = 0.01
+) -> dict[str, Any]:
     """Everything a search's result depends on (budgets excluded: one search serves them all)."""
     search = {k: v for k, v in asdict(config).items() if k != "budgets"}
-    return {"dim": dim, "search": search, "train": asdict(train)}
+    return {"dim": dim, "init_std": init_std, "search": search, "train": asdict(train)}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -188,6 +190,7 @@ def search(
     run_dir: str | Path | None = None,
     resume: bool = False,
     config_hash: str | None = None,
+    init_std: float = 0.01,
 ) -> SearchState:
     """Warm up, then alternate model steps (train batches) and alpha steps (valid batches).
 
@@ -199,13 +202,13 @@ def search(
     config = config or DnisConfig()
     train = train or TrainConfig()
     progress = progress or SilentProgress()
-    settings = search_settings(dim, config, train)
+    settings = search_settings(dim, config, train, init_std)
     config_hash = settings_hash(settings) if config_hash is None else config_hash
     folder = None if run_dir is None else Path(run_dir)
     started = time.perf_counter()
     blocks = dataset_blocks(dataset, config.num_blocks, config.block_mode)
     torch.manual_seed(train.seed)
-    embedding = SoftSelectionEmbedding(FieldLayout.from_dataset(dataset), dim, blocks)
+    embedding = SoftSelectionEmbedding(FieldLayout.from_dataset(dataset), dim, blocks, init_std)
     model = make_model(embedding)
     task = make_task(dataset)
     alpha = embedding.alpha
@@ -530,15 +533,20 @@ def dnis(
     dataset: EncodedDataset,
     *,
     dim: int = 64,
-    budget: float | Sequence[float] = 0.25,
+    budget: float | Sequence[float] | None = None,
     config: DnisConfig | None = None,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     config_hash: str | None = None,
+    init_std: float = 0.01,
 ) -> SearchResult | list[SearchResult]:
     """Search once, then prune and retrain for each budget (a list gives a list of results).
+
+    `budget` defaults to `config.budgets` (a list of results); a number or a list given here
+    replaces them. `init_std` is the std of the searched table's normal initialisation
+    (`embedding.init_std` of a config).
 
     With `run_dir`, the search checkpoints into `run_dir/search/` and each budget's retrain into
     `run_dir/retrain-<budget>/`; with `resume`, all of them continue from their checkpoints (a
@@ -547,13 +555,16 @@ def dnis(
     config = config or DnisConfig()
     train = train or TrainConfig()
     if config_hash is None:
-        config_hash = settings_hash(search_settings(dim, config, train))
+        config_hash = settings_hash(search_settings(dim, config, train, init_std))
+    if budget is None:
+        budget = list(config.budgets)
     if run_dir is not None and not resume:
         clear_checkpoints(run_dir)
     state = search(
         make_model,
         dataset,
         dim=dim,
+        init_std=init_std,
         config=config,
         train=train,
         progress=progress,

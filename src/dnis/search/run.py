@@ -83,6 +83,7 @@ def search_run(
             make_model,
             dataset,
             dim=config.embedding.dim,
+            init_std=config.embedding.init_std,
             config=config.search,
             train=config.train,
             progress=tracked,
