@@ -1,23 +1,26 @@
-"""Peak memory of training from disk: streaming DeepFM on 1M vs 10M synthetic CTR rows.
+"""Peak memory of `dnis train` from disk: streaming DeepFM on 1M vs 10M synthetic CTR rows.
 
 For each size, a Criteo-shaped CSV file is generated in chunks (label, 13 numeric columns I1..I13
 with 10% missing, 26 categorical columns C1..C26 of 8-hex-digit ids drawn from Zipf distributions
 over fixed id universes of 4 to 20,000 ids, 5% missing; the label is a logistic function of some
-of them). Then, in a fresh Python process each time, `load_files(..., streaming=...)` builds (cold)
-or reuses (warm) the on-disk cache and DeepFM (width 16, MLP 400-400-400, batch 4096, Adam) trains
-one epoch and is evaluated on the validation and test splits. Each child reports its own peak RSS
-(VmHWM from /proc/self/status: resident memory, mapped file pages included), the peak after
-loading, the time of each phase and the training samples/s.
+of them). Then, in a fresh Python process each time, the command line runs
+`dnis train --config <size>.yaml` (`dnis.cli.main`) with `dataset.streaming: true`: it builds
+(cold) or reuses (warm) the on-disk cache, trains DeepFM (width 16, MLP 400-400-400, batch 4096,
+Adam) for one epoch with its validation, evaluates the test split and writes the run folder. Each
+child reports the peak RSS of the whole command (VmHWM from /proc/self/status: resident memory,
+mapped file pages included), the peak once the dataset is loaded (the child wraps the run's
+`load_dataset` to note it) and the time of each phase.
 
 The id universes are fixed so that the model is the same size at every row count (nearly every id
 already appears in 1M rows): the ratio of peak RSS measures the data path, which is what must not
-grow with rows. `--in-memory` also measures the in-memory loader on the smallest size.
+grow with rows. `--in-memory` also measures the in-memory loader (`streaming: false`) on the
+smallest size.
 
     .venv/bin/python benchmarks/streaming_rss.py --rows 1000000 10000000 [--threads 2]
     .venv/bin/python benchmarks/streaming_rss.py --rows 20000 200000 --no-write   # smoke run
 
-Files go to --data-dir (default /tmp/dnis-streaming-bench, outside the repository); results to
-the "Streaming" section of docs/performance.md (unless --no-write).
+Files, configs and run folders go to --data-dir (default /tmp/dnis-streaming-bench, outside the
+repository); results to the "Streaming" section of docs/performance.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -114,81 +117,84 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def write_config(folder: Path, file: Path, cache: Path, mode: str, threads: int) -> Path:
+    """The run's config: what a user would write for this file (streaming unless `memory`)."""
+    import yaml
+
+    config = {
+        "name": f"bench-{file.stem}-{mode}",
+        "output_dir": str(folder / "runs"),
+        "threads": threads,
+        "dataset": {
+            "format": "csv",
+            "path": str(file),
+            "task": "ctr",
+            "streaming": mode != "memory",
+            "cache_dir": str(cache),
+            "schema": schema_dict(),
+        },
+        "model": {"name": "deepfm", "params": {"hidden": list(HIDDEN)}},
+        "embedding": {"dim": WIDTH},
+        "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "patience": 0},
+    }
+    path = folder / f"{file.stem}-{mode}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def child(args: argparse.Namespace) -> None:
-    """One measured run in this (fresh) process: load, train one epoch, evaluate; print JSON."""
-    import torch
+    """One measured `dnis train` in this (fresh) process; print its numbers as JSON."""
+    import dnis.train.run as run
+    from dnis.cli import main
+    from dnis.config import load_config
+    from dnis.data.cache import DiskSplit
 
-    from dnis.data.schema import Schema
-    from dnis.data.streaming import StreamingOptions
-    from dnis.data.tabular import load_files
-    from dnis.embeddings import FieldLayout, FusedEmbedding
-    from dnis.models import build
-    from dnis.tasks import make_task
-    from dnis.train import TrainConfig, Trainer
+    loaded: dict[str, Any] = {}
+    load_dataset = run.load_dataset
 
-    torch.set_num_threads(args.threads)
-    base = peak_rss_mb()
+    def timed_load(*pargs: Any, **kwargs: Any) -> Any:
+        """The run's own load (start_run looks it up at call time), timed."""
+        started = time.perf_counter()
+        dataset = load_dataset(*pargs, **kwargs)
+        loaded.update(
+            seconds=time.perf_counter() - started,
+            rss=peak_rss_mb(),
+            streamed=isinstance(dataset.train, DiskSplit),
+        )
+        return dataset
+
+    run.load_dataset = timed_load
     started = time.perf_counter()
-    streaming = False if args.mode == "memory" else StreamingOptions(cache_dir=Path(args.cache))
-    ds = load_files(
-        format="csv",
-        path=args.file,
-        schema=Schema.from_dict(schema_dict()),
-        task="ctr",
-        seed=0,
-        streaming=streaming,
+    if main(["train", "--config", args.config, "--quiet"]) != 0:
+        raise SystemExit("dnis train failed")
+    command_seconds = time.perf_counter() - started
+    if loaded["streamed"] != (args.mode != "memory"):
+        raise SystemExit(f"{args.mode}: the command did not load the data the config asks for")
+    final = json.loads(
+        (load_config(args.config).run_dir() / "final.json").read_text(encoding="utf-8")
     )
-    load_seconds = time.perf_counter() - started
-    after_load = peak_rss_mb()
-    torch.manual_seed(0)
-    model = build(
-        "deepfm", ds.schema, FusedEmbedding(FieldLayout.from_dataset(ds), WIDTH), hidden=HIDDEN
-    )
-    task = make_task(ds)
-    trainer = Trainer(model, task, TrainConfig(epochs=1, batch_size=BATCH, lr=LR, seed=0))
-    started = time.perf_counter()
-    loss = trainer._train_epoch(1)  # exactly what Trainer.fit runs per epoch, minus validation
-    epoch_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    valid = task.evaluate(model, "valid")
-    test = task.evaluate(model, "test")
-    eval_seconds = time.perf_counter() - started
     print(
         json.dumps(
             {
                 "mode": args.mode,
-                "rows": {s: len(ds.split(s)) for s in ("train", "valid", "test")},
-                "ids": sum(ds.cardinalities),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "load_seconds": load_seconds,
-                "epoch_seconds": epoch_seconds,
-                "samples_per_second": len(ds.train) / epoch_seconds,
-                "eval_seconds": eval_seconds,
-                "loss": loss,
-                "valid": valid,
-                "test": test,
-                "rss_start_mb": base,
-                "rss_after_load_mb": after_load,
+                "rows": final["dataset"]["rows"],
+                "ids": sum(final["dataset"]["fields"].values()),
+                "parameters": final["params"]["total"],
+                "load_seconds": loaded["seconds"],
+                "train_seconds": final["train_seconds"],
+                "command_seconds": command_seconds,
+                "valid": final["valid"],
+                "test": final["test"],
+                "rss_after_load_mb": loaded["rss"],
                 "rss_peak_mb": peak_rss_mb(),
             }
         )
     )
 
 
-def measure(file: Path, cache: Path, mode: str, threads: int) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        __file__,
-        "--child",
-        "--file",
-        str(file),
-        "--cache",
-        str(cache),
-        "--mode",
-        mode,
-        "--threads",
-        str(threads),
-    ]
+def measure(folder: Path, file: Path, cache: Path, mode: str, threads: int) -> dict[str, Any]:
+    config = write_config(folder, file, cache, mode, threads)
+    command = [sys.executable, __file__, "--child", "--config", str(config), "--mode", mode]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     if done.returncode != 0:
         raise SystemExit(f"child failed ({mode}, {file}):\n{done.stderr[-4000:]}")
@@ -217,8 +223,7 @@ def main() -> None:
     parser.add_argument("--in-memory", action="store_true", help="also the in-memory loader")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/performance.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--file", help=argparse.SUPPRESS)
-    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="cold", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -241,16 +246,17 @@ def main() -> None:
         results[rows] = {}
         modes = ["cold", "warm"] + (["memory"] if args.in_memory and rows == min(args.rows) else [])
         for mode in modes:
-            result = measure(file, cache, mode, args.threads)
+            result = measure(args.data_dir, file, cache, mode, args.threads)
             results[rows][mode] = result
             print(
                 f"{rows:>11,} rows {mode:>6}: peak RSS {result['rss_peak_mb']:,.0f} MiB "
                 f"(after load {result['rss_after_load_mb']:,.0f}), load {result['load_seconds']:.0f} s, "
-                f"epoch {result['epoch_seconds']:.0f} s = {result['samples_per_second']:,.0f} "
-                f"samples/s, valid AUC {result['valid']['auc']:.4f}",
+                f"train {result['train_seconds']:.0f} s, command {result['command_seconds']:.0f} s, "
+                f"valid AUC {result['valid']['auc']:.4f}",
                 flush=True,
             )
         shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(args.data_dir / "runs", ignore_errors=True)
     report = render(results, args.threads)
     print(report)
     if not args.no_write:
@@ -272,17 +278,19 @@ def render(results: dict[int, dict[str, dict[str, Any]]], threads: int) -> str:
     lines = [
         "# Streaming",
         "",
-        "Peak resident memory of training from a CSV file on disk with `dataset.streaming: true`, "
-        "by `benchmarks/streaming_rss.py`: DeepFM (width 16, MLP 400-400-400, batch 4096, Adam), "
-        "one epoch, then evaluation of the validation and test splits, each run in a fresh "
-        "process. *cold*: the process builds the cache (scan, count, encode) and trains; *warm*: "
-        "it reuses the cache and trains. Peak RSS is the process' VmHWM (resident memory, mapped "
-        "file pages included); *after load* is the peak once the dataset is ready.",
+        "Peak resident memory of `dnis train --config ...` on a CSV file with "
+        "`dataset.streaming: true`, by `benchmarks/streaming_rss.py`: DeepFM (width 16, MLP "
+        "400-400-400, batch 4096, Adam), one epoch with its validation, then the test split, the "
+        "whole command (config, data, training, run folder) in a fresh process each time. *cold*: "
+        "the command builds the cache (scan, count, encode) and trains; *warm*: it reuses the "
+        "cache. Peak RSS is the process' VmHWM (resident memory, mapped file pages included); "
+        "*after load* is the peak once the dataset is ready; *train* is the epoch and its "
+        "validation, *command* the whole `dnis train`.",
         "",
         f"Machine: {machine(threads)}.",
         "",
-        "| rows | run | peak RSS (MiB) | after load (MiB) | load (s) | epoch (s) | samples/s | "
-        "eval (s) | valid AUC | ids | parameters |",
+        "| rows | run | peak RSS (MiB) | after load (MiB) | load (s) | train (s) | command (s) | "
+        "valid AUC | test AUC | ids | parameters |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rows in sizes:
@@ -290,9 +298,9 @@ def render(results: dict[int, dict[str, dict[str, Any]]], threads: int) -> str:
             run = {"cold": "streaming, cold", "warm": "streaming, warm", "memory": "in memory"}
             lines.append(
                 f"| {rows:,} | {run[mode]} | {r['rss_peak_mb']:,.0f} | {r['rss_after_load_mb']:,.0f} "
-                f"| {r['load_seconds']:.0f} | {r['epoch_seconds']:.0f} | "
-                f"{r['samples_per_second']:,.0f} | {r['eval_seconds']:.0f} | "
-                f"{r['valid']['auc']:.4f} | {r['ids']:,} | {r['parameters']:,} |"
+                f"| {r['load_seconds']:.0f} | {r['train_seconds']:.0f} | "
+                f"{r['command_seconds']:.0f} | {r['valid']['auc']:.4f} | {r['test']['auc']:.4f} | "
+                f"{r['ids']:,} | {r['parameters']:,} |"
             )
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[-1]

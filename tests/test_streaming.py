@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import tracemalloc
@@ -11,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
+from dnis.cli import main
 from dnis.config import Config, DatasetConfig
 from dnis.data import streaming
 from dnis.data.cache import DiskSplit, SplitWriter
@@ -406,29 +409,65 @@ def test_dataset_config_streaming_keys(tmp_path: Path) -> None:
         DatasetConfig(**own, vocab="exact")
 
 
-def test_a_yaml_config_streams(tmp_path: Path) -> None:
-    """What `dnis train` runs: the config's keys become `load_files(..., streaming=...)`."""
-    from dnis.config import load_config
+# how fast, and the config hash (streaming is part of it): not what was computed
+NOT_RESULTS = ("search_seconds", "retrain_seconds", "latency_ms", "peak_memory_mb", "config_hash")
 
-    path = write_csv(tmp_path / "clicks.csv", clicks_frame(400))
-    config_path = tmp_path / "cfg.yaml"
-    config_path.write_text(
-        f"output_dir: {tmp_path / 'runs'}\n"
-        "dataset:\n"
-        f"  {{format: csv, path: {path}, task: ctr, streaming: true, vocab: count_min,\n"
-        "   schema: {features: [user, item, city], label: clicked}}\n",
+
+def cli_results(runs: Path, command: str) -> object:
+    """What a command computed (not how fast), from the files of its one run folder."""
+    (folder,) = [p for p in runs.iterdir() if p.is_dir() and p.name != ".cache"]
+    if command == "train":
+        final = json.loads((folder / "final.json").read_text(encoding="utf-8"))
+        return {k: final[k] for k in ("valid", "test", "best_epoch", "params", "dataset")}
+    if command == "search":
+        rows = [json.loads((folder / "result-0.5.json").read_text(encoding="utf-8"))]
+    else:
+        cells = sorted((folder / "cells").glob("*.json"))
+        rows = [row for cell in cells for row in json.loads(cell.read_text(encoding="utf-8"))]
+    assert rows and all("metrics" in row for row in rows)
+    return [{k: v for k, v in row.items() if k not in NOT_RESULTS} for row in rows]
+
+
+@pytest.mark.parametrize(
+    "command, extra",
+    [("train", ["--quiet"]), ("search", ["--quiet"]), ("compare", ["--jobs", "2"])],
+)
+def test_commands_stream_through_the_cache(
+    tmp_path: Path, monkeypatch, caplog, command: str, extra: list[str]
+) -> None:
+    """`dnis train`, `search` and `compare` with `dataset.streaming: true` build the cache in
+    `<output_dir>/.cache` once, reuse it (compare's worker processes too), and give exactly the
+    in-memory results: 2,400 training rows are one shuffle block, so the batches are the same."""
+    monkeypatch.chdir(tmp_path)  # a cache misplaced in the default ./runs/.cache would show
+    path = write_csv(tmp_path / "clicks.csv", clicks_frame(3000))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": {"format": "csv", "path": str(path), "task": "ctr", "streaming": True,
+                            "schema": SCHEMA.to_dict()},
+                "model": {"name": "deepfm", "params": {"hidden": [16]}},
+                "embedding": {"dim": 8},
+                "train": {"epochs": 2, "batch_size": 256, "lr": 0.01},
+                "search": {"warmup_epochs": 1, "search_epochs": 1, "budgets": [0.5]},
+                "compare": {"methods": ["dnis", "uniform"], "budgets": [0.5], "seeds": 1},
+            }
+        ),
         encoding="utf-8",
-    )
-    config = load_config(config_path)
-    cfg = config.dataset
-    data = load_files(
-        format=cfg.format,
-        path=cfg.path,
-        schema=Schema.from_dict(cfg.schema),
-        task=cfg.task,
-        split=cfg.split,
-        seed=config.seed,
-        streaming=cfg.streaming_options(config.output_dir),
-    )
-    assert isinstance(data.train, DiskSplit)
-    assert Path(data.meta["cache"]).parent == tmp_path / "runs" / ".cache"
+    )  # fmt: skip
+    results, logs = {}, {}
+    for mode, folder in (("streamed", "streamed"), ("again", "streamed"), ("memory", "memory")):
+        runs = tmp_path / folder
+        args = [command, "--config", str(config), "--set", f"output_dir={runs}", *extra]
+        args += ["--set", "dataset.streaming=false"] * (mode == "memory")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dnis.data.streaming"):
+            assert main(args) == 0
+        results[mode], logs[mode] = cli_results(runs, command), caplog.text
+    assert "built cache" in logs["streamed"] and "reusing cache" not in logs["streamed"]
+    assert "reusing cache" in logs["again"] and "built cache" not in logs["again"]
+    assert "cache" not in logs["memory"] and not (tmp_path / "memory" / ".cache").exists()
+    (entry,) = (tmp_path / "streamed" / ".cache").iterdir()  # the default: <output_dir>/.cache
+    assert (entry / "meta.json").is_file() and (entry / "train.ids.npy").is_file()
+    assert not (tmp_path / "runs").exists()  # nothing (compare's workers neither) used ./runs
+    assert results["streamed"] == results["memory"] == results["again"]

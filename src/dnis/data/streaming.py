@@ -59,7 +59,7 @@ from dnis.data.dataset import EncodedDataset, check_labels
 from dnis.data.encode import Encoder, FieldEncoder, as_strings, explode_sequence, require_columns
 from dnis.data.schema import FeatureSpec, Schema
 from dnis.data.sketch import CountMinSketch, Reservoir
-from dnis.data.split import _cuts
+from dnis.data.split import RATIOS, _cuts
 from dnis.errors import ConfigError, DataError
 
 log = logging.getLogger("dnis.data.streaming")
@@ -111,7 +111,7 @@ def load_streaming(
     schema: Schema,
     task: str,
     split: str = "random",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    ratios: tuple[float, float, float] = RATIOS,
     seed: int = 0,
     delimiter: str | None = None,
     header: bool = True,

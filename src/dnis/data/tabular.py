@@ -20,6 +20,7 @@ from dnis.data.dataset import EncodedDataset, build_dataset, check_labels, line_
 from dnis.data.encode import require_columns
 from dnis.data.readers import read_csv, read_libfm, read_parquet
 from dnis.data.schema import Schema
+from dnis.data.split import RATIOS
 from dnis.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def load_files(
     schema: Schema,
     task: str,
     split: str = "random",
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    ratios: tuple[float, float, float] = RATIOS,
     seed: int = 0,
     delimiter: str | None = None,
     header: bool = True,

@@ -173,7 +173,9 @@ def _cell_process(config: Config, name: str, seed: int) -> tuple[list[dict[str, 
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    return _timed_cell(config, load_dataset(config.dataset, config.seed), name, seed)
+    # a streamed dataset opens the cache that `start_run` built in the main process
+    dataset = load_dataset(config.dataset, config.seed, config.output_dir)
+    return _timed_cell(config, dataset, name, seed)
 
 
 def _finish(

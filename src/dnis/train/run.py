@@ -23,6 +23,7 @@ from dnis.data.dataset import EncodedDataset
 from dnis.data.encode import Encoder
 from dnis.data.registry import load
 from dnis.data.schema import Schema
+from dnis.data.split import check_splits
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.errors import DnisError
 from dnis.io import atomic_write, write_json, write_yaml
@@ -38,7 +39,12 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def load_dataset(config: DatasetConfig, seed: int) -> EncodedDataset:
+def load_dataset(
+    config: DatasetConfig, seed: int, output_dir: str | Path = "runs"
+) -> EncodedDataset:
+    """The config's dataset. With `dataset.streaming`, it is built into (or reused from) the
+    on-disk cache, by default in `<output_dir>/.cache`: pass the run's `output_dir` (a
+    config's default is "runs")."""
     if config.name is not None:
         return load(config.name, config.task, path=config.path, seed=seed, **config.options)
     from dnis.data.tabular import load_files
@@ -55,6 +61,7 @@ def load_dataset(config: DatasetConfig, seed: int) -> EncodedDataset:
         header=config.header,
         names=config.names,
         encoding=config.encoding,
+        streaming=config.streaming_options(output_dir),
     )
 
 
@@ -87,7 +94,12 @@ def start_run(config: Config, run_dir: Path) -> EncodedDataset:
     if config.threads:
         torch.set_num_threads(config.threads)
     with distributed.main_first():  # rank 0 builds a streaming cache, the others reuse it
-        dataset = load_dataset(config.dataset, config.seed)  # bad data fails before any folder
+        dataset = load_dataset(config.dataset, config.seed, config.output_dir)
+    # bad data, and splits a run cannot use (empty, or one class for ctr), fail before any folder
+    source = config.dataset.name or config.dataset.path  # a registered dataset, or your file(s)
+    files = isinstance(source, dict)
+    method = None if config.dataset.name or files else config.dataset.split
+    check_splits(dataset, source=source if files else str(source), method=method)
     write_yaml(run_dir / "config.yaml", config.to_dict())
     dataset.encoder.save(run_dir / "encoder.json")
     return dataset
