@@ -243,3 +243,23 @@ def test_pareto_plot_draws_a_cell_with_no_embedding_parameters():
     left, right = alone.axes[0].get_xlim()  # only 0-parameter cells (`--methods outrank`)
     assert left < 0 < right
     plt.close(alone)
+
+
+def test_the_random_structure_control_runs_the_dnis_pipeline_at_the_same_budget(tmp_path, capsys):
+    """`dnis compare --methods dnis dnis-random`: the control shares DNIS's search settings and
+    budget, keeps other dims than the search, and shows up as its own method in compare.md."""
+    from dnis.cli import main
+
+    grid = {**GRID["compare"], "methods": ["dnis", "dnis-random"], "seeds": 1}
+    grid["options"] = {"dnis": grid["options"]["dnis"], "dnis-random": grid["options"]["dnis"]}
+    config = write(tmp_path, compare=grid)
+    assert main(["compare", "--config", str(config)]) == 0
+    assert "dnis-random" in capsys.readouterr().out
+    rows = pd.read_csv(load_config(config).run_dir() / "compare.csv")
+    by = {(r.method, r.budget): r for r in rows.itertuples()}
+    full = 3 * 41 * 8
+    for budget in (0.25, 0.5):
+        searched, control = by[("dnis", budget)], by[("dnis-random", budget)]
+        assert control.embedding_params <= round(budget * full)
+        # the same budget, filled as closely (blocks of a field may differ in size by one row)
+        assert abs(control.embedding_params - searched.embedding_params) <= 0.05 * full

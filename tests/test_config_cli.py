@@ -221,7 +221,9 @@ def test_example_configs_parse() -> None:
     assert len(paths) >= 3
     for path in paths:
         cfg = load_config(path)
-        assert cfg.name and cfg.run_name().startswith(cfg.name)
+        # a tuned config names its runs; a defaults-only one takes model-dataset-task
+        assert cfg.run_name().startswith(cfg.name or cfg.base_name())
+        assert cfg.name or path.stem.endswith("-defaults")
         assert load_config(path).digest() == cfg.digest()  # a stable run id
 
 

@@ -404,3 +404,20 @@ def test_budgets_come_from_the_config_and_init_std_is_honoured(ctr_data):
     assert [r.budget for r in results] == [0.2, 0.6]
     state = search(make, ctr_data, dim=4, config=config, train=train, init_std=0.3)
     assert float(state.embedding.weight.std()) == pytest.approx(0.3, rel=0.1)
+
+
+@pytest.mark.parametrize("granularity", ["block", "element"])
+def test_the_random_control_keeps_other_dims_within_the_same_budget(planted, granularity):
+    ds, make, state = planted
+    full = state.embedding.weight.numel()
+    searched = materialize(state, 0.2, DnisConfig(granularity=granularity))
+    control = materialize(state, 0.2, DnisConfig(granularity=granularity, structure="random"))
+    again = materialize(state, 0.2, DnisConfig(granularity=granularity, structure="random"))
+    target = budget_params(0.2, full)
+    assert control.num_parameters() <= target
+    assert control.num_parameters() >= 0.95 * searched.num_parameters()
+    def structure(compact):  # the kept positions: the integer buffers of either layout
+        return [v for v in compact.state_dict().values() if not v.is_floating_point()]
+
+    assert all(map(torch.equal, structure(control), structure(again)))  # seeded
+    assert not all(map(torch.equal, structure(control), structure(searched)))

@@ -29,7 +29,7 @@ def evaluate(
     picks = _picks(run_dir, parse_budget(budget))
     runs = [load_run(run_dir, pick) for pick in picks]  # refuses missing, damaged, unsafe files
     config = runs[0].config
-    dataset = load_dataset(config.dataset, config.seed)
+    dataset = load_dataset(config.dataset, config.seed, run_dir.parent)  # its streaming cache
     if runs[0].encoder.cardinalities != dataset.cardinalities:
         raise DnisError(
             f"the data behind {run_dir} changed since the run (vocabulary sizes "

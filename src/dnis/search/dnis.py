@@ -100,6 +100,9 @@ class DnisConfig:
     # how block pruning ranks dims: alpha (ties broken by saliency) or saliency, the block's mean
     # |weight * alpha| per dim, which does not depend on how scale splits between the two
     rank: str = "alpha"  # alpha | saliency
+    # searched: prune by the search; random: the control, a random structure of the same budget
+    # through the same warm-up, search and fine-tune (`dnis compare --methods dnis dnis-random`)
+    structure: str = "searched"
     granularity: str = "block"  # block | element
     retrain: str = "finetune"  # finetune: start from the searched weights; scratch: re-initialise
     budgets: list[float] = field(default_factory=lambda: [0.25])  # fractions of the full table
@@ -115,6 +118,10 @@ class DnisConfig:
             raise ConfigError("search.retrain must be 'finetune' or 'scratch'")
         if self.l1_step not in ("loss", "proximal"):
             raise ConfigError(f"search.l1_step must be 'loss' or 'proximal', got {self.l1_step!r}")
+        if self.structure not in ("searched", "random"):
+            raise ConfigError(
+                f"search.structure must be 'searched' or 'random', got {self.structure!r}"
+            )
         if self.rank not in ("alpha", "saliency"):
             raise ConfigError(f"search.rank must be 'alpha' or 'saliency', got {self.rank!r}")
         if self.alpha_optimizer not in ("sgd", "adam"):
@@ -390,22 +397,33 @@ def _alpha_step(
         alpha.clamp_(0.0, 1.0)
 
 
-def materialize(state: SearchState, budget: float, config: DnisConfig) -> FieldEmbedding:
-    """The compact embedding for one budget, holding the searched weights with alpha folded in."""
+def materialize(
+    state: SearchState, budget: float, config: DnisConfig, seed: int = 0
+) -> FieldEmbedding:
+    """The compact embedding for one budget, holding the searched weights with alpha folded in.
+
+    With `config.structure: random` (the control), the kept dims are drawn at random (`seed`)
+    with the same budget: what the pipeline gives without what the search found."""
     granularity = config.granularity
     soft = state.embedding
     full = soft.weight.numel()
     target = budget_params(budget, full)
     table = soft.selected_weight().detach()
+    control = config.structure == "random"
+    noise = (
+        torch.rand(table.shape, generator=torch.Generator().manual_seed(seed)) if control else None
+    )
     if granularity == "block":
         saliency = block_saliency(table, state.blocks)
-        if config.rank == "saliency":
+        if control:
+            keep = prune_blocks(noise[: state.blocks.num_blocks], state.blocks, target)
+        elif config.rank == "saliency":
             keep = prune_blocks(saliency, state.blocks, target)
         else:
             keep = prune_blocks(soft.alpha, state.blocks, target, tiebreak=saliency)
         compact: FieldEmbedding = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
     else:
-        keep = prune_elements(table, soft.layout, target)
+        keep = prune_elements(noise if control else table, soft.layout, target)
         compact = RaggedEmbedding(soft.layout, soft.dim, keep)
     compact.load_dense(table)
     return compact
@@ -481,7 +499,7 @@ def compact_model(
     train: TrainConfig,
 ) -> tuple[FieldEmbedding, Model]:
     """The compact embedding for `budget` and the model around it, before retraining."""
-    compact = materialize(state, budget, config)
+    compact = materialize(state, budget, config, seed=train.seed)
     torch.manual_seed(train.seed)
     model = make_model(compact)
     if config.retrain == "finetune":

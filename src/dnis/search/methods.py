@@ -72,6 +72,26 @@ def dnis_method(make_model, dataset, *, budgets, dim, train, options):
     return dnis(make_model, dataset, dim=dim, budget=list(budgets), config=config, train=train)
 
 
+@register_method("dnis-random")
+def dnis_random_method(make_model, dataset, *, budgets, dim, train, options):
+    """The control: DNIS's warm-up, search and fine-tune with the searched structure replaced by
+    a random one of the same budget. What DNIS gains over it is what the search found."""
+    check_options(
+        "dnis-random", options, [f.name for f in fields(DnisConfig) if f.name != "budgets"]
+    )
+    results = dnis_method(
+        make_model,
+        dataset,
+        budgets=budgets,
+        dim=dim,
+        train=train,
+        options={**options, "structure": "random"},
+    )
+    for result in results:
+        result.method = "dnis-random"
+    return results
+
+
 @register_method("uniform")
 def uniform_method(make_model, dataset, *, budgets, dim, train, options):
     """Every field at the widest uniform width that fits the budget: floor(budget * dim)."""

@@ -18,14 +18,12 @@ import torch
 from torch import nn
 
 from dnis import distributed, models, track
-from dnis.config import Config, DatasetConfig, load_config
+from dnis.config import Config, DatasetConfig
 from dnis.data.dataset import EncodedDataset
-from dnis.data.encode import Encoder
 from dnis.data.registry import load
 from dnis.data.schema import Schema
 from dnis.data.split import check_splits
 from dnis.embeddings import FieldLayout, FusedEmbedding
-from dnis.errors import DnisError
 from dnis.io import atomic_write, write_json, write_yaml
 from dnis.models.base import Model
 from dnis.tasks import make_task
@@ -69,9 +67,17 @@ def model_factory(config: Config, dataset: EncodedDataset) -> Callable[[nn.Modul
     """Builds the configured model around whatever embedding it is given (search swaps it),
     on the configured device: every method builds its models here, so none needs to know it."""
     device = distributed.local_device(resolve_device(config.train.device))
-    return lambda embedding: models.build(
-        config.model.name, dataset.schema, embedding, **config.model.params
-    ).to(device)
+    base = make_task(dataset).base_score()
+
+    def build(embedding: nn.Module) -> Model:
+        model = models.build(config.model.name, dataset.schema, embedding, **config.model.params)
+        bias = model.output_bias()
+        if base is not None and bias is not None:
+            with torch.no_grad():  # start at the labels' mean, not 0 (a 3.5-star offset for MF)
+                bias.fill_(base)
+        return model.to(device)
+
+    return build
 
 
 def build_model(config: Config, dataset: EncodedDataset) -> Model:
@@ -132,6 +138,7 @@ def train(config: Config, *, resume: bool = False, progress: Progress | None = N
             "model": config.model.name,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
+            "epoch_cap_hit": result.capped,
             "valid": result.valid,
             "test": test,
             "params": parameter_counts(model),
@@ -149,22 +156,3 @@ def train(config: Config, *, resume: bool = False, progress: Progress | None = N
         tracker.log_metrics(result.best_epoch, track.numbers(final, sep="_"), "final")
         track.log_files(tracker, run_dir, ["config.yaml", "final.json", "metrics.jsonl"])
     return RunResult(run_dir, metrics)
-
-
-def evaluate(run_dir: str | Path, split: str = "test") -> dict[str, float]:
-    """Re-evaluate a finished run's best model on a split, encoding data exactly as the run did."""
-    run_dir = Path(run_dir)
-    for required in ("config.yaml", "model.pt", "encoder.json"):
-        if not (run_dir / required).exists():
-            raise DnisError(f"{run_dir} is not a finished run: {required} is missing")
-    config = load_config(run_dir / "config.yaml")
-    dataset = load_dataset(config.dataset, config.seed)
-    saved = Encoder.load(run_dir / "encoder.json").cardinalities
-    if saved != dataset.cardinalities:
-        raise DnisError(
-            f"the data behind {run_dir} changed since the run (vocabulary sizes {saved} then, "
-            f"{dataset.cardinalities} now); retrain instead"
-        )
-    model = build_model(config, dataset)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu"))
-    return make_task(dataset).evaluate(model, split, config.train.eval_batch_size)
