@@ -471,3 +471,20 @@ def test_commands_stream_through_the_cache(
     assert (entry / "meta.json").is_file() and (entry / "train.ids.npy").is_file()
     assert not (tmp_path / "runs").exists()  # nothing (compare's workers neither) used ./runs
     assert results["streamed"] == results["memory"] == results["again"]
+
+
+def test_the_label_mean_of_a_split_on_disk_equals_the_in_memory_one(tmp_path):
+    """The global bias starts at the training labels' mean; on disk it is read in chunks."""
+    import numpy as np
+
+    from dnis.data.cache import DiskSplit
+    from dnis.data.loader import label_mean
+
+    labels = np.random.default_rng(0).random(2500).astype(np.float32) * 5
+    np.save(tmp_path / "train.labels.npy", labels)
+    np.save(tmp_path / "train.ids.npy", np.zeros((2500, 1), dtype=np.int32))
+    split = DiskSplit(tmp_path, "train", 2500, 1, label_range=(0.0, 5.0))
+    assert split.label_mean(chunk_rows=1000) == pytest.approx(
+        float(labels.astype(np.float64).mean())
+    )
+    assert label_mean(split) == pytest.approx(float(labels.astype(np.float64).mean()))

@@ -128,6 +128,20 @@ class DiskSplit(Split):
     def labels(self) -> torch.Tensor:  # type: ignore[override]
         return self._maps()[1]
 
+    def label_mean(self, chunk_rows: int = 1 << 20) -> float:
+        """The mean label, read in chunks of plain reads (no memory map), so the memory it takes
+        does not grow with the number of rows."""
+        total = 0.0
+        for start in range(0, self.rows, chunk_rows):
+            labels = np.fromfile(
+                self.labels_path,
+                dtype=np.float32,
+                count=min(chunk_rows, self.rows - start),
+                offset=self._labels_offset + start * 4,
+            )
+            total += float(labels.sum(dtype=np.float64))
+        return total / max(self.rows, 1)
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows [start, stop) as fresh arrays: ids int32 [m, slots] and labels float32 [m]."""
         start, stop = max(0, start), min(self.rows, stop)

@@ -73,6 +73,13 @@ def _disk_batches(
         yield carry_ids.long(), carry_labels
 
 
+def label_mean(split: Split) -> float:
+    """The mean label of a split, without loading a split on disk."""
+    if isinstance(split, DiskSplit):
+        return split.label_mean()
+    return float(split.labels.double().mean())
+
+
 def label_range(split: Split) -> tuple[float, float]:
     """(min, max) of a split's labels, without loading a split on disk."""
     if isinstance(split, DiskSplit):

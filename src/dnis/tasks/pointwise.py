@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from dnis.data.cache import DiskSplit
 from dnis.data.dataset import EncodedDataset, Split
-from dnis.data.loader import label_range
+from dnis.data.loader import label_mean, label_range
 from dnis.models.base import Model
 from dnis.tasks.base import Task, model_device, predict, predict_split
 from dnis.tasks.metrics import auc, logloss, mae, rmse
@@ -28,7 +28,7 @@ class RatingTask(Task):
 
     def base_score(self) -> float:
         """The mean training rating: the constant of least squared error."""
-        return float(self.dataset.train.labels.double().mean())
+        return label_mean(self.dataset.train)
 
     def loss(self, model: Model, ids, labels, generator) -> torch.Tensor:
         device = model_device(model)
@@ -47,7 +47,7 @@ class CTRTask(Task):
 
     def base_score(self) -> float:
         """The log-odds of the training click rate: the constant logit of least log loss."""
-        rate = float(self.dataset.train.labels.double().mean())
+        rate = label_mean(self.dataset.train)
         rate = min(max(rate, 1e-6), 1 - 1e-6)
         return math.log(rate / (1 - rate))
 
