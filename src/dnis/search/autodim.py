@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from dnis.data.dataset import EncodedDataset
-from dnis.data.loader import batches, num_batches
+from dnis.data.loader import batches
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiwidth import MultiWidthEmbedding
@@ -70,7 +70,7 @@ from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, train_compact
+from dnis.search.training import ModelFactory, endless_valid_batches, train_compact
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
@@ -214,7 +214,9 @@ def search(
         seed = epoch_seed(train.seed, 2000 + epoch)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        valid_stream = _cycle(dataset, train.batch_size, generator)
+        valid_stream = endless_valid_batches(
+            dataset, train.batch_size, generator, "AutoDim's architecture steps"
+        )
         model.train()
         total = 0.0
         for ids, labels in batches(
@@ -252,13 +254,6 @@ def search(
         history,
         time.perf_counter() - started,
     )
-
-
-def _cycle(dataset: EncodedDataset, batch_size: int, generator: torch.Generator):
-    if num_batches(dataset.valid, batch_size) == 0:
-        raise ConfigError("autodim needs validation data for its architecture steps")
-    while True:
-        yield from batches(dataset.valid, batch_size, shuffle=True, generator=generator)
 
 
 def _alpha_step(

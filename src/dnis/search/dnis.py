@@ -57,7 +57,7 @@ from dnis.search.prune import (
     prune_elements,
 )
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, block_report
+from dnis.search.training import ModelFactory, block_report, endless_valid_batches
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
@@ -262,7 +262,9 @@ def search(
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         sampler = distributed.rank_generator(generator, seed)
-        valid_stream = _cycle(dataset, train.batch_size, generator)
+        valid_stream = endless_valid_batches(
+            dataset, train.batch_size, generator, "DNIS's alpha steps"
+        )
         model.train()
         progress.epoch_start(epoch, num_batches(dataset.train, train.batch_size))
         total = torch.zeros((), dtype=torch.float64)
@@ -346,19 +348,6 @@ def _read_search_checkpoint(
             "wrote it, or delete it and start the run again without --resume"
         )
     return saved
-
-
-def _cycle(dataset: EncodedDataset, batch_size: int, generator: torch.Generator):
-    """Validation batches without end, for the alpha steps. An empty validation split would make
-    the loop spin forever without yielding, so it is refused (runs refuse it before training, in
-    `dnis.data.split.check_splits`; this guards every other caller)."""
-    if len(dataset.valid) == 0:
-        raise DnisError(
-            "DNIS steps alpha on validation batches, but the validation split is empty; "
-            "give it rows (more data, or your own valid file)"
-        )
-    while True:
-        yield from batches(dataset.valid, batch_size, shuffle=True, generator=generator)
 
 
 def _alpha_step(

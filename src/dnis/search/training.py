@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dnis.data.dataset import EncodedDataset
+from dnis.data.loader import batches
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
+from dnis.errors import DnisError
 from dnis.models.base import Model
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress
@@ -58,3 +61,18 @@ def block_report(
         }
         for f, name in enumerate(names)
     }
+
+
+def endless_valid_batches(
+    dataset: EncodedDataset, batch_size: int, generator: torch.Generator, steps: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled validation batches without end, for a bilevel method's architecture steps
+    (`steps` names them in the error). An empty validation split would make the loop spin
+    forever without yielding, so it is refused; runs refuse it earlier, in `check_splits`."""
+    if len(dataset.valid) == 0:
+        raise DnisError(
+            f"{steps} take validation batches, but the validation split is empty; give it rows "
+            "(more data, or your own valid file)"
+        )
+    while True:
+        yield from batches(dataset.valid, batch_size, shuffle=True, generator=generator)
