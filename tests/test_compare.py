@@ -254,8 +254,11 @@ def test_the_random_structure_control_runs_the_dnis_pipeline_at_the_same_budget(
     grid["options"] = {"dnis": grid["options"]["dnis"], "dnis-random": grid["options"]["dnis"]}
     config = write(tmp_path, compare=grid)
     assert main(["compare", "--config", str(config)]) == 0
-    assert "dnis-random" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "dnis-random" in report and "| epochs |" in report.replace(" epochs ", " epochs ")
     rows = pd.read_csv(load_config(config).run_dir() / "compare.csv")
+    # every cell records how long its final model trained (early-stopped, or at the cap)
+    assert (rows["train_epochs"] >= 1).all() and set(rows["epoch_cap_hit"]) <= {True, False}
     by = {(r.method, r.budget): r for r in rows.itertuples()}
     full = 3 * 41 * 8
     for budget in (0.25, 0.5):

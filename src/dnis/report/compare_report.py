@@ -29,6 +29,7 @@ def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
             **{f"test_{k}": v for k, v in r["metrics"]["test"].items() if k != "users"},
             **{f"valid_{k}": v for k, v in r["metrics"]["valid"].items() if k != "users"},
             "search_seconds": r["search_seconds"], "retrain_seconds": r["retrain_seconds"],
+            "train_epochs": r.get("train_epochs"), "epoch_cap_hit": r.get("epoch_cap_hit"),
             "latency_ms": r.get("latency_ms"), "peak_memory_mb": r.get("peak_memory_mb"),
         })  # fmt: skip
     return pd.DataFrame(flat)
@@ -47,6 +48,8 @@ def grid_metric(rows: list[dict[str, Any]]) -> str:
 def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean and std per (method, budget), with a `pareto` flag on the non-dominated cells."""
     column = f"test_{metric}"
+    for missing in {"train_epochs", "epoch_cap_hit"} - set(frame.columns):  # cells of older runs
+        frame = frame.assign(**{missing: float("nan")})
     grouped = frame.groupby(["method", "budget"], sort=True)
     table = grouped.agg(
         params=("embedding_params", "mean"),
@@ -56,6 +59,8 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         seeds=("seed", "count"),
         search_s=("search_seconds", "mean"),
         train_s=("retrain_seconds", "mean"),
+        epochs=("train_epochs", "mean"),
+        capped=("epoch_cap_hit", "sum"),
         latency_ms=("latency_ms", "first"),
         peak_memory_mb=("peak_memory_mb", "first"),
     ).reset_index()
@@ -158,6 +163,7 @@ def write_compare_report(
             "memory": f"{r.memory_bytes / 1024:.1f} KiB",
             f"test {metric}": f"{r.mean:.4f} ± {r.std:.4f}" + (" ★" if r.pareto else ""),
             "seeds": r.seeds, "search s": f"{r.search_s:.1f}", "train s": f"{r.train_s:.1f}",
+            "epochs": None if pd.isna(r.epochs) else f"{r.epochs:.1f}" + (" (cap)" if r.capped else ""),
             "latency ms/batch": None if pd.isna(r.latency_ms) else f"{r.latency_ms:.2f}",
             "peak MiB": None if pd.isna(r.peak_memory_mb) else f"{r.peak_memory_mb:.1f}",
         }
@@ -165,7 +171,9 @@ def write_compare_report(
     ]  # fmt: skip
     text = (
         f"# {title}\n\nTest {metric}, mean ± std over seeds; ★ = Pareto-optimal (no other cell has "
-        "as few parameters and a metric as good). Latency and peak memory: the first seed's model, "
+        "as few parameters and a metric as good). Epochs: of the final model's training, mean over "
+        "seeds, every method early-stopped on validation with the same patience and cap ((cap): "
+        "some seed stopped at the cap). Latency and peak memory: the first seed's model, "
         "one batch, a fresh process.\n\n" + metric_table(shown, list(shown[0]))
     )
     standing = dnis_standing(table, metric)

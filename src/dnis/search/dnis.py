@@ -476,7 +476,9 @@ def retrain(
     seconds = time.perf_counter() - started
     if resumed:  # count the training epochs of earlier processes too, not the reloading
         seconds += result.train_seconds - fit_seconds
-    return finished_result(state, budget, compact, model, pruned, result.valid, test, seconds)
+    done = finished_result(state, budget, compact, model, pruned, result.valid, test, seconds)
+    done.train_epochs, done.epoch_cap_hit = len(result.history), result.capped
+    return done
 
 
 def compact_model(

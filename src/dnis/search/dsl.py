@@ -313,6 +313,7 @@ def dsl_method(
                 metrics={"valid": run.valid, "test": test},
                 search_seconds=run.seconds,
                 retrain_seconds=0.0,
+                train_epochs=len(run.history),  # DSL trains once: its sparse training is the search
                 history=run.history,
                 model=final,
             )

@@ -155,6 +155,8 @@ def mde_method(
                 metrics={"valid": best.valid, "test": test},
                 search_seconds=sum(t.seconds for w, t in trials.items() if w != best_widths),
                 retrain_seconds=best.seconds,
+                train_epochs=best.epochs,
+                epoch_cap_hit=best.capped,
                 history=history,
                 model=best.model,
             )

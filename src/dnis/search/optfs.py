@@ -226,7 +226,10 @@ def retrain(
         model.load_state_dict(dense, strict=False)
     fit = Trainer(model, task, train).fit()
     test = task.evaluate(model, "test", train.eval_batch_size)
-    return Trained(model, compact, fit.valid, test, time.perf_counter() - started)
+    return Trained(
+        model, compact, fit.valid, test, time.perf_counter() - started,
+        epochs=len(fit.history), capped=fit.capped,
+    )  # fmt: skip
 
 
 @register_method("optfs")

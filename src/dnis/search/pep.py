@@ -338,6 +338,8 @@ def pep_retrain(
         pruned=pruned,
         search_seconds=search.seconds,
         retrain_seconds=time.perf_counter() - started,
+        train_epochs=len(fit.history),
+        epoch_cap_hit=fit.capped,
         history=search.history,
         model=final,
     )

@@ -23,6 +23,10 @@ class SearchResult:
     pruned: dict[str, float] = field(default_factory=dict)  # valid metrics pruned, not retrained
     search_seconds: float = 0.0
     retrain_seconds: float = 0.0
+    # epochs of the final model's training (early-stopped on validation, like every method's),
+    # and whether it stopped at the train.epochs cap instead
+    train_epochs: int = 0
+    epoch_cap_hit: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch search log
     model: Model | None = None  # the retrained compact model
 
@@ -49,6 +53,8 @@ class SearchResult:
             dims=dims,
             metrics={"valid": trained.valid, "test": trained.test or {}},
             retrain_seconds=trained.seconds,
+            train_epochs=trained.epochs,
+            epoch_cap_hit=trained.capped,
             model=trained.model,
             **extra,
         )
@@ -79,4 +85,6 @@ class SearchResult:
             "pruned": self.pruned,
             "search_seconds": round(self.search_seconds, 3),
             "retrain_seconds": round(self.retrain_seconds, 3),
+            "train_epochs": self.train_epochs,
+            "epoch_cap_hit": self.epoch_cap_hit,
         }

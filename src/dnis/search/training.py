@@ -29,6 +29,8 @@ class Trained:
     valid: dict[str, float]
     test: dict[str, float] | None
     seconds: float
+    epochs: int = 0  # training epochs run (early stopping included)
+    capped: bool = False  # stopped by train.epochs while validation still improved
 
 
 def train_compact(
@@ -47,7 +49,10 @@ def train_compact(
     model = make_model(embedding)
     fit = Trainer(model, task, train, progress=progress).fit()
     metrics = task.evaluate(model, "test", train.eval_batch_size) if test else None
-    return Trained(model, embedding, fit.valid, metrics, time.perf_counter() - started)
+    return Trained(
+        model, embedding, fit.valid, metrics, time.perf_counter() - started,
+        epochs=len(fit.history), capped=fit.capped,
+    )  # fmt: skip
 
 
 def block_report(

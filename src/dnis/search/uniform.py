@@ -42,5 +42,7 @@ def uniform(
         dims={name: {"block_dims": [dim]} for name in layout.names},
         metrics={"valid": trained.valid, "test": trained.test},
         retrain_seconds=trained.seconds,
+        train_epochs=trained.epochs,
+        epoch_cap_hit=trained.capped,
         model=trained.model,
     )
