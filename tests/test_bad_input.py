@@ -378,3 +378,17 @@ def test_mutated_config_loads_or_raises_config_error(tmp_path, text) -> None:
 def test_the_fuzzed_template_itself_is_valid(tmp_path) -> None:
     path = write_config(tmp_path / "c.yaml", VALID.replace("@OUT@", "runs"))
     assert load_config(path).train.epochs == 1
+
+
+def test_predict_reads_other_encodings_with_the_encoding_option(finished_runs, tmp_path, capsys):
+    """`dnis predict` reads CSVs in the training files' encoding, and `--encoding` overrides it;
+    the error for undecodable bytes names the option predict has."""
+    latin = tmp_path / "in.csv"
+    latin.write_bytes(INPUT.replace("new", "caf\u00e9").encode("latin-1"))
+    out = tmp_path / "out.csv"
+    argv = ["predict", str(finished_runs), "--budget", "0.25", "--input", str(latin),
+            "--output", str(out), "--quiet"]  # fmt: skip
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "line 4" in err and "--encoding for dnis predict" in err, err
+    assert run_cli([*argv, "--encoding", "latin-1"], capsys)[0] == 0
+    assert len(pd.read_csv(out)) == 3

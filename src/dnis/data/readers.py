@@ -319,7 +319,7 @@ def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
             f"byte 0x{raw[start]:02x} at byte {column} of the line is not valid {encoding}",
             path=path,
             line=line,
-            fix="pass the file's real encoding, e.g. encoding: latin-1 (or cp1252)",
+            fix="pass the file's real encoding, e.g. latin-1 (or cp1252): dataset.encoding in a config, --encoding for dnis predict",
         ) from None
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r}", path=path) from None
