@@ -361,7 +361,9 @@ def test_saliency_does_not_change_when_scale_moves_between_weights_and_alpha():
     torch.testing.assert_close(block_saliency(folded, blocks), block_saliency(rescaled, blocks))
 
 
-@pytest.mark.parametrize(("l1_step", "shrink"), [("proximal", 0.01 * 1e-3), ("loss", 0.01)])
+@pytest.mark.parametrize(
+    ("l1_step", "shrink"), [("proximal", 0.01 * 1e-3), ("auto", 0.01 * 1e-3), ("loss", 0.01)]
+)
 def test_a_block_absent_from_the_validation_batch_shrinks_only_by_the_proximal_l1(
     ctr_data, l1_step, shrink
 ):

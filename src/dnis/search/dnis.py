@@ -95,8 +95,9 @@ class DnisConfig:
     alpha_l1: float = 1e-4  # L1 penalty on alpha in the alpha step
     normalize_alpha_grad: bool = True  # per-block gradient normalisation
     # alpha_l1 as a loss term (its gradient is normalised with the loss's) or as a proximal
-    # step after the normalised gradient step (the same shrinkage for every entry)
-    l1_step: str = "loss"  # loss | proximal
+    # step after the normalised gradient step (the same shrinkage for every entry); auto:
+    # proximal for ctr, loss otherwise, as validation chose (docs/results.md, "Search options")
+    l1_step: str = "auto"  # auto | loss | proximal
     # how block pruning ranks dims: alpha (ties broken by saliency) or saliency, the block's mean
     # |weight * alpha| per dim, which does not depend on how scale splits between the two
     rank: str = "alpha"  # alpha | saliency
@@ -116,8 +117,10 @@ class DnisConfig:
             raise ConfigError(f"search.granularity must be one of {GRANULARITIES}")
         if self.retrain not in ("finetune", "scratch"):
             raise ConfigError("search.retrain must be 'finetune' or 'scratch'")
-        if self.l1_step not in ("loss", "proximal"):
-            raise ConfigError(f"search.l1_step must be 'loss' or 'proximal', got {self.l1_step!r}")
+        if self.l1_step not in ("auto", "loss", "proximal"):
+            raise ConfigError(
+                f"search.l1_step must be 'auto', 'loss' or 'proximal', got {self.l1_step!r}"
+            )
         if self.structure not in ("searched", "random"):
             raise ConfigError(
                 f"search.structure must be 'searched' or 'random', got {self.structure!r}"
@@ -365,10 +368,11 @@ def _alpha_step(
     alpha takes the step of the whole batch and stays identical on every rank.
     """
     ids, labels = distributed.shard(*batch)
+    proximal = l1_step(config, task) == "proximal"
     alpha.requires_grad_(True)
     try:
         loss = task.loss(model, ids, labels, generator)
-        if config.alpha_l1 and config.l1_step == "loss":
+        if config.alpha_l1 and not proximal:
             loss = loss + config.alpha_l1 * alpha.abs().sum()
         (grad,) = torch.autograd.grad(loss, [alpha])
     finally:
@@ -379,11 +383,18 @@ def _alpha_step(
     alpha.grad = grad
     optimizer.step()
     with torch.no_grad():
-        if config.alpha_l1 and config.l1_step == "proximal":
+        if config.alpha_l1 and proximal:
             # soft-thresholding after the normalised step: every entry shrinks by the same
             # lr * l1, however often its block appears in validation batches
             alpha.sub_(config.alpha_lr * config.alpha_l1)
         alpha.clamp_(0.0, 1.0)
+
+
+def l1_step(config: DnisConfig, task: Task) -> str:
+    """The L1 step `config.l1_step` names; `auto` is proximal for ctr and loss otherwise."""
+    if config.l1_step != "auto":
+        return config.l1_step
+    return "proximal" if task.name == "ctr" else "loss"
 
 
 def materialize(
