@@ -80,3 +80,14 @@ def test_model_zoo_quick(tmp_path: Path) -> None:
     cells = rows[0].split("|")
     full_auc, dnis_auc = float(cells[2].split("±")[0]), float(cells[5].split("±")[0])
     assert 0.5 < full_auc <= 1 and 0.5 < dnis_auc <= 1
+
+
+def test_defaults_vs_tuned_quick(tmp_path: Path) -> None:
+    stdout = run([str(BENCH / "defaults_vs_tuned.py"), "--quick", "--no-write", "--only",
+                  "synthetic", "--out", str(tmp_path / "runs")])  # fmt: skip
+    rows = [line for line in stdout.splitlines() if line.startswith(("| defaults", "| tuned"))]
+    assert len(rows) == 2, stdout
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[2:-2]]
+        full = float(cells[0].split(",")[0])
+        assert 0.5 < full <= 1.0 and all(0.5 < float(c) <= 1.0 for c in cells[1:]), row
