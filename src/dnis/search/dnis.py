@@ -83,8 +83,8 @@ class DnisConfig:
     # of each field's ids, e.g. [0.05, 0.2, 0.5] (then num_blocks is ignored)
     block_mode: str | list[float] = "count"
     # plain training before alpha starts to move: a number of epochs, or "converge" (train until
-    # validation stops improving: train.patience, capped at train.epochs)
-    warmup_epochs: int | str = 1
+    # validation stops improving: train.patience, capped at train.epochs), which validation chose
+    warmup_epochs: int | str = CONVERGE
     # bilevel epochs; 6 as in our benchmarks: 10 gave no better DeepFM AUC (docs/performance.md)
     search_epochs: int = 6
     # stop the bilevel search after this many epochs without a better validation metric (the best
