@@ -84,4 +84,4 @@ def check_options(entry: DatasetInfo, options: dict[str, Any]) -> None:
 
 def _ensure_builtins() -> None:
     """Import the modules that register the built-in datasets (kept lazy to keep import fast)."""
-    from dnis.data import criteo, movielens, synthetic, tabular  # noqa: F401
+    from dnis.data import criteo, lightgcn, movielens, synthetic, tabular  # noqa: F401
