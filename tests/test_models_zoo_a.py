@@ -18,7 +18,7 @@ from dnis.models.dcn import CrossNetV2, DCNv2
 from dnis.models.fgcnn import FGCNN, FeatureGeneration, pairwise_inner_products
 from dnis.search import dnis, materialize, search
 from dnis.search.dnis import DnisConfig
-from dnis.search.prune import budget_params, prune_blocks, prune_elements
+from dnis.search.prune import block_saliency, budget_params, prune_blocks, prune_elements
 from dnis.tasks import make_task
 from dnis.tasks.base import predict
 from dnis.train import TrainConfig, Trainer
@@ -244,7 +244,9 @@ def test_compact_embeddings_give_the_same_shapes_and_predictions(
         saved = soft.state_dict()
         with torch.no_grad():
             if granularity == "block":
-                soft.alpha.mul_(prune_blocks(soft.alpha, state.blocks, budget_params(0.3, full)))
+                saliency = block_saliency(soft.selected_weight(), state.blocks)
+                keep = prune_blocks(soft.alpha, state.blocks, budget_params(0.3, full), saliency)
+                soft.alpha.mul_(keep)
             else:
                 keep = prune_elements(soft.selected_weight(), soft.layout, budget_params(0.3, full))
                 soft.weight.mul_(keep)

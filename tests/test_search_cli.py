@@ -74,7 +74,7 @@ def test_search_refuses_an_impossible_budget(tmp_path):
     config = write_config(tmp_path)
     result = dnis("search", "--config", str(config), "--budget", "0", "--quiet", cwd=tmp_path)
     assert result.returncode == 2
-    assert "budget must be > 0" in result.stderr
+    assert "'0' is not a budget" in result.stderr
     assert "Traceback" not in result.stderr
 
 

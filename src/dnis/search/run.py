@@ -186,6 +186,9 @@ def reload_budget(
             f"delete it and {path}, and rerun with --resume to retrain this budget"
         ) from None
     model.eval()
-    return finished_result(
+    result = finished_result(
         state, budget, compact, model, pruned, metrics["valid"], metrics["test"], seconds
     )
+    result.train_epochs = int(saved.get("train_epochs", 0))
+    result.epoch_cap_hit = bool(saved.get("epoch_cap_hit", False))
+    return result
