@@ -47,9 +47,8 @@ PAIRS = [
 # one search option switched at a time, on the defaults configs (validation decides defaults)
 ABLATIONS = [
     ("search.rank=saliency",),
-    ("search.l1_step=loss",),
     ("search.l1_step=proximal",),
-    ("search.warmup_epochs=1",),
+    ("search.warmup_epochs=converge",),
     ("train.batch_size=1024",),
 ]
 QUICK = ("train.epochs=1", "search.warmup_epochs=0", "search.search_epochs=1")

@@ -83,8 +83,9 @@ class DnisConfig:
     # of each field's ids, e.g. [0.05, 0.2, 0.5] (then num_blocks is ignored)
     block_mode: str | list[float] = "count"
     # plain training before alpha starts to move: a number of epochs, or "converge" (train until
-    # validation stops improving: train.patience, capped at train.epochs), which validation chose
-    warmup_epochs: int | str = CONVERGE
+    # validation stops improving: train.patience, capped at train.epochs); with batch 256, one
+    # epoch was better on validation in 4 of 6 cells (docs/results.md, "Search options")
+    warmup_epochs: int | str = 1
     # bilevel epochs; 6 as in our benchmarks: 10 gave no better DeepFM AUC (docs/performance.md)
     search_epochs: int = 6
     # stop the bilevel search after this many epochs without a better validation metric (the best
@@ -96,8 +97,9 @@ class DnisConfig:
     normalize_alpha_grad: bool = True  # per-block gradient normalisation
     # alpha_l1 as a loss term (its gradient is normalised with the loss's) or as a proximal
     # step after the normalised gradient step (the same shrinkage for every entry); auto:
-    # proximal for ctr, loss otherwise, as validation chose (docs/results.md, "Search options")
-    l1_step: str = "auto"  # auto | loss | proximal
+    # proximal for ctr, loss otherwise. Validation did not agree across settings (docs/results.md,
+    # "Search options"), so the default is the paper's loss term
+    l1_step: str = "loss"  # loss | proximal | auto
     # how block pruning ranks dims: alpha (ties broken by saliency) or saliency, the block's mean
     # |weight * alpha| per dim, which does not depend on how scale splits between the two
     rank: str = "alpha"  # alpha | saliency
