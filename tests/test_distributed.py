@@ -149,6 +149,12 @@ def fixed_metrics() -> dict[str, dict[str, float]]:
         out[task] = _evaluate(dataset, "deepfm" if task == "ctr" else "mf", batch_size=37)
     topk = load("movielens-latest-small", "topk", seed=0)
     out["topk"] = _evaluate(topk, "bprmf", batch_size=37, row_budget=50 * 9000)
+    # several held-out items per user: each rank takes a run of chunks of 3 users, the per-user
+    # values are gathered and averaged
+    from test_tasks import multi_item_data
+
+    multi = multi_item_data(seed=1, n_users=40, n_items=60)
+    out["topk-multi"] = _evaluate(multi, "bprmf", batch_size=37, row_budget=3 * 61)
     return out
 
 
@@ -180,6 +186,7 @@ def test_metrics_are_computed_exactly_over_every_ranks_predictions(tmp_path: Pat
         for name, value in metrics.items():
             assert ranks[0][task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
     assert ranks[0]["topk"]["users"] == want["topk"]["users"] > 0
+    assert ranks[0]["topk-multi"]["users"] == want["topk-multi"]["users"] == 39
 
 
 def test_commands_that_do_not_split_their_work_refuse_torchrun(

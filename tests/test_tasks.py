@@ -5,13 +5,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from dnis.data.dataset import EncodedDataset
+from dnis.data.dataset import EncodedDataset, build_dataset
+from dnis.data.schema import FeatureSpec, Schema
 from dnis.tasks import CTRTask, RatingTask, TopKTask, make_task
-from dnis.tasks.metrics import auc, logloss, mae, ranking_metrics, rmse
+from dnis.tasks.metrics import (
+    auc,
+    logloss,
+    mae,
+    per_user_ranking_metrics,
+    ranking_metrics,
+    rmse,
+)
 from dnis.tasks.topk import History
 
 # ---------------------------------------------------------------- metrics
@@ -137,6 +146,9 @@ def random_table(ds: EncodedDataset, seed: int = 0, distinct: int | None = None)
 
 
 def brute_ranks(ds: EncodedDataset, table: torch.Tensor, split: str) -> list[int]:
+    """The old per-row definition: each held-out row's 0-based rank among the unmasked items,
+    ties counted in its favour (an OOV item ranks last). With one held-out item per user (leave-
+    last-out) `ranking_metrics` of these ranks is the per-user protocol's value."""
     known = [ds.train.ids] + ([ds.valid.ids] if split == "test" else [])
     seen: dict[int, set[int]] = {}
     for part in known:
@@ -158,6 +170,43 @@ def brute_ranks(ds: EncodedDataset, table: torch.Tensor, split: str) -> list[int
     return ranks
 
 
+def brute_user_metrics(
+    ds: EncodedDataset, table: torch.Tensor, split: str, ties: str = "none"
+) -> dict[str, float]:
+    """The per-user protocol in plain Python: each user with held-out items sorts the items it has
+    not seen (held-out items always count as unseen; never the OOV item 0) by score, and Recall@K,
+    NDCG@K are averaged over users. `ties`: "none" (the table must have none where it matters),
+    "best" (held-out items first among equal scores) or "worst" (last)."""
+    known = [ds.train.ids] + ([ds.valid.ids] if split == "test" else [])
+    seen: dict[int, set[int]] = {}
+    for part in known:
+        for u, i in part.tolist():
+            seen.setdefault(u, set()).add(i)
+    held: dict[int, set[int]] = {}
+    oov: dict[int, int] = {}
+    for u, i in ds.split(split).ids.tolist():
+        held.setdefault(u, set())
+        if i == 0:
+            oov[u] = oov.get(u, 0) + 1
+        else:
+            held[u].add(i)
+    sums = {f"{m}@{k}": 0.0 for k in (10, 20) for m in ("recall", "ndcg")}
+    for u, items in held.items():
+        relevant = len(items) + oov.get(u, 0)
+        candidates = [
+            i for i in range(1, ds.cardinalities[1]) if i in items or i not in seen.get(u, set())
+        ]
+        side = {"none": 0, "best": -1, "worst": 1}[ties]
+        ranked = sorted(candidates, key=lambda i: (-float(table[u, i]), side * (i in items), i))
+        for k in (10, 20):
+            positions = [p for p, i in enumerate(ranked[:k]) if i in items]
+            dcg = sum(1 / math.log2(p + 2) for p in positions)
+            idcg = sum(1 / math.log2(p + 2) for p in range(min(relevant, k)))
+            sums[f"recall@{k}"] += len(positions) / relevant
+            sums[f"ndcg@{k}"] += dcg / idcg
+    return {**{key: value / len(held) for key, value in sums.items()}, "users": float(len(held))}
+
+
 def test_history_pairs_are_each_users_items(topk_data: EncodedDataset) -> None:
     ids = topk_data.train.ids
     num_users = topk_data.cardinalities[0]
@@ -176,21 +225,77 @@ def test_history_pairs_are_each_users_items(topk_data: EncodedDataset) -> None:
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
-@pytest.mark.parametrize("distinct", [None, 3])
-def test_full_ranking_matches_brute_force(
-    topk_data: EncodedDataset, split: str, distinct: int | None
+def test_leave_last_out_equals_the_per_row_definition(
+    topk_data: EncodedDataset, split: str
 ) -> None:
-    table = random_table(topk_data, seed=1, distinct=distinct)
-    task = TopKTask(topk_data)
-    ranks = torch.tensor(brute_ranks(topk_data, table, split))
-    metrics = task.evaluate(TableScorer(table), split)
-    expected = ranking_metrics(ranks, (10, 20))
-    for key, value in expected.items():
-        assert metrics[key] == pytest.approx(value), key
-    assert metrics["users"] == len(topk_data.split(split))
-    # the ranks themselves, not only their averages
-    got = task._ranks(TableScorer(table), topk_data.split(split).ids, task.seen[split], None)
-    assert got.tolist() == ranks.tolist()
+    """One held-out item per user: the per-user metrics are the old per-row hit rate and
+    1 / log2(rank + 2), averaged over the same rows, and the per-user brute force."""
+    ids = topk_data.split(split).ids
+    assert len(ids[:, 0].unique()) == len(ids)  # leave-last-out: one row per user
+    table = random_table(topk_data, seed=1)  # continuous scores: no ties
+    metrics = TopKTask(topk_data).evaluate(TableScorer(table), split)
+    per_row = ranking_metrics(torch.tensor(brute_ranks(topk_data, table, split)), (10, 20))
+    for key, value in per_row.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+    assert metrics == pytest.approx(brute_user_metrics(topk_data, table, split), abs=1e-12)
+    assert metrics["users"] == len(ids)
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_tied_scores_fall_between_the_best_and_worst_tie_orders(
+    topk_data: EncodedDataset, split: str
+) -> None:
+    """With ties, torch.topk's order decides which tied items make the cut: each metric lies
+    between held-out-first and held-out-last, and the first is the old rank rule (ties counted in
+    the held-out item's favour)."""
+    table = random_table(topk_data, seed=1, distinct=3)
+    metrics = TopKTask(topk_data).evaluate(TableScorer(table), split)
+    best = brute_user_metrics(topk_data, table, split, ties="best")
+    worst = brute_user_metrics(topk_data, table, split, ties="worst")
+    per_row = ranking_metrics(torch.tensor(brute_ranks(topk_data, table, split)), (10, 20))
+    for key in per_row:
+        assert best[key] == pytest.approx(per_row[key], abs=1e-12)
+        assert worst[key] - 1e-12 <= metrics[key] <= best[key] + 1e-12, key
+    assert worst != best  # the ties matter here
+
+
+PAIRS = Schema(features=(FeatureSpec("user"), FeatureSpec("item")), user="user", item="item")
+
+
+def multi_item_data(seed: int = 0, n_users: int = 14, n_items: int = 40) -> EncodedDataset:
+    """A pre-split dataset with 1-4 test and 1-3 validation items per user (drawn from all items,
+    so some repeat a training or validation item), a repeated test row, two test items unseen in
+    training, one user without test items and one without validation items."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[tuple[str, str]]] = {"train": [], "valid": [], "test": []}
+    parts["train"] = [("anchor", f"i{k}") for k in range(n_items)]  # every item in training
+    first: dict[int, int] = {}
+    for u in range(n_users):
+        train = rng.choice(n_items, int(rng.integers(2, 9)), replace=False)
+        first[u] = int(train[0])
+        parts["train"] += [(f"u{u}", f"i{k}") for k in train]
+        for split, low, high in (("valid", 1, 4), ("test", 1, 5)):
+            if (split, u) in (("test", 0), ("valid", 1)):
+                continue
+            drawn = rng.integers(0, n_items, int(rng.integers(low, high)))
+            parts[split] += [(f"u{u}", f"i{k}") for k in drawn]
+    parts["test"] += [("u2", "unseen-a"), ("u2", f"i{first[2]}"), ("u3", "unseen-b")]
+    parts["test"] += [(f"u{n_users - 1}", "i0")] * 2  # a repeated row
+    frames = {split: pd.DataFrame(rows, columns=["user", "item"]) for split, rows in parts.items()}
+    return build_dataset(frames, PAIRS, "topk")
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("budget", [1 << 20, 41, 130])
+def test_several_held_out_items_per_user_match_brute_force(split: str, budget: int) -> None:
+    ds = multi_item_data()
+    table = random_table(ds, seed=5)
+    scorer = TableScorer(table)
+    metrics = TopKTask(ds, row_budget=budget).evaluate(scorer, split)
+    assert metrics == pytest.approx(brute_user_metrics(ds, table, split), abs=1e-12)
+    users = ds.split(split).ids[:, 0]
+    assert metrics["users"] == len(users.unique()) < len(users)  # users, not rows
+    assert scorer.max_rows <= max(budget, ds.cardinalities[1])  # at least one user per chunk
 
 
 @pytest.mark.parametrize("budget", [31, 40, 100, 1000])
@@ -223,10 +328,102 @@ def test_target_first_gives_perfect_metrics(topk_data: EncodedDataset, split: st
     worst = random_table(topk_data, seed=3)
     for u, target in topk_data.split(split).ids.tolist():
         worst[u, target] = -10.0
-    task = TopKTask(topk_data)
-    ranks = task._ranks(TableScorer(worst), topk_data.split(split).ids, task.seen[split], None)
-    assert ranks.tolist() == brute_ranks(topk_data, worst, split)
-    assert max(ranks.tolist()) > 10
+    metrics = TopKTask(topk_data).evaluate(TableScorer(worst), split)
+    assert metrics == pytest.approx(brute_user_metrics(topk_data, worst, split), abs=1e-12)
+    assert metrics["recall@10"] < 1.0
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_oracle_ranking_finds_every_held_out_item(split: str) -> None:
+    """Every held-out item scored above all others: recall = NDCG = 1 for each user with at most
+    K held-out items, all known; a user's OOV held-out item is a miss that still counts in
+    |held-out| and in the ideal DCG."""
+    ds = multi_item_data()
+    task = TopKTask(ds)
+    users, values = task.per_user(TableScorer(oracle_table(ds, split)), split)
+    ids = ds.split(split).ids
+    assert users.tolist() == sorted(ids[:, 0].unique().tolist())
+    for row, u in enumerate(users.tolist()):
+        items = ids[ids[:, 0] == u, 1]
+        known, oov = len(set(items[items > 0].tolist())), int((items == 0).sum())
+        assert 1 <= known + oov <= 10
+        ideal = sum(1 / math.log2(p + 2) for p in range(known + oov))
+        found = sum(1 / math.log2(p + 2) for p in range(known))
+        want = [known / (known + oov), found / ideal] * 2
+        assert values[row].tolist() == pytest.approx(want, abs=1e-12), u
+    assert (values < 1).any() == (split == "test")  # the test split holds two OOV items
+
+
+def test_hand_made_multi_item_metrics() -> None:
+    """Users with 2-3 test items at hand-placed ranks; training and validation items scored on
+    top (masked for test), the OOV item scored above everything (never recommended)."""
+    items = [f"p{k}" for k in range(1, 31)]
+    frames = {
+        "train": [("anchor", i) for i in items]
+        + [("a", "p1"), ("a", "p2"), ("b", "p3"), ("c", "p4")],
+        "valid": [("a", "p3"), ("b", "p4"), ("c", "p5")],
+        "test": [("a", "p5"), ("a", "p6"), ("b", "p1"), ("b", "p2"), ("b", "p7")]
+        + [("c", "p6"), ("c", "new")],
+    }
+    ds = build_dataset(
+        {s: pd.DataFrame(rows, columns=["user", "item"]) for s, rows in frames.items()},
+        PAIRS,
+        "topk",
+    )
+    user_id = dict(
+        zip(
+            "abc",
+            ds.encoder.fields[0].transform(pd.Series(list("abc")))[:, 0].tolist(),
+            strict=True,
+        )
+    )
+    item_id = dict(
+        zip(items, ds.encoder.fields[1].transform(pd.Series(items))[:, 0].tolist(), strict=True)
+    )
+    # each user's ranking, best first: its known items, then the test items at these 0-based
+    # positions among the rest (the rest in name order)
+    placed = {
+        "a": (["p1", "p2", "p3"], {"p5": 1, "p6": 14}),
+        "b": (["p3", "p4"], {"p1": 0, "p2": 9, "p7": 25}),
+        "c": (["p4", "p5"], {"p6": 12}),
+    }
+    table = torch.zeros(ds.cardinalities[0], ds.cardinalities[1])
+    table[:, 0] = 1000.0
+    for user, (known, at) in placed.items():
+        rest = [i for i in items if i not in known and i not in at]
+        for item, position in sorted(at.items(), key=lambda pair: pair[1]):
+            rest.insert(position, item)
+        for score, item in enumerate(reversed(known + rest)):
+            table[user_id[user], item_id[item]] = float(score)
+    d = [1 / math.log2(p + 2) for p in range(20)]
+    want = {  # per user: recall@10, ndcg@10, recall@20, ndcg@20
+        "a": [1 / 2, d[1] / (d[0] + d[1]), 1.0, (d[1] + d[14]) / (d[0] + d[1])],
+        "b": [2 / 3, (d[0] + d[9]) / sum(d[:3]), 2 / 3, (d[0] + d[9]) / sum(d[:3])],
+        "c": [0.0, 0.0, 1 / 2, d[12] / (d[0] + d[1])],  # "new" is OOV: a miss, but counted
+    }
+    for budget in (1 << 20, 31):  # one chunk, or one user per chunk
+        task = TopKTask(ds, row_budget=budget)
+        users, values = task.per_user(TableScorer(table), "test")
+        assert users.tolist() == sorted(user_id[u] for u in "abc")
+        for user, expected in want.items():
+            row = users.tolist().index(user_id[user])
+            assert values[row].tolist() == pytest.approx(expected, abs=1e-12), user
+        metrics = task.evaluate(TableScorer(table), "test")
+        columns = zip(*want.values(), strict=True)
+        means = [sum(column) / 3 for column in columns]
+        assert [metrics[k] for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")] == (
+            pytest.approx(means, abs=1e-12)
+        )
+        assert metrics["users"] == 3.0
+    # validation masks only the training items: each validation item is right behind them
+    valid = TopKTask(ds).evaluate(TableScorer(table), "valid")
+    assert valid == pytest.approx(
+        {"recall@10": 1.0, "ndcg@10": 1.0, "recall@20": 1.0, "ndcg@20": 1.0, "users": 3.0}
+    )
+    # without masking the validation items, a's p5 would be third, not second
+    assert brute_user_metrics(ds, table, "test") == pytest.approx(
+        TopKTask(ds).evaluate(TableScorer(table), "test"), abs=1e-12
+    )
 
 
 def test_seen_items_are_masked(topk_data: EncodedDataset) -> None:
@@ -236,6 +433,21 @@ def test_seen_items_are_masked(topk_data: EncodedDataset) -> None:
         table[u, i] = 100.0
     metrics = TopKTask(topk_data).evaluate(TableScorer(table), "valid")
     assert metrics["recall@10"] == 1.0 and metrics["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_seen_and_valid_items_are_masked_for_several_held_out_items() -> None:
+    """Training (and, for test, validation) items scored above everything do not push the
+    held-out items down, except a held-out item the user also had before: it keeps its score."""
+    ds = multi_item_data()
+    for split, known in (("valid", ["train"]), ("test", ["train", "valid"])):
+        table = oracle_table(ds, split)
+        for part in known:
+            for u, i in ds.split(part).ids.tolist():
+                table[u, i] = max(float(table[u, i]), 100.0)  # a repeated held-out item too
+        metrics = TopKTask(ds).evaluate(TableScorer(table), split)
+        assert metrics == pytest.approx(brute_user_metrics(ds, table, split), abs=1e-12)
+        perfect = TopKTask(ds).evaluate(TableScorer(oracle_table(ds, split)), split)
+        assert metrics == pytest.approx(perfect, abs=1e-12)
 
 
 def test_oov_target_counts_as_a_miss(topk_data_with_new_item: EncodedDataset) -> None:
@@ -284,7 +496,29 @@ def test_dot_product_models_rank_by_one_matrix_product_like_the_pairwise_path(
     assert torch.allclose((user * item).sum(1), model(rows), atol=1e-6)
     items = task._item_factors(model, rows[:1])
     assert items is not None and items.shape[0] == topk_data.cardinalities[1]
-    fast = task._ranks(model, rows, task.seen["test"], items)
-    slow = task._ranks(model, rows, task.seen["test"], None)
-    assert torch.equal(fast, slow)
+    held = task.held_out("test")
+    every = slice(0, len(held.users))
+    fast = task._top(model, rows, held, every, task.seen["test"], items)
+    slow = task._top(model, rows, held, every, task.seen["test"], None)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     assert task._item_factors(TableScorer(random_table(topk_data)), rows[:1]) is None
+
+
+def test_per_user_ranking_metrics_by_hand() -> None:
+    hit = torch.zeros(3, 20, dtype=torch.bool)
+    hit[0, [0, 2]] = True  # 2 of 2 held-out items, at positions 0 and 2
+    hit[1, [11]] = True  # 1 of 3, only in the top 20
+    relevant = torch.tensor([2, 3, 1])  # user 2 found nothing
+    got = per_user_ranking_metrics(hit, relevant, (10, 20))
+    d = [1 / math.log2(p + 2) for p in range(20)]
+    want = [
+        [1.0, (d[0] + d[2]) / (d[0] + d[1]), 1.0, (d[0] + d[2]) / (d[0] + d[1])],
+        [0.0, 0.0, 1 / 3, d[11] / sum(d[:3])],
+        [0.0, 0.0, 0.0, 0.0],
+    ]
+    for row, expected in zip(got.tolist(), want, strict=True):
+        assert row == pytest.approx(expected, abs=1e-12)
+    # fewer ranked positions than K (fewer items than K): the cut is what there is
+    assert per_user_ranking_metrics(hit[:, :5], relevant, (10, 20))[0].tolist() == pytest.approx(
+        want[0], abs=1e-12
+    )

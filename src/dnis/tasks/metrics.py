@@ -40,7 +40,8 @@ def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def ranking_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
-    """Recall@K and NDCG@K with one held-out item per user, from its 0-based rank."""
+    """Recall@K and NDCG@K with one held-out item per user, from its 0-based rank (the
+    leave-last-out special case of `per_user_ranking_metrics`, averaged)."""
     out: dict[str, float] = {}
     for k in ks:
         hit = ranks < k
@@ -50,3 +51,31 @@ def ranking_metrics(ranks: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float
         )
         out[f"ndcg@{k}"] = float(gain.mean())
     return out
+
+
+def per_user_ranking_metrics(
+    hit: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...]
+) -> torch.Tensor:
+    """Per-user Recall@K and NDCG@K from the relevance of each user's ranked top positions.
+
+    `hit` [U, k] bool: whether the item at 0-based position p of a user's ranking is one of the
+    user's held-out items (k >= max(ks), or every item when there are fewer). `relevant` [U]: how
+    many held-out items the user has (>= 1). Returns float64 [U, 2 * len(ks)] with columns
+    (recall@K, ndcg@K) for K in ks: recall = hits in the top K / relevant; NDCG = DCG / IDCG with
+    DCG = sum of 1 / log2(p + 2) over hit positions p < K and IDCG the same over the first
+    min(relevant, K) positions (every held-out item ranked first).
+    """
+    top = max(ks)
+    discount = 1.0 / torch.log2(torch.arange(top, dtype=torch.float64) + 2.0)
+    ideal = torch.cumsum(discount, 0)
+    gains = hit.double()
+    relevant = relevant.double()
+    columns = []
+    for k in ks:
+        cut = min(k, hit.shape[1])
+        found = gains[:, :cut]
+        columns.append(found.sum(1) / relevant)
+        dcg = found @ discount[:cut]
+        best = ideal[(relevant.clamp(max=k) - 1).long()]
+        columns.append(dcg / best)
+    return torch.stack(columns, dim=1)
