@@ -418,6 +418,7 @@ def test_the_random_control_keeps_other_dims_within_the_same_budget(planted, gra
     target = budget_params(0.2, full)
     assert control.num_parameters() <= target
     assert control.num_parameters() >= 0.95 * searched.num_parameters()
+
     def structure(compact):  # the kept positions: the integer buffers of either layout
         return [v for v in compact.state_dict().values() if not v.is_floating_point()]
 

@@ -222,7 +222,9 @@ def test_din_rows_without_any_history_match(runs, tmp_path, fmt):
 
 def test_scores_from_a_dict_of_columns_and_ctr_probabilities(runs, tmp_path):
     run_dir = runs("deepfm", "block")
-    predictor = load(export_run(run_dir, "torchscript", budget=0.25, output=tmp_path / "e").path, trust=True)
+    predictor = load(
+        export_run(run_dir, "torchscript", budget=0.25, output=tmp_path / "e").path, trust=True
+    )
     frame = raw_frame("deepfm", 4)
     columns = {c: frame[c].tolist() for c in predictor.columns}
     raw = predictor.raw(columns)
@@ -398,7 +400,10 @@ def test_predict_missing_column_is_a_clear_error(runs, tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     raw_frame("din", 20).drop(columns=["history"]).to_parquet(bad)
     out = tmp_path / "out.csv"
-    assert main(["predict", str(export.path), "--input", str(bad), "--output", str(out), "--trust"]) == 2
+    assert (
+        main(["predict", str(export.path), "--input", str(bad), "--output", str(out), "--trust"])
+        == 2
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert str(bad) in err and "column 'history'" in err and "fix:" in err
     assert not out.exists()
