@@ -412,20 +412,20 @@ def materialize(
     target = budget_params(budget, full)
     table = soft.selected_weight().detach()
     control = config.structure == "random"
-    noise = (
-        torch.rand(table.shape, generator=torch.Generator().manual_seed(seed)) if control else None
-    )
+
+    def noise(shape: tuple[int, ...]) -> torch.Tensor:  # the control's seeded random scores
+        return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
     if granularity == "block":
-        saliency = block_saliency(table, state.blocks)
         if control:
-            keep = prune_blocks(noise[: state.blocks.num_blocks], state.blocks, target)
-        elif config.rank == "saliency":
-            keep = prune_blocks(saliency, state.blocks, target)
+            keep = prune_blocks(noise(soft.alpha.shape), state.blocks, target)
         else:
-            keep = prune_blocks(soft.alpha, state.blocks, target, tiebreak=saliency)
+            saliency = block_saliency(table, state.blocks)
+            score = saliency if config.rank == "saliency" else soft.alpha
+            keep = prune_blocks(score, state.blocks, target, tiebreak=saliency)
         compact: FieldEmbedding = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
     else:
-        keep = prune_elements(noise if control else table, soft.layout, target)
+        keep = prune_elements(noise(table.shape) if control else table, soft.layout, target)
         compact = RaggedEmbedding(soft.layout, soft.dim, keep)
     compact.load_dense(table)
     return compact
