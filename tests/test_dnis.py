@@ -370,7 +370,7 @@ def test_a_block_absent_from_the_validation_batch_shrinks_only_by_the_proximal_l
     """With the L1 term in the loss, the per-block normalisation turns a block's pure L1 gradient
     (it is absent from the batch) into a full-size step; as a proximal step it shrinks by lr * l1."""
     from dnis.embeddings.blocks import dataset_blocks
-    from dnis.search.dnis import _alpha_step
+    from dnis.search.dnis import AlphaSearch
     from dnis.tasks import make_task
 
     blocks = dataset_blocks(ctr_data, 6, "count")
@@ -384,9 +384,8 @@ def test_a_block_absent_from_the_validation_batch_shrinks_only_by_the_proximal_l
     used = set(blocks.row_block()[rows.reshape(-1)].tolist())
     absent = [b for b in range(blocks.num_blocks) if b not in used]
     assert absent, "the batch touches every block; pick fewer rows"
-    optimizer = torch.optim.SGD([soft.alpha], lr=config.alpha_lr)
-    _alpha_step(model, make_task(ctr_data), soft.alpha, (ids, labels), config, optimizer,
-                torch.Generator().manual_seed(0))  # fmt: skip
+    hook = AlphaSearch(model, soft, make_task(ctr_data), config, TrainConfig(), budgets=[0.5])
+    hook._alpha_step((ids, labels), torch.Generator().manual_seed(0))
     torch.testing.assert_close(
         soft.alpha[absent], torch.full((len(absent), 4), 0.5 - shrink), rtol=0, atol=1e-7
     )
@@ -424,3 +423,65 @@ def test_the_random_control_keeps_other_dims_within_the_same_budget(planted, gra
 
     assert all(map(torch.equal, structure(control), structure(again)))  # seeded
     assert not all(map(torch.equal, structure(control), structure(searched)))
+
+
+def test_the_gradual_schedule_ramps_down_and_ends_one_epoch_at_each_budget_largest_first():
+    from dnis.search.dnis import schedule_targets
+
+    targets = schedule_targets(1000, [100, 500, 250], epochs=6)
+    assert targets[-3:] == [500, 250, 100]
+    assert all(a > b for a, b in zip([1000, *targets], targets, strict=False))
+    assert schedule_targets(1000, [100], epochs=1) == [100]
+
+
+def _gradual(ctr_data, tmp_path=None, resume=False, **options):
+    from dnis.search import dnis
+
+    def make(embedding):
+        return models.build("fm", ctr_data.schema, embedding)
+
+    settings = {"num_blocks": 3, "warmup_epochs": 1, "search_epochs": 3, **options}
+    config = DnisConfig(schedule="gradual", budgets=[0.2, 0.5], **settings)
+    train = TrainConfig(epochs=2, batch_size=512, patience=0)
+    return dnis(make, ctr_data, dim=4, config=config, train=train, run_dir=tmp_path, resume=resume)
+
+
+@pytest.mark.parametrize("structure", ["searched", "random"])
+def test_a_gradual_search_ends_at_each_budget_so_pruning_changes_nothing(ctr_data, structure):
+    """The search knows the budgets: the soft model at each budget's snapshot and the compact
+    model materialised from it give the same validation metrics (before retraining)."""
+    results = _gradual(ctr_data, structure=structure)
+    assert [r.budget for r in results] == [0.2, 0.5]
+    kept = [record["kept_params"] for record in results[0].history]
+    assert kept == sorted(kept, reverse=True) and len(kept) == 3
+    for result in results:
+        assert result.embedding_params <= budget_params(result.budget, result.full_params)
+        assert result.embedding_params >= 0.9 * budget_params(result.budget, result.full_params)
+        for metric, value in result.before["valid"].items():
+            assert result.pruned[metric] == pytest.approx(value, abs=1e-5), metric
+    assert kept[1] == results[1].embedding_params and kept[2] == results[0].embedding_params
+
+
+def test_a_gradual_search_resumes_with_its_snapshots(ctr_data, tmp_path):
+    first = _gradual(ctr_data, tmp_path)
+    again = _gradual(ctr_data, tmp_path, resume=True)  # reloads the finished search and retrains
+    for a, b in zip(first, again, strict=True):
+        assert a.dims == b.dims and a.before == b.before
+        assert a.metrics["test"] == pytest.approx(b.metrics["test"], abs=1e-6)
+
+
+def test_a_gradual_search_refuses_what_its_schedule_cannot_serve(ctr_data):
+    with pytest.raises(ConfigError, match="granularity: block"):
+        DnisConfig(schedule="gradual", granularity="element")
+    with pytest.raises(ConfigError, match="search_epochs"):
+        _gradual(ctr_data, search_epochs=1)
+    from dnis.errors import DnisError
+    from dnis.search.dnis import compact_model
+
+    with pytest.raises(DnisError, match="not one of the gradual search's budgets"):
+        state = search(
+            lambda e: models.build("fm", ctr_data.schema, e), ctr_data, dim=4,
+            config=DnisConfig(schedule="gradual", warmup_epochs=0, search_epochs=1),
+            train=TrainConfig(epochs=1, batch_size=512),
+        )  # fmt: skip
+        compact_model(state, None, 0.3, config=DnisConfig(schedule="gradual"), train=TrainConfig())

@@ -9,14 +9,21 @@ Choices where the paper is open, and why:
 - alpha's gradient is divided, row by row, by its mean absolute value: rare blocks get tiny raw
   gradients and would otherwise never move (as in the authors' AutoSrh code).
 - alpha is clamped to [0, 1] after each step; an L1 term on alpha pushes useless dims to 0.
-- The model keeps its best validation epoch of the search, then is pruned.
+- `schedule: static` (the paper): the model keeps its best validation epoch of the search, then
+  is pruned to each budget. `schedule: gradual`: the search knows the budgets and masks the
+  lowest-ranked dims as it trains (a cubic schedule, as in gradual magnitude pruning), one epoch
+  ending at each budget; the soft model is then already at the budget, so pruning it to a compact
+  table changes nothing, and the retrain starts from that snapshot.
 
-Checkpoints and resume (`run_dir`): every epoch of the warm-up, of the bilevel search and of each
-budget's retrain is checkpointed atomically (checksum and config hash, `dnis.train.checkpoint`)::
+The bilevel search is a `Trainer` run with one hook (`AlphaSearch`: the alpha step after every
+model step, the schedule, the snapshots), so it has the trainer's NaN guard, compile,
+multi-process training and checkpoints. Checkpoints and resume (`run_dir`): every epoch of the
+warm-up, of the bilevel search and of each budget's retrain is checkpointed atomically (checksum
+and config hash, `dnis.train.checkpoint`)::
 
     run_dir/search/warmup/checkpoint.pt    warm-up: a Trainer's checkpoint (+ metrics.jsonl)
-    run_dir/search/checkpoint.pt           bilevel search: model (alpha included), both
-                                           optimizers, epoch, best epoch's state, history
+    run_dir/search/checkpoint.pt           bilevel search: a Trainer's checkpoint, the hook's
+                                           state (alpha optimizer, kept dims, snapshots) in it
     run_dir/retrain-<budget>/checkpoint.pt retrain of one budget: a Trainer's checkpoint
 
 Every epoch draws its randomness (shuffles, sampling, dropout) from (seed, epoch) alone, so no RNG
@@ -31,17 +38,16 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dnis import distributed
 from dnis.data.dataset import EncodedDataset
-from dnis.data.loader import batches, num_batches
+from dnis.data.loader import num_batches
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BLOCK_MODES, BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
@@ -60,18 +66,12 @@ from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory, block_report, endless_valid_batches
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
-from dnis.train.trainer import (
-    TrainConfig,
-    Trainer,
-    epoch_seed,
-    make_optimizer,
-    step_module,
-    training_loss,
-)
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
 
 CONVERGE = "converge"  # search.warmup_epochs: train to early stopping before the search
+SCHEDULES = ("static", "gradual")
+PRUNES_PER_EPOCH = 50  # how often the gradual schedule moves within an epoch
 
 
 @dataclass
@@ -103,6 +103,13 @@ class DnisConfig:
     # how block pruning ranks dims: alpha (ties broken by saliency) or saliency, the block's mean
     # |weight * alpha| per dim, which does not depend on how scale splits between the two
     rank: str = "alpha"  # alpha | saliency
+    # static: search, then prune each budget from the searched alpha; gradual: the search knows
+    # the budgets and prunes as it trains (cubic schedule, one epoch ending at each budget, the
+    # largest first), so the soft model ends at each budget and pruning it changes nothing
+    schedule: str = "static"  # static | gradual
+    # which alpha static pruning ranks: the best validation epoch's (whose weights are kept), or
+    # alpha's mean over the steps of the last epoch run (less noisy than one step's value)
+    alpha_from: str = "best_epoch"  # best_epoch | last_epoch_mean
     # searched: prune by the search; random: the control, a random structure of the same budget
     # through the same warm-up, search and fine-tune (`dnis compare --methods dnis dnis-random`)
     structure: str = "searched"
@@ -127,6 +134,19 @@ class DnisConfig:
             raise ConfigError(
                 f"search.structure must be 'searched' or 'random', got {self.structure!r}"
             )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"search.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.schedule == "gradual" and self.granularity != "block":
+            raise ConfigError(
+                "search.schedule: gradual prunes whole block dims; use granularity: block"
+            )
+        if self.alpha_from not in ("best_epoch", "last_epoch_mean"):
+            raise ConfigError(
+                "search.alpha_from must be 'best_epoch' or 'last_epoch_mean', got "
+                f"{self.alpha_from!r}"
+            )
         if self.rank not in ("alpha", "saliency"):
             raise ConfigError(f"search.rank must be 'alpha' or 'saliency', got {self.rank!r}")
         if self.alpha_optimizer not in ("sgd", "adam"):
@@ -147,6 +167,16 @@ class DnisConfig:
 
 
 @dataclass
+class Snapshot:
+    """The soft model when the gradual schedule reached a budget: its kept dims and weights."""
+
+    keep: torch.Tensor  # [num_blocks, dim] bool
+    state: dict[str, torch.Tensor]  # the model's state dict (alpha included, zero where dropped)
+    epoch: int
+    valid: dict[str, float]  # the soft model's validation metrics then
+
+
+@dataclass
 class SearchState:
     """What one search leaves behind, enough to prune and retrain at any budget."""
 
@@ -157,6 +187,7 @@ class SearchState:
     before: dict[str, dict[str, float]]
     history: list[dict[str, Any]]
     seconds: float
+    snapshots: dict[float, Snapshot] = field(default_factory=dict)  # gradual schedule only
 
 
 def alpha_stats(alpha: torch.Tensor, blocks: BlockLayout, names: Sequence[str]) -> dict[str, Any]:
@@ -171,10 +202,17 @@ def alpha_stats(alpha: torch.Tensor, blocks: BlockLayout, names: Sequence[str]) 
 
 
 def search_settings(
-    dim: int, config: DnisConfig, train: TrainConfig, init_std: float = 0.01
+    dim: int,
+    config: DnisConfig,
+    train: TrainConfig,
+    init_std: float = 0.01,
+    budgets: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """Everything a search's result depends on (budgets excluded: one search serves them all)."""
+    """Everything a search's result depends on. The budgets count only for a gradual schedule:
+    a static search serves any budget."""
     search = {k: v for k, v in asdict(config).items() if k != "budgets"}
+    if config.schedule == "gradual":
+        search["budgets"] = list(budgets)
     return {"dim": dim, "init_std": init_std, "search": search, "train": asdict(train)}
 
 
@@ -191,6 +229,187 @@ def clear_checkpoints(run_dir: str | Path) -> None:
             shutil.rmtree(folder)
 
 
+def schedule_targets(full: int, budgets: Sequence[int], epochs: int) -> list[int]:
+    """The kept parameter count at the end of each search epoch under the gradual schedule: the
+    last `len(budgets)` epochs end at the budgets, largest first; the ones before ramp to the
+    largest (the first of them ends where the cubic curve says)."""
+    ordered = sorted(budgets, reverse=True)
+    ramp = epochs - len(ordered) + 1  # epochs from the full table to the largest budget
+    curve = [ordered[0] + (full - ordered[0]) * (1 - e / ramp) ** 3 for e in range(1, ramp)]
+    return [round(c) for c in curve] + ordered
+
+
+def cubic_between(start: int, end: int, progress: float) -> int:
+    """A parameter count on the cubic path from `start` (progress 0) to `end` (1): fast at first,
+    slow at the end, so the model adapts to the last cuts before the epoch's snapshot."""
+    return round(end + (start - end) * (1 - progress) ** 3)
+
+
+class AlphaSearch(TrainHook):
+    """DNIS's part of the search loop: an alpha step on a validation batch after every model step
+    (first-order, as in DARTS); under `schedule: gradual`, pruning to the budgets as it goes."""
+
+    def __init__(
+        self,
+        model: Model,
+        embedding: SoftSelectionEmbedding,
+        task: Task,
+        config: DnisConfig,
+        train: TrainConfig,
+        budgets: Sequence[float],
+    ) -> None:
+        self.model, self.embedding, self.task = model, embedding, task
+        self.config, self.train = config, train
+        alpha = embedding.alpha
+        self.optimizer: torch.optim.Optimizer = (
+            torch.optim.SGD([alpha], lr=config.alpha_lr)
+            if config.alpha_optimizer == "sgd"
+            else torch.optim.Adam([alpha], lr=config.alpha_lr)
+        )
+        self.proximal = l1_step(config, task) == "proximal"
+        self.valid: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.alpha_sum = torch.zeros_like(alpha)
+        self.steps = 0
+        self.mean_alpha: torch.Tensor | None = None  # of the last epoch run
+        # the gradual schedule
+        self.keep = torch.ones_like(alpha, dtype=torch.bool)
+        self.snapshots: dict[float, Snapshot] = {}
+        self.epoch_budget: dict[int, float] = {}  # the search epochs that end at a budget
+        self.targets: list[int] = []
+        self.random_score: torch.Tensor | None = None
+        if config.schedule == "gradual":
+            full = embedding.weight.numel()
+            counts = [budget_params(b, full) for b in budgets]
+            if len(budgets) > config.search_epochs:
+                raise ConfigError(
+                    f"search.schedule: gradual ends one search epoch at each budget, but there are "
+                    f"{len(budgets)} budgets and search_epochs is {config.search_epochs}: raise "
+                    "search.search_epochs or give fewer budgets"
+                )
+            if len(set(counts)) < len(counts):
+                raise ConfigError(f"search.budgets {list(budgets)} name the same size twice")
+            by_size = sorted(zip(counts, budgets, strict=True), reverse=True)
+            first = config.search_epochs - len(budgets) + 1
+            self.epoch_budget = {first + i: budget for i, (_, budget) in enumerate(by_size)}
+            self.targets = schedule_targets(full, counts, config.search_epochs)
+            if config.structure == "random":  # the control's order: one fixed random draw
+                seeded = torch.Generator().manual_seed(train.seed)
+                self.random_score = torch.rand(alpha.shape, generator=seeded)
+
+    def epoch_start(self, context: EpochContext) -> None:
+        self.valid = endless_valid_batches(
+            self.task.dataset, self.train.batch_size, context.generator, "DNIS's alpha steps"
+        )
+        self.alpha_sum.zero_()
+        self.steps = 0
+        self.epoch_steps = num_batches(self.task.dataset.train, self.train.batch_size)
+
+    def after_step(self, context: EpochContext) -> None:
+        assert self.valid is not None
+        self._alpha_step(next(self.valid), context.sampler)
+        self.steps += 1
+        if self.targets:
+            every = max(1, self.epoch_steps // PRUNES_PER_EPOCH)
+            if self.steps % every == 0 or self.steps == self.epoch_steps:
+                start = self.embedding.weight.numel() if context.epoch == 1 else None
+                previous = start if start is not None else self.targets[context.epoch - 2]
+                target = cubic_between(
+                    previous, self.targets[context.epoch - 1], self.steps / self.epoch_steps
+                )
+                self._prune_to(target)
+        self.alpha_sum += self.embedding.alpha.detach()
+
+    def epoch_end(self, context: EpochContext, record: dict[str, Any]) -> None:
+        alpha = self.embedding.alpha
+        self.mean_alpha = self.alpha_sum / max(1, self.steps)
+        record.update(alpha_stats(alpha, self.embedding.blocks, self.task.dataset.schema.names))
+        if self.targets:
+            record["kept_params"] = self._kept_params()
+            budget = self.epoch_budget.get(context.epoch)
+            if budget is not None:
+                valid = {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
+                self.snapshots[budget] = Snapshot(
+                    self.keep.clone(), copy.deepcopy(self.model.state_dict()), context.epoch, valid
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "keep": self.keep,
+            "mean_alpha": self.mean_alpha,
+            "snapshots": {
+                repr(b): {"keep": s.keep, "state": s.state, "epoch": s.epoch, "valid": s.valid}
+                for b, s in self.snapshots.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.keep = state["keep"]
+        self.mean_alpha = state["mean_alpha"]
+        self.snapshots = {
+            float(b): Snapshot(s["keep"], s["state"], s["epoch"], s["valid"])
+            for b, s in state["snapshots"].items()
+        }
+
+    def _kept_params(self) -> int:
+        sizes = torch.tensor(self.embedding.blocks.size, dtype=torch.long)
+        return int((self.keep.long() * sizes.unsqueeze(1)).sum())
+
+    def _prune_to(self, target: int) -> None:
+        """Drop the lowest-ranked dims still kept until `target` parameters are left (dropped
+        dims stay dropped: their alpha is held at 0)."""
+        if self._kept_params() <= target:
+            return
+        alpha = self.embedding.alpha.detach()
+        table = self.embedding.selected_weight().detach()
+        saliency = block_saliency(table, self.embedding.blocks)
+        if self.random_score is not None:
+            score = self.random_score.clone()
+        else:
+            score = saliency if self.config.rank == "saliency" else alpha.cpu()
+        score[~self.keep] = -1.0  # below every kept entry (scores are >= 0)
+        keep = prune_blocks(score, self.embedding.blocks, target, tiebreak=saliency)
+        self.keep &= keep
+        self._apply_keep()
+
+    def _apply_keep(self) -> None:
+        with torch.no_grad():
+            self.embedding.alpha.mul_(self.keep.to(self.embedding.alpha.device))
+
+    def _alpha_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator
+    ) -> None:
+        """One first-order step on alpha with a validation batch, then clamp to [0, 1].
+
+        Under torchrun each rank takes its share of the batch and the gradients are averaged,
+        so alpha takes the step of the whole batch and stays identical on every rank.
+        """
+        config, alpha = self.config, self.embedding.alpha
+        ids, labels = distributed.shard(*batch)
+        alpha.requires_grad_(True)
+        try:
+            loss = self.task.loss(self.model, ids, labels, generator)
+            if config.alpha_l1 and not self.proximal:
+                loss = loss + config.alpha_l1 * alpha.abs().sum()
+            (grad,) = torch.autograd.grad(loss, [alpha])
+        finally:
+            alpha.requires_grad_(False)
+        distributed.all_reduce_mean_(grad)
+        if config.normalize_alpha_grad:
+            grad = grad / (grad.abs().mean(dim=1, keepdim=True) + 1e-12)
+        alpha.grad = grad
+        self.optimizer.step()
+        with torch.no_grad():
+            if config.alpha_l1 and self.proximal:
+                # soft-thresholding after the normalised step: every entry shrinks by the same
+                # lr * l1, however often its block appears in validation batches
+                alpha.sub_(config.alpha_lr * config.alpha_l1)
+            alpha.clamp_(0.0, 1.0)
+        if self.targets:
+            self._apply_keep()
+
+
 def search(
     make_model: ModelFactory,
     dataset: EncodedDataset,
@@ -203,8 +422,12 @@ def search(
     resume: bool = False,
     config_hash: str | None = None,
     init_std: float = 0.01,
+    budgets: Sequence[float] | None = None,
 ) -> SearchState:
     """Warm up, then alternate model steps (train batches) and alpha steps (valid batches).
+
+    Under `schedule: gradual` the search also prunes as it goes, down to the smallest of
+    `budgets` (default `config.budgets`), and keeps a snapshot of the model at each budget.
 
     With `run_dir`, every epoch is checkpointed there (see the module docstring); with `resume`,
     the search continues from the furthest checkpoint found (none: from the start), and a
@@ -214,7 +437,8 @@ def search(
     config = config or DnisConfig()
     train = train or TrainConfig()
     progress = progress or SilentProgress()
-    settings = search_settings(dim, config, train, init_std)
+    budgets = list(config.budgets if budgets is None else budgets)
+    settings = search_settings(dim, config, train, init_std, budgets)
     config_hash = settings_hash(settings) if config_hash is None else config_hash
     folder = None if run_dir is None else Path(run_dir)
     started = time.perf_counter()
@@ -223,12 +447,9 @@ def search(
     embedding = SoftSelectionEmbedding(FieldLayout.from_dataset(dataset), dim, blocks, init_std)
     model = make_model(embedding)
     task = make_task(dataset)
-    alpha = embedding.alpha
-    alpha.requires_grad_(False)
-    saved = None
-    if folder is not None and resume and (folder / "checkpoint.pt").exists():
-        saved = _read_search_checkpoint(folder / "checkpoint.pt", settings, config_hash)
-    if saved is None and config.warmup_epochs:  # a search checkpoint supersedes the warm-up
+    embedding.alpha.requires_grad_(False)  # it takes gradients only in the alpha steps
+    searching = folder is not None and resume and _exists(folder / "checkpoint.pt")
+    if not searching and config.warmup_epochs:  # a search checkpoint supersedes the warm-up
         fixed = {"epochs": config.warmup_epochs, "patience": 0}
         warm = TrainConfig(**{**vars(train), **({} if config.warmup_epochs == CONVERGE else fixed)})
         warmup = Trainer(
@@ -238,158 +459,48 @@ def search(
             run_dir=None if folder is None else folder / "warmup",
             progress=progress,
             config_hash=config_hash,
+            phase="warm-up epoch",
         )
         warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
         del warmup  # its DistributedDataParallel (under torchrun) must not outlive the warm-up
-    # alpha stays frozen in the model steps (its gradient there would be thrown away) and takes
-    # gradients only inside `_alpha_step`
-    net = step_module(model, train)  # model steps run through it (DDP, compiled: as configured)
-    model_opt = make_optimizer(model, train, exclude=[alpha])
-    alpha_opt: torch.optim.Optimizer = (
-        torch.optim.SGD([alpha], lr=config.alpha_lr)
-        if config.alpha_optimizer == "sgd"
-        else torch.optim.Adam([alpha], lr=config.alpha_lr)
-    )
-    best, best_state, history, done, earlier = None, None, [], 0, 0.0
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        model_opt.load_state_dict(saved["model_optimizer"])
-        alpha_opt.load_state_dict(saved["alpha_optimizer"])
-        best, best_state, history = saved["best"], saved["best_state"], saved["history"]
-        done, earlier = saved["epoch"], saved["seconds"]  # time spent before the interruption
-    for epoch in range(done + 1, config.search_epochs + 1):
-        if (
-            config.patience
-            and _stale_epochs(history, f"valid_{task.metric}", best) >= config.patience
-        ):
-            break  # early-stopped (checked first, so a search resumed at that point stops too)
-        seed = epoch_seed(train.seed, 1000 + epoch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        sampler = distributed.rank_generator(generator, seed)
-        valid_stream = endless_valid_batches(
-            dataset, train.batch_size, generator, "DNIS's alpha steps"
-        )
-        model.train()
-        progress.epoch_start(epoch, num_batches(dataset.train, train.batch_size))
-        total = torch.zeros((), dtype=torch.float64)
-        for batch in batches(dataset.train, train.batch_size, shuffle=True, generator=generator):
-            ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
-            loss = training_loss(
-                task, net, embedding, (ids, labels), sampler, train, f"search epoch {epoch}",
-                "lower train.lr or search.alpha_lr, or add regularisation (the last good "
-                "checkpoint is kept)",
-            )  # fmt: skip
-            value = float(loss.detach())
-            model_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            model_opt.step()
-            total += value * len(ids)
-            _alpha_step(model, task, alpha, next(valid_stream), config, alpha_opt, sampler)
-            progress.batch_end()
-        valid = task.evaluate(model, "valid", train.eval_batch_size)
-        record = {
-            "epoch": epoch,
-            "loss": float(distributed.all_reduce_sum(total)) / len(dataset.train),
-            **{f"valid_{k}": v for k, v in valid.items()},
-            **alpha_stats(alpha, blocks, dataset.schema.names),
+    hook = AlphaSearch(model, embedding, task, config, train, budgets)
+    gradual = config.schedule == "gradual"
+    bilevel = TrainConfig(
+        **{
+            **vars(train),
+            "epochs": config.search_epochs,
+            "patience": 0 if gradual else config.patience,
         }
-        history.append(record)
-        if task.better(valid[task.metric], best):
-            best, best_state = valid[task.metric], copy.deepcopy(model.state_dict())
-        if folder is not None:
-            save_checkpoint(
-                folder / "checkpoint.pt",
-                {
-                    "settings": settings,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "model_optimizer": model_opt.state_dict(),
-                    "alpha_optimizer": alpha_opt.state_dict(),
-                    "best": best,
-                    "best_state": best_state,
-                    "history": history,
-                    "seconds": earlier + time.perf_counter() - started,
-                },
-                config_hash,
-            )
-        progress.epoch_end(record)
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
-    return SearchState(
-        model, embedding, blocks, task, before, history, earlier + time.perf_counter() - started
     )
-
-
-def _stale_epochs(history: list[dict[str, Any]], key: str, best: float | None) -> int:
-    """Epochs run since the best one (the first epoch that reached `best`)."""
-    for index, record in enumerate(history):
-        if record[key] == best:
-            return len(history) - index - 1
-    return 0
+    trainer = Trainer(
+        model,
+        task,
+        bilevel,
+        run_dir=folder,
+        progress=progress,
+        config_hash=config_hash,
+        hooks=[hook],
+        exclude=[embedding.alpha],
+        phase="search epoch",
+        seed_offset=1000,
+        restore_best=not gradual,  # gradual: the schedule's snapshots are the result
+    )
+    fit_started = time.perf_counter()
+    fit = trainer.fit(resume=searching)
+    # a resumed search counts the epochs of earlier processes too, not the reloading
+    seconds = (
+        time.perf_counter() - started + fit.train_seconds - (time.perf_counter() - fit_started)
+    )
+    del trainer
+    if hook.mean_alpha is not None and config.alpha_from == "last_epoch_mean":
+        with torch.no_grad():
+            embedding.alpha.copy_(hook.mean_alpha)
+    before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
+    return SearchState(model, embedding, blocks, task, before, fit.history, seconds, hook.snapshots)
 
 
 def _exists(path: Path | None) -> bool:
     return path is not None and path.exists()
-
-
-def _read_search_checkpoint(
-    path: Path, settings: dict[str, Any], config_hash: str
-) -> dict[str, Any]:
-    """A search checkpoint's state, refused unless its checksum, hash and settings match."""
-    found, saved = read_checkpoint(path)  # refuses a torn, bit-flipped or foreign file
-    check_config_hash(path, found, config_hash)
-    keys = ("settings", "epoch", "model", "model_optimizer", "alpha_optimizer", "best_state")
-    if any(key not in saved for key in keys):
-        raise DnisError(
-            f"checkpoint {path} is not a DNIS search checkpoint; delete it and start the run "
-            "again without --resume"
-        )
-    if saved["settings"] != settings:
-        raise DnisError(
-            f"cannot resume from {path}: it was written with different search settings "
-            f"({saved['settings']}, this run's are {settings}); resume with the config that "
-            "wrote it, or delete it and start the run again without --resume"
-        )
-    return saved
-
-
-def _alpha_step(
-    model: Model,
-    task: Task,
-    alpha: nn.Parameter,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    config: DnisConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> None:
-    """One first-order step on alpha with a validation batch, then clamp to [0, 1].
-
-    Under torchrun each rank takes its share of the batch and the gradients are averaged, so
-    alpha takes the step of the whole batch and stays identical on every rank.
-    """
-    ids, labels = distributed.shard(*batch)
-    proximal = l1_step(config, task) == "proximal"
-    alpha.requires_grad_(True)
-    try:
-        loss = task.loss(model, ids, labels, generator)
-        if config.alpha_l1 and not proximal:
-            loss = loss + config.alpha_l1 * alpha.abs().sum()
-        (grad,) = torch.autograd.grad(loss, [alpha])
-    finally:
-        alpha.requires_grad_(False)
-    distributed.all_reduce_mean_(grad)
-    if config.normalize_alpha_grad:
-        grad = grad / (grad.abs().mean(dim=1, keepdim=True) + 1e-12)
-    alpha.grad = grad
-    optimizer.step()
-    with torch.no_grad():
-        if config.alpha_l1 and proximal:
-            # soft-thresholding after the normalised step: every entry shrinks by the same
-            # lr * l1, however often its block appears in validation batches
-            alpha.sub_(config.alpha_lr * config.alpha_l1)
-        alpha.clamp_(0.0, 1.0)
 
 
 def l1_step(config: DnisConfig, task: Task) -> str:
@@ -404,31 +515,54 @@ def materialize(
 ) -> FieldEmbedding:
     """The compact embedding for one budget, holding the searched weights with alpha folded in.
 
-    With `config.structure: random` (the control), the kept dims are drawn at random (`seed`)
-    with the same budget: what the pipeline gives without what the search found."""
-    granularity = config.granularity
+    A gradual search's budget is its snapshot: the dims kept when the schedule reached it. A
+    static search ranks the dims now (`config.rank`). With `config.structure: random` (the
+    control), the kept dims are drawn at random (`seed`) with the same budget: what the pipeline
+    gives without what the search found."""
     soft = state.embedding
-    full = soft.weight.numel()
-    target = budget_params(budget, full)
+    snapshot = snapshot_of(state, budget, config)
+    if snapshot is not None:
+        weight, alpha = snapshot.state["embedding.weight"], snapshot.state["embedding.alpha"]
+        table = (weight * alpha[soft.row_block.to(alpha.device)]).detach()
+        compact: FieldEmbedding = BlockMixedEmbedding(
+            soft.layout, soft.dim, state.blocks, snapshot.keep
+        )
+        compact.load_dense(table)
+        return compact
+    target = budget_params(budget, soft.weight.numel())
     table = soft.selected_weight().detach()
     control = config.structure == "random"
 
     def noise(shape: tuple[int, ...]) -> torch.Tensor:  # the control's seeded random scores
         return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
-    if granularity == "block":
+    if config.granularity == "block":
         if control:
             keep = prune_blocks(noise(soft.alpha.shape), state.blocks, target)
         else:
             saliency = block_saliency(table, state.blocks)
             score = saliency if config.rank == "saliency" else soft.alpha
             keep = prune_blocks(score, state.blocks, target, tiebreak=saliency)
-        compact: FieldEmbedding = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
+        compact = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
     else:
         keep = prune_elements(noise(table.shape) if control else table, soft.layout, target)
         compact = RaggedEmbedding(soft.layout, soft.dim, keep)
     compact.load_dense(table)
     return compact
+
+
+def snapshot_of(state: SearchState, budget: float, config: DnisConfig) -> Snapshot | None:
+    """The gradual search's snapshot at `budget` (None for a static search)."""
+    if config.schedule != "gradual":
+        return None
+    snapshot = state.snapshots.get(budget)
+    if snapshot is None:
+        raise DnisError(
+            f"budget {budget} was not one of the gradual search's budgets "
+            f"({', '.join(map(str, sorted(state.snapshots)))}): add it to search.budgets and run "
+            "the search again (or use search.schedule: static, which serves any budget)"
+        )
+    return snapshot
 
 
 def dims_report(
@@ -507,9 +641,9 @@ def compact_model(
     torch.manual_seed(train.seed)
     model = make_model(compact)
     if config.retrain == "finetune":
-        dense = {
-            k: v for k, v in state.model.state_dict().items() if not k.startswith("embedding.")
-        }
+        snapshot = snapshot_of(state, budget, config)
+        searched = state.model.state_dict() if snapshot is None else snapshot.state
+        dense = {k: v for k, v in searched.items() if not k.startswith("embedding.")}
         model.load_state_dict(dense, strict=False)
     else:
         compact.reset_parameters()
@@ -526,7 +660,9 @@ def finished_result(
     test: dict[str, float],
     retrain_seconds: float,
 ) -> SearchResult:
-    """The SearchResult of one retrained budget."""
+    """The SearchResult of one retrained budget; under a gradual schedule, `before` is the soft
+    model when the schedule reached the budget."""
+    snapshot = state.snapshots.get(budget)
     return SearchResult(
         method="dnis",
         metric=state.task.metric,
@@ -536,7 +672,7 @@ def finished_result(
         memory_bytes=compact.memory_bytes(),
         dims=dims_report(compact, state.blocks, state.task.dataset.schema.names),
         metrics={"valid": valid, "test": test},
-        before=state.before,
+        before=state.before if snapshot is None else {"valid": snapshot.valid},
         pruned=pruned,
         search_seconds=state.seconds,
         retrain_seconds=retrain_seconds,
@@ -576,10 +712,11 @@ def dnis(
     """
     config = config or DnisConfig()
     train = train or TrainConfig()
-    if config_hash is None:
-        config_hash = settings_hash(search_settings(dim, config, train, init_std))
     if budget is None:
         budget = list(config.budgets)
+    budgets = [budget] if isinstance(budget, int | float) else list(budget)
+    if config_hash is None:
+        config_hash = settings_hash(search_settings(dim, config, train, init_std, budgets))
     if run_dir is not None and not resume:
         clear_checkpoints(run_dir)
     state = search(
@@ -593,8 +730,8 @@ def dnis(
         run_dir=None if run_dir is None else Path(run_dir) / "search",
         resume=resume,
         config_hash=config_hash,
+        budgets=budgets,
     )
-    budgets = [budget] if isinstance(budget, int | float) else list(budget)
     results = [
         retrain(
             state,

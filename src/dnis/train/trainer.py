@@ -1,5 +1,10 @@
 """The trainer: epochs over seeded shuffles, early stopping with restore-best, checkpoint/resume.
 
+It is the one training loop of the library: a method that needs more than plain training (DNIS's
+alpha steps on validation batches, a pruning schedule, a temperature) plugs a `TrainHook` into it
+instead of writing its own loop, and so gets the NaN guard, `train.compile`, multi-process
+training and checkpoints like every other model.
+
 Determinism: every epoch reseeds its shuffle, its sampling and torch's global RNG (dropout) from
 (seed, epoch), so an uninterrupted run and a run resumed from any epoch's checkpoint take exactly
 the same steps.
@@ -11,6 +16,7 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +69,37 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         resolve_device(self.device)  # a bad or unavailable device fails before any work
+
+
+@dataclass
+class EpochContext:
+    """What a hook sees of the running epoch."""
+
+    trainer: Trainer
+    epoch: int
+    generator: torch.Generator  # the epoch's shuffle generator (a hook may draw from it)
+    sampler: torch.Generator  # this rank's generator for sampling (negatives, dropout-free draws)
+
+
+class TrainHook:
+    """A method's extension of the training loop; every method is optional.
+
+    `state_dict`/`load_state_dict` carry the hook's own state (an optimizer, a schedule, the
+    snapshots it took) through the Trainer's checkpoints, so a resumed run continues exactly.
+    """
+
+    def epoch_start(self, context: EpochContext) -> None: ...
+
+    def after_step(self, context: EpochContext) -> None:
+        """After the model's optimizer step on a training batch (e.g. an architecture step)."""
+
+    def epoch_end(self, context: EpochContext, record: dict[str, Any]) -> None:
+        """After validation, before the checkpoint; may add entries to the epoch's `record`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -290,15 +327,30 @@ class Trainer:
         run_dir: str | Path | None = None,
         progress: Progress | None = None,
         config_hash: str | None = None,
+        *,
+        hooks: Sequence[TrainHook] = (),
+        exclude: list[torch.nn.Parameter] | None = None,
+        phase: str = "epoch",
+        seed_offset: int = 0,
+        restore_best: bool = True,
     ) -> None:
         """`config_hash` is stored in checkpoints and must match to resume (a run passes its
-        `Config.digest()`); by default it is `train_config_hash(config)`."""
+        `Config.digest()`); by default it is `train_config_hash(config)`.
+
+        `hooks` extend the loop (`TrainHook`); `exclude` are parameters the model's optimizer
+        leaves alone (a hook steps them); `phase` names the epochs in errors ("search epoch 3");
+        `seed_offset` gives a phase its own per-epoch randomness; `restore_best: False` keeps
+        the last epoch's weights (a hook's schedule decides what the result is)."""
         self.model = model
         self.task = task
         self.config = config
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.progress = progress or SilentProgress()
-        self.optimizer = make_optimizer(model, config)
+        self.hooks = list(hooks)
+        self.phase = phase
+        self.seed_offset = seed_offset
+        self.restore_best = restore_best
+        self.optimizer = make_optimizer(model, config, exclude)
         self.net = step_module(model, config)  # training steps run through it
         self.config_hash = train_config_hash(config) if config_hash is None else config_hash
 
@@ -323,7 +375,8 @@ class Trainer:
             if cfg.patience and state["stale"] >= cfg.patience:
                 break  # early-stopped (checked first, so a run resumed at that point stops too)
             started = time.perf_counter()
-            loss = self._train_epoch(epoch)
+            context = self._context(epoch)
+            loss = self._train_epoch(context)
             valid = task.evaluate(self.model, "valid", cfg.eval_batch_size)
             score = valid[task.metric]
             seconds = time.perf_counter() - started
@@ -333,6 +386,8 @@ class Trainer:
                 "seconds": round(seconds, 3),
                 **{f"valid_{k}": v for k, v in valid.items()},
             }
+            for hook in self.hooks:
+                hook.epoch_end(context, record)
             state["history"].append(record)
             state["seconds"] += seconds
             if task.better(score, state["best"]):
@@ -347,7 +402,7 @@ class Trainer:
             state["epoch"] = epoch
             self._save(state)
             self.progress.epoch_end(record)
-        if state["best_state"] is not None:
+        if state["best_state"] is not None and self.restore_best:
             self.model.load_state_dict(state["best_state"])
         best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
         valid = {k[len("valid_") :]: v for k, v in best.items() if k.startswith("valid_")}
@@ -364,27 +419,34 @@ class Trainer:
             state["best_epoch"], valid, state["history"], state["seconds"], capped=capped
         )
 
-    def _train_epoch(self, epoch: int) -> float:
-        cfg = self.config
-        seed = epoch_seed(cfg.seed, epoch)
+    def _context(self, epoch: int) -> EpochContext:
+        """The epoch's randomness, drawn from (seed, epoch) alone."""
+        seed = epoch_seed(self.config.seed, self.seed_offset + epoch)
         torch.manual_seed(seed)  # dropout and any other global-RNG use
         generator = torch.Generator().manual_seed(seed)
-        sampler = distributed.rank_generator(generator, seed)
+        return EpochContext(self, epoch, generator, distributed.rank_generator(generator, seed))
+
+    def _train_epoch(self, context: EpochContext) -> float:
+        cfg = self.config
         self.model.train()
         split = self.task.dataset.train
         total = torch.zeros((), dtype=torch.float64, device=model_device(self.model))
-        self.progress.epoch_start(epoch, num_batches(split, cfg.batch_size))
-        for batch in batches(split, cfg.batch_size, shuffle=True, generator=generator):
+        for hook in self.hooks:
+            hook.epoch_start(context)
+        self.progress.epoch_start(context.epoch, num_batches(split, cfg.batch_size))
+        for batch in batches(split, cfg.batch_size, shuffle=True, generator=context.generator):
             ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
             loss = training_loss(
-                self.task, self.net, self.model.embedding, (ids, labels), sampler, cfg,
-                f"epoch {epoch}",
+                self.task, self.net, self.model.embedding, (ids, labels), context.sampler, cfg,
+                f"{self.phase} {context.epoch}",
                 "lower train.lr or add regularisation (the last good checkpoint is kept)",
             )  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             total += loss.detach() * len(ids)
+            for hook in self.hooks:
+                hook.after_step(context)
             self.progress.batch_end()
         return float(distributed.all_reduce_sum(total) / len(split))
 
@@ -397,6 +459,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "config": asdict(self.config),
+                "hooks": [hook.state_dict() for hook in self.hooks],
                 **state,
             },
             self.config_hash,
@@ -414,7 +477,15 @@ class Trainer:
                 f"cannot resume from {path}: it was written with a different train config"
             )
         check_config_hash(path, found, self.config_hash)
+        hooks = saved.pop("hooks", [])
+        if len(hooks) != len(self.hooks):
+            raise DnisError(
+                f"cannot resume from {path}: it was written by a run with {len(hooks)} training "
+                f"hook(s), this one has {len(self.hooks)}; resume with the config that wrote it"
+            )
         self.model.load_state_dict(saved.pop("model"))
         self.optimizer.load_state_dict(saved.pop("optimizer"))
+        for hook, hook_state in zip(self.hooks, hooks, strict=True):
+            hook.load_state_dict(hook_state)
         saved.pop("config")
         return saved
