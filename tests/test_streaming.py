@@ -14,14 +14,13 @@ import pytest
 import torch
 import yaml
 
+from dnis.app.config import Config, DatasetConfig
 from dnis.cli import main
-from dnis.config import Config, DatasetConfig
-from dnis.data import streaming
 from dnis.data.cache import DiskSplit, SplitWriter
 from dnis.data.loader import batches, num_batches
 from dnis.data.schema import FeatureSpec, Schema
 from dnis.data.sketch import CountMinSketch, Reservoir
-from dnis.data.streaming import StreamingOptions
+from dnis.data.streaming import StreamingOptions, builder, sources
 from dnis.data.tabular import load_files
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.errors import ConfigError, DataError
@@ -199,8 +198,8 @@ def test_second_load_reuses_the_cache(tmp_path: Path, monkeypatch, caplog) -> No
     def refuse(*args, **kwargs):
         raise AssertionError("the data file was read again")
 
-    monkeypatch.setattr(streaming._CsvFile, "scan", refuse)
-    monkeypatch.setattr(streaming._CsvFile, "chunks", refuse)
+    monkeypatch.setattr(sources.CsvFile, "scan", refuse)
+    monkeypatch.setattr(sources.CsvFile, "chunks", refuse)
     with caplog.at_level(logging.INFO, logger="dnis.data.streaming"):
         second = load_files(**kwargs)
     assert "reusing cache" in caplog.text
@@ -227,7 +226,7 @@ def test_a_failed_build_leaves_no_entry(tmp_path: Path, monkeypatch) -> None:
     def crash(self, folder):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(streaming._Builder, "_write", crash)
+    monkeypatch.setattr(builder.Builder, "_write", crash)
     with pytest.raises(KeyboardInterrupt):
         load_files(format="csv", path=path, schema=SCHEMA, task="ctr", streaming=options(tmp_path))
     assert list((tmp_path / "cache").iterdir()) == []
