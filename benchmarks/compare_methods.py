@@ -29,9 +29,8 @@ BASELINES = ["dnis", "uniform", "random", "mde", "hashing", "qr"]
 
 def all_methods() -> list[str]:
     """DNIS and the classic baselines first, then every other registered method."""
-    from dnis.search.methods import METHODS, _ensure_builtins
+    from dnis.search.methods import METHODS
 
-    _ensure_builtins()
     return BASELINES + sorted(set(METHODS) - set(BASELINES))
 
 
@@ -93,9 +92,9 @@ def run_setting(raw: dict[str, Any], summarize_only: bool = False) -> tuple[str,
     With `summarize_only`, nothing is trained: the report is built from the cells already cached
     (None when there are none), and the missing cells are listed under it.
     """
-    from dnis.config import Config, parse
-    from dnis.report.compare_report import grid_metric, write_compare_report
-    from dnis.search.compare import cell_path, compare
+    from dnis.app.compare import cell_path, compare
+    from dnis.app.config import Config, parse
+    from dnis.app.report.compare_report import grid_metric, write_compare_report
 
     config = parse(Config, raw, where=raw["name"])
     title = f"{config.dataset.name} · {config.dataset.task} · {config.model.name}"

@@ -72,13 +72,13 @@ def dnis(command: str, config: str, out: Path, sets: tuple[str, ...]) -> dict[st
 
 
 def _run_dir(config: str, out: Path, sets: tuple[str, ...]) -> Path:
-    from dnis.config import load_config
+    from dnis.app.config import load_config
 
     return load_config(ROOT / "configs" / f"{config}.yaml", [f"output_dir={out}", *sets]).run_dir()
 
 
 def budgets_of(config: str) -> list[float]:
-    from dnis.config import load_config
+    from dnis.app.config import load_config
 
     return load_config(ROOT / "configs" / f"{config}.yaml").search.budgets
 

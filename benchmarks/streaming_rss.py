@@ -144,9 +144,9 @@ def write_config(folder: Path, file: Path, cache: Path, mode: str, threads: int)
 
 def child(args: argparse.Namespace) -> None:
     """One measured `dnis train` in this (fresh) process; print its numbers as JSON."""
-    import dnis.train.run as run
+    import dnis.app.train as run
+    from dnis.app.config import load_config
     from dnis.cli import main
-    from dnis.config import load_config
     from dnis.data.cache import DiskSplit
 
     loaded: dict[str, Any] = {}

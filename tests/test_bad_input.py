@@ -23,8 +23,8 @@ from conftest import tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dnis.app.config import load_config
 from dnis.cli import main
-from dnis.config import load_config
 from dnis.errors import ConfigError, DnisError
 from dnis.train.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 

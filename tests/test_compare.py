@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dnis.config import load_config
+from dnis.app.compare import compare
+from dnis.app.config import load_config
+from dnis.app.report.compare_report import summarize
 from dnis.io import write_json
-from dnis.report.compare_report import summarize
-from dnis.search.compare import compare
 
 GRID = {
     "name": "grid",
@@ -139,7 +139,7 @@ def test_parallel_cells_give_the_same_rows_as_one_process(tmp_path):
 
 
 def test_a_budget_below_a_methods_floor_is_an_infeasible_row_not_a_stopped_grid(tmp_path):
-    from dnis.report.compare_report import write_compare_report
+    from dnis.app.report.compare_report import write_compare_report
 
     # 3 fields of 41 ids at width 8 (984 params): 0.1% buys 1 row of 8, hashing needs one row per
     # field (3 rows) -> infeasible; 50% fits.
@@ -183,7 +183,7 @@ def test_a_cell_another_process_finished_meanwhile_is_not_recomputed(tmp_path):
 
 
 def test_dnis_standing_names_the_best_other_method_and_the_margin():
-    from dnis.report.compare_report import dnis_standing
+    from dnis.app.report.compare_report import dnis_standing
 
     def cell(method, budget, seed, auc):
         return {"method": method, "budget": budget, "seed": seed, "embedding_params": 10,
@@ -218,7 +218,7 @@ def test_pareto_plot_draws_a_cell_with_no_embedding_parameters():
     """OutRank can drop every field (0 parameters); a log axis would silently hide that cell."""
     import matplotlib.pyplot as plt
 
-    from dnis.report.compare_report import pareto_figure
+    from dnis.app.report.compare_report import pareto_figure
 
     def cell(method, budget, params, auc):
         return {"method": method, "budget": budget, "seed": 0, "embedding_params": params,

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dnis.app.config import Config, DatasetConfig, load_config, parse
+from dnis.app.train import train
 from dnis.cli import main
-from dnis.config import Config, DatasetConfig, load_config, parse
 from dnis.data import registry
 from dnis.errors import ConfigError, DnisError
-from dnis.train.run import train
 
 
 def write_config(path: Path, data: dict) -> Path:

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dnis import models
+from dnis.app.config import Config, DatasetConfig, ModelConfig, load_config
+from dnis.app.train import load_dataset, model_factory
 from dnis.cli import main
-from dnis.config import Config, DatasetConfig, ModelConfig, load_config
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.tasks import make_task
 from dnis.train import Progress, TrainConfig, Trainer
-from dnis.train.run import load_dataset, model_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "movielens-100k"

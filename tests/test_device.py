@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from dnis import models
-from dnis.config import Config, parse
+from dnis.app.compare import compare
+from dnis.app.config import Config, parse
 from dnis.data.synthetic import load_synthetic
 from dnis.errors import ConfigError
 from dnis.search import methods
-from dnis.search.compare import compare
 from dnis.tasks import make_task
 from dnis.tasks.base import model_device
 from dnis.train import TrainConfig
@@ -60,7 +60,7 @@ def _config(
 
 
 def test_the_model_factory_places_models_on_the_configured_device(tmp_path):
-    from dnis.train.run import build_model
+    from dnis.app.train import build_model
 
     config = _config(tmp_path, "cpu")
     dataset = load_synthetic(task="ctr", n_rows=500, vocab=20, seed=0)
@@ -92,7 +92,6 @@ def test_dnis_runs_on_the_gpu_and_matches_the_cpu_closely(granularity):
 
 @needs_cuda
 def test_every_method_of_compare_runs_on_the_gpu(tmp_path):
-    methods._ensure_builtins()
     every = sorted(methods.METHODS)
     rows = compare(_config(tmp_path, "cuda", methods=every))
     assert {r["method"] for r in rows} == set(every)

@@ -16,15 +16,15 @@ import pytest
 import torch
 import yaml
 
+from dnis.app.config import load_config
+from dnis.app.search import search_run
+from dnis.app.train import train
 from dnis.cli import main
-from dnis.config import load_config
 from dnis.data.synthetic import make_frame
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.errors import DataError, DnisError
 from dnis.export import export_run, load, load_run, predict_file, read_manifest
-from dnis.export.artifact import file_entry
-from dnis.search.run import search_run
-from dnis.train.run import train
+from dnis.export.folder import file_entry
 
 ONNX_REASON = "ONNX export is tested with the optional extra: pip install -e '.[onnx]'"
 TOLERANCE = 1e-5

@@ -25,13 +25,13 @@ import torch
 import yaml
 from torch import nn
 
-from dnis.config import load_config
+from dnis.app.config import load_config
+from dnis.app.search import search_run
+from dnis.app.train import train
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.errors import DnisError
 from dnis.export import TorchRecTables, export_run, load, load_run, read_manifest
 from dnis.export.traceable import example_ids
-from dnis.search.run import search_run
-from dnis.train.run import train
 
 TOLERANCE = 1e-6
 BUDGET = 0.5

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from dnis import models
-from dnis.config import load_config
+from dnis.app.config import load_config
 from dnis.data import registry
 from dnis.data.dataset import EncodedDataset
 from dnis.data.lightgcn import hold_out_valid, load_lightgcn, read_lightgcn

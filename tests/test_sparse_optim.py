@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnis.config import Config, parse
+from dnis.app.config import Config, parse
+from dnis.app.train import train
 from dnis.data.dataset import EncodedDataset
 from dnis.data.synthetic import load_synthetic
 from dnis.embeddings import FieldLayout, FusedEmbedding
@@ -27,7 +28,6 @@ from dnis.search.methods import METHODS
 from dnis.tasks import make_task
 from dnis.train import Progress, TrainConfig, Trainer
 from dnis.train.checkpoint import load_checkpoint
-from dnis.train.run import train
 from dnis.train.trainer import SparseDenseOptimizer, make_optimizer
 
 
@@ -279,7 +279,6 @@ def test_peer_throughput_benchmark_runs_small(tmp_path: Path) -> None:
     assert "vs hand-written loop (SparseAdam)" in done.stdout
 
 
-methods._ensure_builtins()
 METHOD_OPTIONS = {
     "dnis": {"num_blocks": 2, "warmup_epochs": 0, "search_epochs": 1},
     "random": {"trials": 2, "trial_epochs": 1},

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dnis.app.compare import compare
+from dnis.app.config import Config, parse
+from dnis.app.search import search_run
+from dnis.app.train import train
 from dnis.cli import main
-from dnis.config import Config, parse
 from dnis.errors import ConfigError
-from dnis.search.compare import compare
-from dnis.search.run import search_run
-from dnis.train.run import train
 
 EXTRA = "the tracking extra is not installed: pip install 'dnis[tracking]'"
 
@@ -222,7 +222,7 @@ def test_track_flag_overrides_the_config(tmp_path):
 
 
 def test_trackers_fan_out_and_close_with_the_run_status():
-    from dnis.track import MultiTracker, Tracker, TrackingProgress
+    from dnis.app.track import MultiTracker, Tracker, TrackingProgress
 
     class Recorder(Tracker):
         active = True

@@ -18,7 +18,7 @@ from rich.progress import Progress as RichBar
 from rich.table import Table
 
 from dnis import distributed
-from dnis.config import Config, load_config
+from dnis.app.config import Config, load_config
 from dnis.errors import DnisError
 from dnis.train.progress import Progress
 
@@ -77,7 +77,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dnis.train.run import train
+    from dnis.app.train import train
 
     config = distributed_config(args.config, args.set + track_overrides(args))
     progress = None if args.quiet or not distributed.is_main() else RichProgress(config.run_name())
@@ -99,9 +99,9 @@ def distributed_config(path: Path, overrides: list[str]) -> Config:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from dnis.report import metric_table
-    from dnis.report.search_report import result_rows
-    from dnis.search.run import search_run
+    from dnis.app.report import metric_table
+    from dnis.app.report.search_report import result_rows
+    from dnis.app.search import search_run
 
     overrides = list(args.set) + track_overrides(args)
     budgets = args.budgets or ([args.budget] if args.budget is not None else None)
@@ -118,9 +118,9 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from dnis import track
-    from dnis.report.compare_report import grid_metric, write_compare_report
-    from dnis.search.compare import compare
+    from dnis.app import track
+    from dnis.app.compare import compare
+    from dnis.app.report.compare_report import grid_metric, write_compare_report
 
     overrides = list(args.set) + track_overrides(args)
     for key in ("methods", "budgets", "seeds", "jobs"):
@@ -173,14 +173,14 @@ def add_track(command: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from dnis.evaluate import evaluate
+    from dnis.app.evaluate import evaluate
 
     print(json.dumps(evaluate(args.run_dir, args.split, args.budget), indent=2))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """DNIS next to the uniform grid for each config; one table per config."""
-    from dnis.demo import run_demo
+    from dnis.app.demo import run_demo
 
     out = Console(width=None if sys.stdout.isatty() else 120)
     for section in run_demo(args.configs, args.grid, args.set, progress=RichProgress):

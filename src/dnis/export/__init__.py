@@ -5,12 +5,13 @@
     predictor = export.load(result.path)          # or a run folder: the PyTorch model itself
     scores = predictor.predict({"user": ["1"], "item": ["31"], ...})
 
-See `dnis.export.artifact` for the folder layout and the manifest. `export_run(run, "torchrec")`
+See `dnis.export.folder` for the folder layout and the manifest. `export_run(run, "torchrec")`
 writes TorchRec table configs and weights instead of a graph; `TorchRecTables` reads them back
 (see `dnis.export.torchrec`).
 """
 
-from dnis.export.artifact import FORMATS, ExportResult, export_run, read_manifest
+from dnis.export.artifact import export_run
+from dnis.export.folder import FORMATS, ExportResult, read_manifest
 from dnis.export.predictor import Predictor, load
 from dnis.export.scoring import ScoredFile, predict_file
 from dnis.export.source import RunModel, load_run

@@ -19,7 +19,8 @@ import yaml
 
 from dnis.data.encode import Encoder
 from dnis.errors import DataError, DnisError
-from dnis.export.artifact import CONFIG, ENCODERS, MANIFEST, read_manifest, runner_for
+from dnis.export.artifact import runner_for
+from dnis.export.folder import CONFIG, ENCODERS, MANIFEST, read_manifest
 from dnis.export.source import load_run, read_encoder
 from dnis.models.base import Model
 
@@ -161,7 +162,7 @@ def load(path: str | Path, budget: float | str | None = None, *, trust: bool = F
             task=run.task,
             backend="torch",
             source=path,
-            encoding=run.config.dataset.encoding,
+            encoding=run.spec.encoding,
         )
     raise DnisError(
         f"{path} is neither a dnis export (no {MANIFEST}) nor a run folder (no config.yaml); "

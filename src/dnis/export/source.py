@@ -5,7 +5,9 @@ search run (`dnis search`) holds `model-<budget>.pt` per budget: the model aroun
 embedding the search materialised, a `BlockMixedEmbedding` (block granularity) or a
 `RaggedEmbedding` (element granularity). Both hold `config.yaml` and `encoder.json`. The compact
 structure is rebuilt from what is saved (the kept dims of every block, or the CSR indices), the
-frequency blocks from the encoder's training counts, so no data is read.
+frequency blocks from the encoder's training counts, so no data is read. Of `config.yaml` (the
+resolved config the run saved) only what rebuilds the model is read, as a `RunSpec`: the export
+layer sits below the application layer that owns the config.
 """
 
 from __future__ import annotations
@@ -19,18 +21,31 @@ import torch
 import yaml
 
 from dnis import models
-from dnis.config import Config, parse
 from dnis.data.encode import Encoder
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import frequency_blocks
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
-from dnis.errors import ConfigError, DnisError
+from dnis.errors import DnisError
 from dnis.export.traceable import ragged_keep
 from dnis.models.base import Model
 from dnis.train.checkpoint import UnsafeFileError, read_checkpoint, safe_load
 
 RUN_FIX = "pass a folder written by `dnis train` or `dnis search` (runs/<name>-<hash>/)"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What rebuilding a run's model needs of its `config.yaml`, and nothing else."""
+
+    task: str  # dataset.task: rating | ctr | topk
+    encoding: str  # dataset.encoding: the text encoding of the training files
+    model: str  # model.name
+    model_params: dict[str, Any]  # model.params
+    dim: int  # embedding.dim: the full width
+    init_std: float  # embedding.init_std
+    num_blocks: int  # search.num_blocks: frequency blocks per field
+    block_mode: str  # search.block_mode: how ids are cut into those blocks
 
 
 @dataclass
@@ -41,17 +56,17 @@ class RunModel:
     kind: str  # "train" or "search"
     model: Model
     encoder: Encoder
-    config: Config
+    spec: RunSpec
     budget: float | None  # the search budget of this model; None for a train run
     weights: Path  # the file the weights came from
 
     @property
     def task(self) -> str:
-        return self.config.dataset.task
+        return self.spec.task
 
     @property
     def model_name(self) -> str:
-        return self.config.model.name
+        return self.spec.model
 
     def parameter_counts(self) -> dict[str, int]:
         embedding = sum(p.numel() for p in self.model.embedding.parameters())
@@ -60,7 +75,7 @@ class RunModel:
 
     def full_embedding_params(self) -> int:
         """Parameters of the full-width table the budget is a fraction of."""
-        return sum(self.encoder.cardinalities) * self.config.embedding.dim
+        return sum(self.encoder.cardinalities) * self.spec.dim
 
 
 FULL = "full"  # the --budget value that picks a train run's full-width model.pt
@@ -134,8 +149,8 @@ def pick_weights(run_dir: Path, budget: float | str | None) -> tuple[str, float 
     return "search", match[0], budgets[match[0]]
 
 
-def read_run_config(run_dir: Path) -> Config:
-    """The run's resolved config; the training device is set to cpu (exports run on the CPU)."""
+def read_run_yaml(run_dir: Path) -> dict[str, Any]:
+    """The mapping of a run's config.yaml, or a DnisError saying why not."""
     path = run_dir / "config.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -143,13 +158,37 @@ def read_run_config(run_dir: Path) -> Config:
         raise DnisError(f"{path} cannot be read ({error}); {RUN_FIX}") from None
     if not isinstance(data, dict):
         raise DnisError(f"{path} is not a run config (not a mapping); {RUN_FIX}")
-    train = data.get("train")
-    if isinstance(train, dict) and "device" in train:
-        train["device"] = "cpu"  # a GPU-trained run is exported on a machine without one
-    try:
-        return parse(Config, data)
-    except ConfigError as error:
-        raise DnisError(f"{path}: {error}; {RUN_FIX}") from None
+    return data
+
+
+def read_run_spec(run_dir: Path) -> RunSpec:
+    """The `RunSpec` of a run folder. Its config.yaml is the resolved config the run wrote, so
+    every key is there; one missing or of the wrong type means the file was changed since."""
+    data = read_run_yaml(run_dir)
+
+    def value(key: str, kind: type) -> Any:
+        found: Any = data
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        if kind is float and isinstance(found, int) and not isinstance(found, bool):
+            found = float(found)
+        if not isinstance(found, kind) or isinstance(found, bool):
+            raise DnisError(
+                f"{run_dir / 'config.yaml'}: {key} is missing or not a {kind.__name__} "
+                f"({found!r}); the file was changed after the run: rerun it"
+            )
+        return found
+
+    return RunSpec(
+        task=value("dataset.task", str),
+        encoding=value("dataset.encoding", str),
+        model=value("model.name", str),
+        model_params=value("model.params", dict),
+        dim=value("embedding.dim", int),
+        init_std=value("embedding.init_std", float),
+        num_blocks=value("search.num_blocks", int),
+        block_mode=value("search.block_mode", str),
+    )
 
 
 def read_encoder(path: Path) -> Encoder:
@@ -181,16 +220,14 @@ def compact_embedding(
     state: dict[str, torch.Tensor],
     layout: FieldLayout,
     encoder: Encoder,
-    config: Config,
+    spec: RunSpec,
     path: Path,
 ) -> FieldEmbedding:
     """The embedding module the saved weights belong to, with its saved structure."""
-    dim = config.embedding.dim
+    dim = spec.dim
     if "embedding.keep" in state:
         frequencies = [field.frequencies() for field in encoder.fields]
-        blocks = frequency_blocks(
-            layout, frequencies, config.search.num_blocks, config.search.block_mode
-        )
+        blocks = frequency_blocks(layout, frequencies, spec.num_blocks, spec.block_mode)
         keep = state["embedding.keep"]
         if tuple(keep.shape) != (blocks.num_blocks, dim):
             raise DnisError(
@@ -208,7 +245,7 @@ def compact_embedding(
             )
         return RaggedEmbedding(layout, dim, ragged_keep(indptr, dims, layout.total_rows, dim))
     if "embedding.weight" in state:
-        return FusedEmbedding(layout, dim, config.embedding.init_std)
+        return FusedEmbedding(layout, dim, spec.init_std)
     raise DnisError(
         f"{path} holds an embedding dnis cannot rebuild (keys {sorted(state)[:6]}...); only "
         "train runs and DNIS search runs can be exported"
@@ -228,12 +265,12 @@ def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel
         if not (run_dir / required).is_file():
             raise DnisError(f"{run_dir} is not a dnis run: {required} is missing; {RUN_FIX}")
     kind, budget, weights = pick_weights(run_dir, budget)
-    config = read_run_config(run_dir)
+    spec = read_run_spec(run_dir)
     encoder = read_encoder(run_dir / "encoder.json")
     layout = FieldLayout.from_schema(encoder.schema, encoder.cardinalities)
     state = read_state(weights)
-    embedding = compact_embedding(state, layout, encoder, config, weights)
-    model = models.build(config.model.name, encoder.schema, embedding, **config.model.params)
+    embedding = compact_embedding(state, layout, encoder, spec, weights)
+    model = models.build(spec.model, encoder.schema, embedding, **spec.model_params)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -242,7 +279,7 @@ def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel
             f"{weights} does not fit the model its config.yaml describes ({' '.join(first)}); "
             "the config or the encoders changed after the run: rerun it"
         ) from None
-    return RunModel(run_dir, kind, model.eval(), encoder, config, budget, weights)
+    return RunModel(run_dir, kind, model.eval(), encoder, spec, budget, weights)
 
 
 def run_summary(run: RunModel) -> dict[str, Any]:

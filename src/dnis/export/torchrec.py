@@ -53,9 +53,7 @@ does not load beside a CPU torch or another version; see the README for a combin
 from __future__ import annotations
 
 import json
-import platform
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,17 +62,25 @@ from typing import Any
 import torch
 from torch import nn
 
-import dnis
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.fused import FusedEmbedding
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.errors import DnisError
-from dnis.export.source import RunModel, run_summary
+from dnis.export.folder import (
+    FORMATS,
+    MANIFEST,
+    ExportResult,
+    build_manifest,
+    read_manifest,
+    staged,
+    write_run_files,
+)
+from dnis.export.source import RunModel
 from dnis.export.traceable import example_ids
 from dnis.io import write_json
 from dnis.train.checkpoint import safe_load
 
-FILENAME = "torchrec_tables.json"
+FILENAME = FORMATS["torchrec"]
 WEIGHTS = "weights.pt"
 DENSE = "dense.pt"
 INPUT = "embedding"  # the model's searched input layer
@@ -300,8 +306,6 @@ class TorchRecTables:
     @classmethod
     def read(cls, folder: str | Path, verify: bool = True) -> TorchRecTables:
         """The tables of a torchrec export folder (with `verify`, every file's sha256 first)."""
-        from dnis.export.artifact import read_manifest
-
         folder = Path(folder)
         manifest = read_manifest(folder, verify)
         if manifest["format"] != "torchrec":
@@ -415,64 +419,32 @@ def check(run: RunModel, tables: TorchRecTables) -> tuple[float, int]:
     return worst, checked
 
 
-def build_manifest(
-    run: RunModel, folder: Path, section: dict[str, Any], max_abs_diff: float, checked: int
-) -> dict[str, Any]:
-    from dnis.export import artifact
-
-    names = (FILENAME, WEIGHTS, DENSE, artifact.ENCODERS, artifact.CONFIG)
-    files = {name: artifact.file_entry(folder / name) for name in names}
-    counts = run.parameter_counts()
-    full = run.full_embedding_params()
-    tables = sum(m["parameters"] for m in section["modules"].values())
-    return {
-        "format": "torchrec",
-        "format_version": artifact.FORMAT_VERSION,
-        "model_file": FILENAME,
-        "model": run.model_name,
-        "task": run.task,
-        "budget": run.budget,
-        "source": run_summary(run),
-        "fields": [
-            {"name": s.name, "column": s.source, "kind": s.kind, "slots": s.width}
-            for s in run.encoder.schema.features
-        ],
-        "input": {"dtype": "int64", "shape": ["batch", run.encoder.schema.num_slots]},
-        "score": artifact.SCORE.get(run.task, "identity"),
-        "parameters": {**counts, "full_embedding": full, "tables": tables},
-        "embedding_fraction": round(counts["embedding"] / full, 6) if full else None,
-        "embedding_bytes": section["modules"][INPUT]["bytes"],  # what the input layer's tables hold
-        "model_bytes": sum(files[name]["bytes"] for name in (FILENAME, WEIGHTS, DENSE)),
-        "bytes": sum(entry["bytes"] for entry in files.values()),
-        "files": files,
-        "check": {"rows": CHECK_ROWS, "ids": checked, "max_abs_diff": max_abs_diff},
-        "versions": {
-            "dnis": dnis.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "torchrec": section,
-    }
-
-
-def export(run: RunModel, target: Path):
-    """Write the TorchRec export of `run` to `target` (atomically); an `ExportResult`."""
-    from dnis.export import artifact
-
+def export(run: RunModel, target: Path) -> ExportResult:
+    """Write the TorchRec export of `run` to `target` (atomically)."""
     configs, weights, section = build_tables(run)  # refuses what has no table form, before any file
     dense = dense_state(run.model, section["modules"])
-    with artifact.staged(target) as staging:
+    with staged(target) as staging:
         write_json(staging / FILENAME, configs)
         torch.save(weights, staging / WEIGHTS)
         torch.save(dense, staging / DENSE)
-        run.encoder.save(staging / artifact.ENCODERS)
-        shutil.copyfile(run.run_dir / artifact.CONFIG, staging / artifact.CONFIG)
+        write_run_files(run, staging)
         diff, checked = check(run, TorchRecTables.from_files(staging, section))
         if not diff <= CHECK_TOLERANCE:
             raise DnisError(
                 f"the TorchRec tables of {run.run_dir} disagree with the model's embedding "
                 f"(max difference {diff:.2e} > {CHECK_TOLERANCE:g}); please report it"
             )
-        manifest = build_manifest(run, staging, section, diff, checked)
-        write_json(staging / artifact.MANIFEST, manifest)
-    return artifact.ExportResult(target, manifest)
+        manifest = build_manifest(
+            run,
+            "torchrec",
+            staging,
+            [FILENAME, WEIGHTS, DENSE],
+            embedding_bytes=section["modules"][INPUT][
+                "bytes"
+            ],  # what the input layer's tables hold
+            check={"rows": CHECK_ROWS, "ids": checked, "max_abs_diff": diff},
+        )
+        manifest["parameters"]["tables"] = sum(m["parameters"] for m in section["modules"].values())
+        manifest["torchrec"] = section
+        write_json(staging / MANIFEST, manifest)
+    return ExportResult(target, manifest)

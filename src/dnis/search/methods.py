@@ -46,7 +46,7 @@ def register_method(name: str) -> Callable[[Method], Method]:
 
 
 def method(name: str) -> Method:
-    _ensure_builtins()
+    """The method registered as `name` (every built-in is, once `dnis.search` is imported)."""
     if name not in METHODS:
         suggestion = did_you_mean(name, METHODS)
         raise ConfigError(
@@ -107,19 +107,3 @@ def uniform_method(make_model, dataset, *, budgets, dim, train, options):
         result.budget = b
         results.append(result)
     return results
-
-
-def _ensure_builtins() -> None:
-    """Import the modules that register the other built-in methods."""
-    from dnis.search import (  # noqa: F401
-        autodim,
-        dsl,
-        hashing,
-        mde,
-        optfs,
-        outrank,
-        pep,
-        qr,
-        random_search,
-        unified,
-    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dnis.models.base import Model
@@ -58,13 +57,6 @@ class SearchResult:
             model=trained.model,
             **extra,
         )
-
-    def report(self, out_dir: str | Path) -> Path:
-        """Write dims.json, results.json, report.md and plots into `out_dir`; returns report.md."""
-        from dnis.report import write_search_report
-
-        dim = int(self.model.embedding.dim) if self.model is not None else 64
-        return write_search_report([self], out_dir, metric=self.metric, dim=dim)
 
     @property
     def fraction(self) -> float:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dnis.errors import DnisError
-from dnis.export.source import FULL, budgets_of, load_run, parse_budget
+from dnis.app.config import Config, parse
+from dnis.app.train import load_dataset
+from dnis.errors import ConfigError, DnisError
+from dnis.export.source import FULL, RUN_FIX, budgets_of, load_run, parse_budget, read_run_yaml
 from dnis.tasks import make_task
-from dnis.train.run import load_dataset
 
 
 def evaluate(
@@ -28,7 +29,7 @@ def evaluate(
     run_dir = Path(run_dir)
     picks = _picks(run_dir, parse_budget(budget))
     runs = [load_run(run_dir, pick) for pick in picks]  # refuses missing, damaged, unsafe files
-    config = runs[0].config
+    config = read_run_config(run_dir)
     dataset = load_dataset(config.dataset, config.seed, run_dir.parent)  # its streaming cache
     if runs[0].encoder.cardinalities != dataset.cardinalities:
         raise DnisError(
@@ -40,6 +41,18 @@ def evaluate(
     if len(runs) == 1:
         return metrics[0]
     return {_label(pick): scores for pick, scores in zip(picks, metrics, strict=True)}
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The run's resolved config; the training device is set to cpu (the models are rebuilt there)."""
+    data = read_run_yaml(run_dir)
+    train = data.get("train")
+    if isinstance(train, dict) and "device" in train:
+        train["device"] = "cpu"  # a GPU-trained run is evaluated on a machine without one
+    try:
+        return parse(Config, data)
+    except ConfigError as error:
+        raise DnisError(f"{run_dir / 'config.yaml'}: {error}; {RUN_FIX}") from None
 
 
 def _picks(run_dir: Path, budget: float | str | None) -> list[float | str | None]:

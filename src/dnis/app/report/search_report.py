@@ -117,13 +117,20 @@ def write_search_report(
     results: Sequence[SearchResult],
     out_dir: str | Path,
     *,
-    metric: str,
-    dim: int,
+    metric: str | None = None,
+    dim: int | None = None,
     title: str = "DNIS search",
     baselines: Sequence[dict[str, Any]] = (),
 ) -> Path:
-    """Write dims.json, results.json, report.md, dims.png and metric.png into `out_dir`."""
+    """Write dims.json, results.json, report.md, dims.png and metric.png into `out_dir`; returns
+    report.md. `metric` defaults to the results' own, `dim` (the heatmap's scale) to the width
+    of the first result's model."""
     out = Path(out_dir)
+    if metric is None:
+        metric = results[0].metric
+    if dim is None:
+        model = results[0].model
+        dim = int(model.embedding.dim) if model is not None else 64
     write_json(out / "dims.json", {str(r.budget): r.dims for r in results})
     write_json(out / "results.json", [r.to_dict() for r in results])
     rows = result_rows(results, metric)

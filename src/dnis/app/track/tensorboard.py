@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dnis.track.base import Tracker, metric_key, numbers, param_text, require
+from dnis.app.track.base import Tracker, metric_key, numbers, param_text, require
 
 
 class TensorBoardTracker(Tracker):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dnis.track.base import (
+from dnis.app.track.base import (
     MultiTracker,
     Tracker,
     TrackingProgress,
@@ -25,7 +25,7 @@ from dnis.track.base import (
 )
 
 if TYPE_CHECKING:
-    from dnis.config import Config, TrackingConfig
+    from dnis.app.config import Config, TrackingConfig
     from dnis.train.progress import Progress
 
 __all__ = [
@@ -68,7 +68,7 @@ def open_tracker(config: Config, command: str, *, fresh: bool = True) -> Tracker
     trackers: list[Tracker] = []
     try:
         if tracking.mlflow:
-            from dnis.track.mlflow import MlflowTracker
+            from dnis.app.track.mlflow import MlflowTracker
 
             tags = {
                 "dnis.command": command,
@@ -84,7 +84,7 @@ def open_tracker(config: Config, command: str, *, fresh: bool = True) -> Tracker
                 )
             )
         if tracking.tensorboard:
-            from dnis.track.tensorboard import TensorBoardTracker
+            from dnis.app.track.tensorboard import TensorBoardTracker
 
             trackers.append(TensorBoardTracker(tensorboard_dir(config, command), fresh=fresh))
         if not trackers:

@@ -23,8 +23,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from dnis import track
-from dnis.config import Config
+from dnis.app import track
+from dnis.app.config import Config
+from dnis.app.track import Tracker
+from dnis.app.train import load_dataset, model_factory, start_run
 from dnis.data.dataset import EncodedDataset
 from dnis.errors import BudgetError
 from dnis.io import write_json
@@ -32,8 +34,6 @@ from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.track import Tracker
-from dnis.train.run import load_dataset, model_factory, start_run
 
 
 def cell_path(run_dir: Path, method_name: str, seed: int) -> Path:
@@ -97,7 +97,7 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Run (or resume) the grid; returns one row per method x budget x seed, in grid order.
 
-    Every row is logged to `tracker` (`dnis.track`) once its cell is done, from this process
+    Every row is logged to `tracker` (`dnis.app.track`) once its cell is done, from this process
     (cells cached by an earlier run first). Without a tracker, the config's `tracking:` section
     opens one here, which also receives config.yaml and the cells.
     """

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from dnis import track
-from dnis.config import Config
+from dnis.app import track
+from dnis.app.config import Config
+from dnis.app.train import model_factory, start_run
 from dnis.data.dataset import EncodedDataset
 from dnis.errors import ConfigError, DnisError
 from dnis.io import atomic_write, write_json
@@ -40,7 +41,6 @@ from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory
 from dnis.train.checkpoint import UnsafeFileError, safe_load
 from dnis.train.progress import Progress
-from dnis.train.run import model_factory, start_run
 
 
 def model_path(run_dir: Path, budget: float) -> Path:
@@ -133,7 +133,7 @@ def search_run(
             write_json(result_path(run_dir, budget), {**result.to_dict(), "config_hash": digest})
             results.append(result)
             tracker.log_metrics(0, track.result_metrics(result.to_dict()), f"budget-{budget}")
-        from dnis.report import write_search_report  # matplotlib: imported when it is needed
+        from dnis.app.report import write_search_report  # matplotlib: imported when it is needed
 
         write_search_report(
             results,

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dnis import distributed, models, track
-from dnis.config import Config, DatasetConfig
+from dnis import distributed, models
+from dnis.app import track
+from dnis.app.config import Config, DatasetConfig
 from dnis.data.dataset import EncodedDataset
 from dnis.data.registry import load
 from dnis.data.schema import Schema

@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from dnis.config import Config, load_config
+from dnis.app.config import Config, load_config
+from dnis.app.search import search_run
+from dnis.app.train import model_factory, train
 from dnis.search.result import SearchResult
-from dnis.search.run import search_run
 from dnis.search.uniform import uniform
 from dnis.train.progress import Progress
-from dnis.train.run import model_factory, train
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from dnis.app.track.base import Tracker, metric_key, numbers, param_text, require
 from dnis.errors import ConfigError
-from dnis.track.base import Tracker, metric_key, numbers, param_text, require
 
 MAX_KEY, MAX_VALUE = 250, 6000  # MLflow's limits on a param's key and value
 

@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dnis.app.report.search_report import metric_table, save_figure  # noqa: E402
 from dnis.io import write_text  # noqa: E402
-from dnis.report.search_report import metric_table, save_figure  # noqa: E402
 
 LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
 
