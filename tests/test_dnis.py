@@ -425,23 +425,14 @@ def test_the_random_control_keeps_other_dims_within_the_same_budget(planted, gra
     assert not all(map(torch.equal, structure(control), structure(searched)))
 
 
-def test_the_gradual_schedule_ramps_down_and_ends_one_epoch_at_each_budget_largest_first():
-    from dnis.search.dnis import schedule_targets
-
-    targets = schedule_targets(1000, [100, 500, 250], epochs=6)
-    assert targets[-3:] == [500, 250, 100]
-    assert all(a > b for a, b in zip([1000, *targets], targets, strict=False))
-    assert schedule_targets(1000, [100], epochs=1) == [100]
-
-
 def _gradual(ctr_data, tmp_path=None, resume=False, **options):
     from dnis.search import dnis
 
     def make(embedding):
         return models.build("fm", ctr_data.schema, embedding)
 
-    settings = {"num_blocks": 3, "warmup_epochs": 1, "search_epochs": 3, **options}
-    config = DnisConfig(schedule="gradual", budgets=[0.2, 0.5], **settings)
+    settings = {"num_blocks": 3, "warmup_epochs": 1, "search_epochs": 3, "budgets": [0.2, 0.5]}
+    config = DnisConfig(schedule="gradual", **{**settings, **options})
     train = TrainConfig(epochs=2, batch_size=512, patience=0)
     return dnis(make, ctr_data, dim=4, config=config, train=train, run_dir=tmp_path, resume=resume)
 
@@ -452,14 +443,15 @@ def test_a_gradual_search_ends_at_each_budget_so_pruning_changes_nothing(ctr_dat
     model materialised from it give the same validation metrics (before retraining)."""
     results = _gradual(ctr_data, structure=structure)
     assert [r.budget for r in results] == [0.2, 0.5]
-    kept = [record["kept_params"] for record in results[0].history]
-    assert kept == sorted(kept, reverse=True) and len(kept) == 3
+    pruning = [record for record in results[0].history if record.get("phase") == "prune"]
+    kept = [record["kept_params"] for record in pruning]
+    assert len(results[0].history) == 3 + 2 and kept == sorted(kept, reverse=True)
     for result in results:
         assert result.embedding_params <= budget_params(result.budget, result.full_params)
         assert result.embedding_params >= 0.9 * budget_params(result.budget, result.full_params)
         for metric, value in result.before["valid"].items():
             assert result.pruned[metric] == pytest.approx(value, abs=1e-5), metric
-    assert kept[1] == results[1].embedding_params and kept[2] == results[0].embedding_params
+    assert kept == [results[1].embedding_params, results[0].embedding_params]
 
 
 def test_a_gradual_search_resumes_with_its_snapshots(ctr_data, tmp_path):
@@ -473,8 +465,8 @@ def test_a_gradual_search_resumes_with_its_snapshots(ctr_data, tmp_path):
 def test_a_gradual_search_refuses_what_its_schedule_cannot_serve(ctr_data):
     with pytest.raises(ConfigError, match="granularity: block"):
         DnisConfig(schedule="gradual", granularity="element")
-    with pytest.raises(ConfigError, match="search_epochs"):
-        _gradual(ctr_data, search_epochs=1)
+    with pytest.raises(ConfigError, match="same size twice"):
+        _gradual(ctr_data, budgets=[0.5, 0.5])
     from dnis.errors import DnisError
     from dnis.search.dnis import compact_model
 

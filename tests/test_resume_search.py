@@ -24,13 +24,13 @@ import pytest
 import torch
 import yaml
 
-from dnis.config import load_config
+from dnis.app.config import load_config
+from dnis.app.search import search_run
 from dnis.data.loader import num_batches
 from dnis.data.synthetic import load_synthetic
 from dnis.errors import DnisError
 from dnis.models import build
 from dnis.search.dnis import DnisConfig, dnis
-from dnis.search.run import search_run
 from dnis.tasks import make_task
 from dnis.train.checkpoint import read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress
@@ -60,8 +60,8 @@ EPOCHS = 2 + 3 + 2 * 2  # warm-up + search + retrain per budget
 
 DRIVER = """
 import sys
-from dnis.config import load_config
-from dnis.search.run import search_run
+from dnis.app.config import load_config
+from dnis.app.search import search_run
 from dnis.tasks import make_task
 
 class Epochs:

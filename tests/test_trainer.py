@@ -9,17 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-from dnis.config import Config, load_config, parse
+from dnis.app.config import Config, load_config, parse
+from dnis.app.evaluate import evaluate
+from dnis.app.train import train
 from dnis.data.dataset import EncodedDataset, build_dataset
 from dnis.data.encode import Encoder
 from dnis.data.schema import FeatureSpec, Schema
 from dnis.errors import DnisError
-from dnis.evaluate import evaluate
 from dnis.models.base import Model
 from dnis.tasks import make_task
 from dnis.train import Progress, TrainConfig, Trainer
 from dnis.train.checkpoint import load_checkpoint
-from dnis.train.run import train
 
 
 class Killed(Exception):

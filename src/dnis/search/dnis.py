@@ -9,11 +9,12 @@ Choices where the paper is open, and why:
 - alpha's gradient is divided, row by row, by its mean absolute value: rare blocks get tiny raw
   gradients and would otherwise never move (as in the authors' AutoSrh code).
 - alpha is clamped to [0, 1] after each step; an L1 term on alpha pushes useless dims to 0.
-- `schedule: static` (the paper): the model keeps its best validation epoch of the search, then
-  is pruned to each budget. `schedule: gradual`: the search knows the budgets and masks the
-  lowest-ranked dims as it trains (a cubic schedule, as in gradual magnitude pruning), one epoch
-  ending at each budget; the soft model is then already at the budget, so pruning it to a compact
-  table changes nothing, and the retrain starts from that snapshot.
+- The model keeps its best validation epoch of the search. `schedule: static` (the paper) then
+  prunes it to each budget in one shot. `schedule: gradual` adds a pruning phase that knows the
+  budgets: one epoch per budget, largest first, masks the lowest-ranked dims along a cubic path
+  (as in gradual magnitude pruning) while the model and alpha keep training, and ends at the
+  budget with a snapshot; the soft model is then already at the budget, so pruning it to a
+  compact table changes nothing, and the retrain starts from that snapshot.
 
 The bilevel search is a `Trainer` run with one hook (`AlphaSearch`: the alpha step after every
 model step, the schedule, the snapshots), so it has the trainer's NaN guard, compile,
@@ -23,7 +24,9 @@ and config hash, `dnis.train.checkpoint`)::
 
     run_dir/search/warmup/checkpoint.pt    warm-up: a Trainer's checkpoint (+ metrics.jsonl)
     run_dir/search/checkpoint.pt           bilevel search: a Trainer's checkpoint, the hook's
-                                           state (alpha optimizer, kept dims, snapshots) in it
+                                           state (alpha optimizer, mean alpha) in it
+    run_dir/search/prune/checkpoint.pt     gradual pruning phase: the same, with the kept dims
+                                           and the budgets' snapshots
     run_dir/retrain-<budget>/checkpoint.pt retrain of one budget: a Trainer's checkpoint
 
 Every epoch draws its randomness (shuffles, sampling, dropout) from (seed, epoch) alone, so no RNG
@@ -103,9 +106,10 @@ class DnisConfig:
     # how block pruning ranks dims: alpha (ties broken by saliency) or saliency, the block's mean
     # |weight * alpha| per dim, which does not depend on how scale splits between the two
     rank: str = "alpha"  # alpha | saliency
-    # static: search, then prune each budget from the searched alpha; gradual: the search knows
-    # the budgets and prunes as it trains (cubic schedule, one epoch ending at each budget, the
-    # largest first), so the soft model ends at each budget and pruning it changes nothing
+    # static: search, then prune each budget from the searched alpha in one shot; gradual: after
+    # the search, a pruning phase that knows the budgets, one epoch per budget (largest first)
+    # masking the lowest-ranked dims along a cubic path while alpha and the model keep training,
+    # so the soft model ends each epoch at a budget and pruning it changes nothing
     schedule: str = "static"  # static | gradual
     # which alpha static pruning ranks: the best validation epoch's (whose weights are kept), or
     # alpha's mean over the steps of the last epoch run (less noisy than one step's value)
@@ -229,16 +233,6 @@ def clear_checkpoints(run_dir: str | Path) -> None:
             shutil.rmtree(folder)
 
 
-def schedule_targets(full: int, budgets: Sequence[int], epochs: int) -> list[int]:
-    """The kept parameter count at the end of each search epoch under the gradual schedule: the
-    last `len(budgets)` epochs end at the budgets, largest first; the ones before ramp to the
-    largest (the first of them ends where the cubic curve says)."""
-    ordered = sorted(budgets, reverse=True)
-    ramp = epochs - len(ordered) + 1  # epochs from the full table to the largest budget
-    curve = [ordered[0] + (full - ordered[0]) * (1 - e / ramp) ** 3 for e in range(1, ramp)]
-    return [round(c) for c in curve] + ordered
-
-
 def cubic_between(start: int, end: int, progress: float) -> int:
     """A parameter count on the cubic path from `start` (progress 0) to `end` (1): fast at first,
     slow at the end, so the model adapts to the last cuts before the epoch's snapshot."""
@@ -247,7 +241,9 @@ def cubic_between(start: int, end: int, progress: float) -> int:
 
 class AlphaSearch(TrainHook):
     """DNIS's part of the search loop: an alpha step on a validation batch after every model step
-    (first-order, as in DARTS); under `schedule: gradual`, pruning to the budgets as it goes."""
+    (first-order, as in DARTS). Given `budgets` (the pruning phase of `schedule: gradual`), it
+    also prunes: epoch i goes from the size of epoch i-1 to the i-th largest budget along a cubic
+    path and ends with a snapshot of the model there."""
 
     def __init__(
         self,
@@ -256,7 +252,7 @@ class AlphaSearch(TrainHook):
         task: Task,
         config: DnisConfig,
         train: TrainConfig,
-        budgets: Sequence[float],
+        budgets: Sequence[float] = (),
     ) -> None:
         self.model, self.embedding, self.task = model, embedding, task
         self.config, self.train = config, train
@@ -271,27 +267,19 @@ class AlphaSearch(TrainHook):
         self.alpha_sum = torch.zeros_like(alpha)
         self.steps = 0
         self.mean_alpha: torch.Tensor | None = None  # of the last epoch run
-        # the gradual schedule
+        # the pruning phase
         self.keep = torch.ones_like(alpha, dtype=torch.bool)
         self.snapshots: dict[float, Snapshot] = {}
-        self.epoch_budget: dict[int, float] = {}  # the search epochs that end at a budget
-        self.targets: list[int] = []
+        self.budgets: list[float] = []  # largest first: epoch i ends at budgets[i - 1]
+        self.targets: list[int] = []  # their parameter counts
         self.random_score: torch.Tensor | None = None
-        if config.schedule == "gradual":
+        if budgets:
             full = embedding.weight.numel()
-            counts = [budget_params(b, full) for b in budgets]
-            if len(budgets) > config.search_epochs:
-                raise ConfigError(
-                    f"search.schedule: gradual ends one search epoch at each budget, but there are "
-                    f"{len(budgets)} budgets and search_epochs is {config.search_epochs}: raise "
-                    "search.search_epochs or give fewer budgets"
-                )
-            if len(set(counts)) < len(counts):
+            by_size = sorted(((budget_params(b, full), b) for b in budgets), reverse=True)
+            self.targets = [count for count, _ in by_size]
+            self.budgets = [budget for _, budget in by_size]
+            if len(set(self.targets)) < len(self.targets):
                 raise ConfigError(f"search.budgets {list(budgets)} name the same size twice")
-            by_size = sorted(zip(counts, budgets, strict=True), reverse=True)
-            first = config.search_epochs - len(budgets) + 1
-            self.epoch_budget = {first + i: budget for i, (_, budget) in enumerate(by_size)}
-            self.targets = schedule_targets(full, counts, config.search_epochs)
             if config.structure == "random":  # the control's order: one fixed random draw
                 seeded = torch.Generator().manual_seed(train.seed)
                 self.random_score = torch.rand(alpha.shape, generator=seeded)
@@ -311,8 +299,10 @@ class AlphaSearch(TrainHook):
         if self.targets:
             every = max(1, self.epoch_steps // PRUNES_PER_EPOCH)
             if self.steps % every == 0 or self.steps == self.epoch_steps:
-                start = self.embedding.weight.numel() if context.epoch == 1 else None
-                previous = start if start is not None else self.targets[context.epoch - 2]
+                first = context.epoch == 1
+                previous = (
+                    self.embedding.weight.numel() if first else self.targets[context.epoch - 2]
+                )
                 target = cubic_between(
                     previous, self.targets[context.epoch - 1], self.steps / self.epoch_steps
                 )
@@ -325,12 +315,11 @@ class AlphaSearch(TrainHook):
         record.update(alpha_stats(alpha, self.embedding.blocks, self.task.dataset.schema.names))
         if self.targets:
             record["kept_params"] = self._kept_params()
-            budget = self.epoch_budget.get(context.epoch)
-            if budget is not None:
-                valid = {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
-                self.snapshots[budget] = Snapshot(
-                    self.keep.clone(), copy.deepcopy(self.model.state_dict()), context.epoch, valid
-                )
+            budget = self.budgets[context.epoch - 1]
+            valid = {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
+            self.snapshots[budget] = Snapshot(
+                self.keep.clone(), copy.deepcopy(self.model.state_dict()), context.epoch, valid
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -426,8 +415,8 @@ def search(
 ) -> SearchState:
     """Warm up, then alternate model steps (train batches) and alpha steps (valid batches).
 
-    Under `schedule: gradual` the search also prunes as it goes, down to the smallest of
-    `budgets` (default `config.budgets`), and keeps a snapshot of the model at each budget.
+    Under `schedule: gradual` a pruning phase follows, one epoch per budget of `budgets`
+    (default `config.budgets`), and the state keeps a snapshot of the model at each budget.
 
     With `run_dir`, every epoch is checkpointed there (see the module docstring); with `resume`,
     the search continues from the furthest checkpoint found (none: from the start), and a
@@ -463,14 +452,9 @@ def search(
         )
         warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
         del warmup  # its DistributedDataParallel (under torchrun) must not outlive the warm-up
-    hook = AlphaSearch(model, embedding, task, config, train, budgets)
-    gradual = config.schedule == "gradual"
+    hook = AlphaSearch(model, embedding, task, config, train)
     bilevel = TrainConfig(
-        **{
-            **vars(train),
-            "epochs": config.search_epochs,
-            "patience": 0 if gradual else config.patience,
-        }
+        **{**vars(train), "epochs": config.search_epochs, "patience": config.patience}
     )
     trainer = Trainer(
         model,
@@ -483,20 +467,49 @@ def search(
         exclude=[embedding.alpha],
         phase="search epoch",
         seed_offset=1000,
-        restore_best=not gradual,  # gradual: the schedule's snapshots are the result
     )
     fit_started = time.perf_counter()
     fit = trainer.fit(resume=searching)
     # a resumed search counts the epochs of earlier processes too, not the reloading
-    seconds = (
-        time.perf_counter() - started + fit.train_seconds - (time.perf_counter() - fit_started)
-    )
+    earlier = fit.train_seconds - (time.perf_counter() - fit_started)
+    history = fit.history
     del trainer
     if hook.mean_alpha is not None and config.alpha_from == "last_epoch_mean":
         with torch.no_grad():
             embedding.alpha.copy_(hook.mean_alpha)
     before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
-    return SearchState(model, embedding, blocks, task, before, fit.history, seconds, hook.snapshots)
+    snapshots: dict[float, Snapshot] = {}
+    if config.schedule == "gradual":
+        pruning = AlphaSearch(model, embedding, task, config, train, budgets)
+        trainer = Trainer(
+            model,
+            task,
+            TrainConfig(**{**vars(train), "epochs": len(budgets), "patience": 0}),
+            run_dir=None if folder is None else folder / "prune",
+            progress=progress,
+            config_hash=config_hash,
+            hooks=[pruning],
+            exclude=[embedding.alpha],
+            phase="pruning epoch",
+            seed_offset=1500,
+            restore_best=False,  # each epoch's end is a budget's snapshot
+        )
+        fit_started = time.perf_counter()
+        pruned = trainer.fit(resume=resume and _exists(trainer.checkpoint_path))
+        earlier += pruned.train_seconds - (time.perf_counter() - fit_started)
+        history = history + [{**record, "phase": "prune"} for record in pruned.history]
+        snapshots = pruning.snapshots
+        del trainer
+    return SearchState(
+        model,
+        embedding,
+        blocks,
+        task,
+        before,
+        history,
+        time.perf_counter() - started + earlier,
+        snapshots,
+    )
 
 
 def _exists(path: Path | None) -> bool:
