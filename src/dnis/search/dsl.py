@@ -32,9 +32,10 @@ Differences, and why:
 - Regrowth ranks the current batch's gradient (RigL's choice), in which only the batch's rows are
   non-zero; when fewer entries have a non-zero gradient than are regrown, `torch.topk` breaks the
   ties.
-- Training follows the library's trainer: per-epoch validation, early stopping on
-  `train.patience`, the best epoch (weights and mask) restored. T_end is counted in the planned
-  steps (`train.epochs`), so early stopping does not stretch the schedule.
+- Training is the library's `Trainer` with one hook (`MaskSchedule`): per-epoch validation, early
+  stopping on `train.patience`, the best epoch (weights and mask) restored, the NaN guard,
+  compile and multi-process training. T_end is counted in the planned steps (`train.epochs`), so
+  early stopping does not stretch the schedule.
 - Sequence padding rows (never read) are never kept or regrown.
 
 Mind the step count: updates happen every `update_every` steps up to T_end only, so a run planned
@@ -45,7 +46,6 @@ sparse training from the random mask (the history's `updates` and `regrown` show
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from dnis.data.dataset import EncodedDataset
-from dnis.data.loader import batches, num_batches
+from dnis.data.loader import num_batches
 from dnis.embeddings.blocks import dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.masked import (
@@ -68,13 +68,12 @@ from dnis.embeddings.masked import (
 from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
-from dnis.search.pep import REPORT_BLOCKS, train_device
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory
+from dnis.search.training import INIT_STD, REPORT_BLOCKS, ModelFactory
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import TrainConfig, epoch_seed, make_optimizer, training_loss
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, resolve_device
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -87,7 +86,7 @@ class DslConfig:
     drop_fraction: float = 0.3  # alpha: the update ratio at step 0
     end_fraction: float = 0.75  # T_end as a fraction of the planned steps; no updates after
     schedule: str = "cosine"  # cosine | constant
-    init_std: float = 0.01
+    init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
         if self.update_every < 1:
@@ -156,7 +155,7 @@ def prune_and_regrow(
 @torch.no_grad()
 def apply_mask(
     embedding: MaskedEmbedding,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     new_mask: torch.Tensor,
     grown: torch.Tensor,
 ) -> None:
@@ -169,6 +168,73 @@ def apply_mask(
         if torch.is_tensor(value) and value.shape == weight.shape:
             value[reset] = 0
     embedding.mask.copy_(new_mask)
+
+
+class MaskSchedule(TrainHook):
+    """DSL's part of the training loop: every `update_every` steps up to T_end, the step's
+    backward computes the dense gradient and a prune-and-regrow update of the mask replaces the
+    optimizer step (RigL); `on_step(step, embedding)` is called after every step."""
+
+    def __init__(
+        self,
+        embedding: MaskedEmbedding,
+        readable: torch.Tensor,
+        config: DslConfig,
+        t_end: int,
+        on_step: Callable[[int, MaskedEmbedding], None] | None = None,
+    ) -> None:
+        self.embedding, self.readable, self.config = embedding, readable, config
+        self.t_end, self.on_step = t_end, on_step
+        self.step = 0  # training steps of the whole run
+        self.update = False  # whether the running step updates the mask
+        self.updates = self.regrown = 0  # of the running epoch
+        self.fraction = 0.0
+        self.active: list[int] = []
+
+    def epoch_start(self, context: EpochContext) -> None:
+        self.updates = self.regrown = 0
+        self.fraction = 0.0
+        self.active = [int(self.embedding.mask.sum())]
+
+    def before_step(self, context: EpochContext) -> None:
+        self.step += 1
+        self.update = self.step % self.config.update_every == 0 and self.step <= self.t_end
+        self.embedding.dense_grad = self.update  # the dense gradient, for regrowth
+
+    def after_backward(self, context: EpochContext) -> bool:
+        if not self.update:
+            return False
+        embedding, optimizer = self.embedding, context.trainer.optimizer
+        embedding.dense_grad = False
+        self.fraction = drop_fraction_at(self.step, self.config, self.t_end)
+        new_mask, grown = prune_and_regrow(
+            embedding.weight, embedding.weight.grad, embedding.mask, self.readable, self.fraction
+        )
+        apply_mask(embedding, optimizer, new_mask, grown)
+        optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        self.regrown += int(grown.sum())
+        self.active.append(int(embedding.mask.sum()))
+        return True  # the update replaces this step's optimizer step
+
+    def after_step(self, context: EpochContext) -> None:
+        if self.on_step is not None:
+            self.on_step(self.step, self.embedding)
+
+    def epoch_end(self, context: EpochContext, record: dict[str, Any]) -> None:
+        record.update(
+            active_min=min(self.active),
+            active_max=max(self.active),
+            updates=self.updates,
+            regrown=self.regrown,
+            drop_fraction=round(self.fraction, 6),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}  # the mask is in the model's state, its moments the optimizer's
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
 
 
 @dataclass
@@ -199,85 +265,20 @@ def train_sparse(
     layout = FieldLayout.from_dataset(dataset)
     readable = readable_rows(layout)
     target = min(budget_params(budget, layout.total_rows * dim), int(readable.sum()) * dim)
-    device = train_device(train)
+    device = resolve_device(train.device)
     torch.manual_seed(train.seed)
     mask = random_mask(layout, dim, target, torch.Generator().manual_seed(train.seed))
     embedding = MaskedEmbedding(layout, dim, mask, init_std=config.init_std)
     model = make_model(embedding).to(device)
-    readable = readable.to(device)
-    task = make_task(dataset)
-    optimizer = make_optimizer(model, train)
     t_end = max(
         1, int(config.end_fraction * train.epochs * num_batches(dataset.train, train.batch_size))
     )
-    history: list[dict[str, Any]] = []
-    best: float | None = None
-    best_state: dict[str, Any] | None = None
-    best_valid: dict[str, float] = {}
-    stale = step = 0
-    for epoch in range(1, train.epochs + 1):
-        if train.patience and stale >= train.patience:
-            break
-        epoch_started = time.perf_counter()
-        seed = epoch_seed(train.seed, epoch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        seen = updates = regrown = 0
-        fraction = 0.0
-        active = [int(embedding.mask.sum())]
-        for ids, labels in batches(
-            dataset.train, train.batch_size, shuffle=True, generator=generator
-        ):
-            step += 1
-            update = step % config.update_every == 0 and step <= t_end
-            embedding.dense_grad = update  # the dense gradient, for regrowth
-            loss = training_loss(
-                task, model, embedding, (ids, labels), generator, train, f"dsl epoch {epoch}",
-                "lower train.lr or add regularisation",
-            )  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if update:
-                embedding.dense_grad = False
-                fraction = drop_fraction_at(step, config, t_end)
-                new_mask, grown = prune_and_regrow(
-                    embedding.weight, embedding.weight.grad, embedding.mask, readable, fraction
-                )
-                apply_mask(embedding, optimizer, new_mask, grown)
-                optimizer.zero_grad(set_to_none=True)
-                updates += 1
-                regrown += int(grown.sum())
-                active.append(int(embedding.mask.sum()))
-            else:
-                optimizer.step()
-            total += loss.detach() * len(ids)
-            seen += len(ids)
-            if on_step is not None:
-                on_step(step, embedding)
-        valid = task.evaluate(model, "valid", train.eval_batch_size)
-        record = {
-            "epoch": epoch,
-            "loss": float(total) / max(seen, 1),
-            "seconds": round(time.perf_counter() - epoch_started, 3),
-            "active_min": min(active),
-            "active_max": max(active),
-            "updates": updates,
-            "regrown": regrown,
-            "drop_fraction": round(fraction, 6),
-            **{f"valid_{k}": v for k, v in valid.items()},
-        }
-        history.append(record)
-        if task.better(valid[task.metric], best):
-            best, best_valid, stale = valid[task.metric], valid, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-    if best_state is not None:
-        model.load_state_dict(best_state)  # weights and mask of the best epoch
+    hook = MaskSchedule(embedding, readable.to(device), config, t_end, on_step)
+    task = make_task(dataset)
+    # the best epoch's weights and mask are restored
+    fit = Trainer(model, task, train, hooks=[hook], phase="dsl epoch").fit()
     return DslRun(
-        model, embedding, task, target, best_valid, history, time.perf_counter() - started
+        model, embedding, task, target, fit.valid, fit.history, time.perf_counter() - started
     )
 
 

@@ -41,6 +41,10 @@ Differences from the paper and the authors' code, and why:
 - Dense layers are rewound to their saved initial weights explicitly; the authors get the same
   by rebuilding the model from the same seed.
 - Counts leave out sequence padding rows, which a model never reads.
+
+The search is a `Trainer` run with one hook (`ThresholdSchedule`: the thresholds' step, the
+counts, the snapshots), so it has the trainer's NaN guard, compile and multi-process training;
+the retraining is a plain `Trainer` run.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from typing import Any
 import torch
 
 from dnis.data.dataset import EncodedDataset
-from dnis.data.loader import batches
+from dnis.data.loader import num_batches
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.masked import (
@@ -69,20 +73,17 @@ from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory
+from dnis.search.training import INIT_STD, REPORT_BLOCKS, ModelFactory, phase_config
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.trainer import (
     OPTIMIZERS,
+    EpochContext,
     TrainConfig,
     Trainer,
-    epoch_seed,
-    make_optimizer,
+    TrainHook,
     resolve_device,
-    training_loss,
 )
-
-REPORT_BLOCKS = 6  # frequency blocks per field for the width report (not used by the method)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class PepConfig:
     search_epochs: int | None = None  # None: train.epochs
     extra_epochs: int = 10  # more epochs only while a budget is unreached
     check_every: int = 1  # steps between non-zero counts
-    init_std: float = 0.01
+    init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
         if self.granularity not in THRESHOLD_GRANULARITIES:
@@ -149,11 +150,6 @@ class PepSearch:
     seconds: float = 0.0
 
 
-def train_device(train: TrainConfig) -> torch.device:
-    """The device `train.device` names (models from a run's factory are already there)."""
-    return resolve_device(train.device)
-
-
 def same_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, decay: float):
     """An optimizer of the training kind for extra parameters (PEP's thresholds).
 
@@ -181,6 +177,88 @@ def ticket_embedding(
     return MaskedEmbedding(layout, dim, mask, weight=init_weight)
 
 
+class ThresholdSchedule(TrainHook):
+    """PEP's part of the training loop: after every model step, the thresholds' own optimizer
+    step; every `check_every` steps and at the end of each epoch, the non-zeros are counted and
+    the mask saved for each budget they have dropped to (largest budget first). Once every
+    budget is saved the run stops, as the authors' script does."""
+
+    def __init__(
+        self,
+        model: Model,
+        embedding: SoftThresholdEmbedding,
+        budgets: Sequence[float],
+        targets: Sequence[int],
+        config: PepConfig,
+        train: TrainConfig,
+        search_epochs: int,
+    ) -> None:
+        self.model, self.embedding = model, embedding
+        self.budgets, self.targets = list(budgets), list(targets)
+        self.check_every, self.search_epochs = config.check_every, search_epochs
+        self.batch_size = train.batch_size
+        self.optimizer = same_optimizer(
+            train.optimizer,
+            [embedding.threshold],
+            config.threshold_lr or train.lr,
+            config.threshold_decay,
+        )
+        self.pending = sorted(range(len(budgets)), key=lambda i: -self.targets[i])
+        self.snapshots: dict[int, PepSnapshot] = {}
+        self.step = 0  # training steps of the whole run
+        self.epoch_step = self.epoch_steps = 0
+        self.reached: list[float] = []  # budgets saved in the running epoch
+
+    def epoch_start(self, context: EpochContext) -> None:
+        self.epoch_step, self.reached = 0, []
+        self.epoch_steps = num_batches(context.trainer.task.dataset.train, self.batch_size)
+
+    def after_step(self, context: EpochContext) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.epoch_step += 1
+        # the last steps of an epoch are checked whatever check_every
+        if self.step % self.check_every == 0 or self.epoch_step == self.epoch_steps:
+            self.take(context.epoch)
+            context.stop = not self.pending  # every budget saved: the authors' run stops here
+
+    def take(self, epoch: int) -> None:
+        """Save the mask of every pending budget the non-zeros have dropped to."""
+        nonzeros = self.embedding.num_nonzero()
+        while self.pending and nonzeros <= self.targets[self.pending[0]]:
+            i = self.pending.pop(0)
+            mask = self.embedding.kept()
+            self.snapshots[i] = PepSnapshot(
+                self.targets[i], mask, self.embedding.sparse_table() * mask,
+                dense_state(self.model), self.step, epoch, "threshold",
+            )  # fmt: skip
+            self.reached.append(self.budgets[i])
+
+    def epoch_end(self, context: EpochContext, record: dict[str, Any]) -> None:
+        nonzeros = self.embedding.num_nonzero()
+        record.update(
+            extra=context.epoch > self.search_epochs,
+            nonzeros=nonzeros,
+            fraction=round(nonzeros / self.embedding.weight.numel(), 6),
+            threshold_mean=self.embedding.mean_threshold(),
+            reached=list(self.reached),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "pending": list(self.pending),
+            "snapshots": {i: vars(s) for i, s in self.snapshots.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.pending = state["step"], list(state["pending"])
+        self.snapshots = {int(i): PepSnapshot(**s) for i, s in state["snapshots"].items()}
+
+
 def pep_search(
     make_model: ModelFactory,
     dataset: EncodedDataset,
@@ -195,98 +273,44 @@ def pep_search(
     started = time.perf_counter()
     layout = FieldLayout.from_dataset(dataset)
     full = layout.total_rows * dim
-    device = train_device(train)
     torch.manual_seed(train.seed)
     embedding = SoftThresholdEmbedding(
         layout, dim, config.granularity, config.threshold_init, config.init_std
     )
-    model = make_model(embedding).to(device)
+    model = make_model(embedding).to(resolve_device(train.device))
     init_weight = embedding.weight.detach().clone()
     init_dense = dense_state(model)
     readable = int(embedding.readable.sum()) * dim
     targets = [min(budget_params(b, full), readable) for b in budgets]
-    pending = sorted(range(len(budgets)), key=lambda i: -targets[i])  # largest budget first
     task = make_task(dataset)
-    optimizer = make_optimizer(model, train, exclude=[embedding.threshold])
-    threshold_optimizer = same_optimizer(
-        train.optimizer,
-        [embedding.threshold],
-        config.threshold_lr or train.lr,
-        config.threshold_decay,
-    )
-    snapshots: dict[int, PepSnapshot] = {}
     search_epochs = config.search_epochs or train.epochs
+    hook = ThresholdSchedule(model, embedding, budgets, targets, config, train, search_epochs)
     history: list[dict[str, Any]] = []
-    step = epoch = 0
-
-    def take(epoch: int, reached: list[float]) -> None:
-        nonzeros = embedding.num_nonzero()
-        while pending and nonzeros <= targets[pending[0]]:
-            i = pending.pop(0)
-            mask = embedding.kept()
-            snapshots[i] = PepSnapshot(
-                targets[i], mask, embedding.sparse_table() * mask, dense_state(model), step,
-                epoch, "threshold",
-            )  # fmt: skip
-            reached.append(budgets[i])
-
-    while pending and epoch < search_epochs + config.extra_epochs:
-        epoch += 1
-        seed = epoch_seed(train.seed, epoch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        reached: list[float] = []
-        for ids, labels in batches(
-            dataset.train, train.batch_size, shuffle=True, generator=generator
-        ):
-            loss = training_loss(
-                task, model, embedding, (ids, labels), generator, train, f"pep epoch {epoch}",
-                "lower train.lr or threshold_lr",
-            )  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            threshold_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            threshold_optimizer.step()
-            total += loss.detach() * len(ids)
-            seen += len(ids)
-            step += 1
-            if step % config.check_every == 0:
-                take(epoch, reached)
-                if not pending:
-                    break  # every budget saved: the authors' run stops here too
-        if pending:
-            take(epoch, reached)  # the last steps of an epoch are checked whatever check_every
-        valid = task.evaluate(model, "valid", train.eval_batch_size)
-        nonzeros = embedding.num_nonzero()
-        history.append(
-            {
-                "epoch": epoch,
-                "extra": epoch > search_epochs,
-                "loss": float(total) / max(seen, 1),
-                "nonzeros": nonzeros,
-                "fraction": round(nonzeros / full, 6),
-                "threshold_mean": embedding.mean_threshold(),
-                "reached": reached,
-                **{f"valid_{k}": v for k, v in valid.items()},
-            }
+    if hook.pending:
+        trainer = Trainer(
+            model,
+            task,
+            phase_config(train, search_epochs + config.extra_epochs),
+            hooks=[hook],
+            exclude=[embedding.threshold],  # stepped by the hook, with its own lr and decay
+            phase="pep epoch",
+            restore_best=False,  # the snapshots are the result
         )
-    if pending:  # unreached within the bound: magnitude pruning to exactly the budget
+        history = list(trainer.fit().history)
+    epoch = len(history)
+    if hook.pending:  # unreached within the bound: magnitude pruning to exactly the budget
         table = embedding.sparse_table()
-        for i in pending:
+        for i in hook.pending:
             mask = top_magnitude(table, targets[i])
-            snapshots[i] = PepSnapshot(
-                targets[i], mask, table * mask, dense_state(model), step, epoch,
+            hook.snapshots[i] = PepSnapshot(
+                targets[i], mask, table * mask, dense_state(model), hook.step, epoch,
                 "magnitude_fallback",
             )  # fmt: skip
         history.append(
             {
                 "epoch": epoch,
                 "nonzeros": embedding.num_nonzero(),
-                "magnitude_fallback": [budgets[i] for i in pending],
+                "magnitude_fallback": [budgets[i] for i in hook.pending],
             }
         )
     return PepSearch(
@@ -297,7 +321,7 @@ def pep_search(
         init_weight=init_weight,
         init_dense=init_dense,
         budgets=list(budgets),
-        snapshots=[snapshots[i] for i in range(len(budgets))],
+        snapshots=[hook.snapshots[i] for i in range(len(budgets))],
         history=history,
         seconds=time.perf_counter() - started,
     )

@@ -21,6 +21,11 @@ from dnis.train.trainer import TrainConfig, Trainer
 
 ModelFactory = Callable[[FieldEmbedding], Model]
 
+# the std of the normal(0, std) initialisation of every searched table, so all methods start alike
+INIT_STD = 0.01
+# frequency blocks per field in the width reports of methods that have no blocks of their own
+REPORT_BLOCKS = 6
+
 
 @dataclass
 class Trained:
@@ -53,6 +58,12 @@ def train_compact(
         model, embedding, fit.valid, metrics, time.perf_counter() - started,
         epochs=len(fit.history), capped=fit.capped,
     )  # fmt: skip
+
+
+def phase_config(train: TrainConfig, epochs: int, patience: int = 0) -> TrainConfig:
+    """`train` for one phase of a method (a warm-up, a search): its own epoch count and patience
+    (0: run every epoch)."""
+    return TrainConfig(**{**vars(train), "epochs": epochs, "patience": patience})
 
 
 def block_report(

@@ -13,10 +13,11 @@ the same steps.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ class EpochContext:
     epoch: int
     generator: torch.Generator  # the epoch's shuffle generator (a hook may draw from it)
     sampler: torch.Generator  # this rank's generator for sampling (negatives, dropout-free draws)
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's (ids, labels), this rank's
+    # set by a hook to end the run: the epoch stops after this step (it is validated, recorded and
+    # checkpointed as usual) and no epoch follows (e.g. PEP once every budget's mask is saved)
+    stop: bool = False
 
 
 class TrainHook:
@@ -89,6 +94,20 @@ class TrainHook:
     """
 
     def epoch_start(self, context: EpochContext) -> None: ...
+
+    def before_step(self, context: EpochContext) -> None:
+        """Before the forward pass of a training batch (`context.batch`), e.g. an architecture
+        step that precedes the model step, or a schedule that sets a temperature."""
+
+    def loss(self, context: EpochContext, loss: torch.Tensor) -> torch.Tensor:
+        """The batch's task loss, to which the hook may add a term (a regulariser such as a
+        gate L1); the trainer then adds `embedding_l2` and refuses a loss that is not finite."""
+        return loss
+
+    def after_backward(self, context: EpochContext) -> bool:
+        """After the backward pass, before the model's optimizer step; return True when the hook
+        changed the weights itself in place of that step (e.g. a mask update, as RigL's)."""
+        return False
 
     def after_step(self, context: EpochContext) -> None:
         """After the model's optimizer step on a training batch (e.g. an architecture step)."""
@@ -268,14 +287,18 @@ def training_loss(
     config: TrainConfig,
     where: str,
     fix: str = "lower train.lr or add regularisation",
+    extra: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One batch's training loss plus `embedding_l2` on the embedding rows it looked up.
+    """One batch's training loss plus `embedding_l2` on the embedding rows it looked up; `extra`
+    maps the task loss to the task loss plus terms of its own (hooks' regularisers) first.
 
     A loss that is not finite stops the run with an error saying where (`where`, e.g.
     "epoch 3") and what to change (`fix`), instead of training on NaN weights.
     """
     ids, labels = batch
     loss = task.loss(net, ids, labels, generator)
+    if extra is not None:
+        loss = extra(loss)
     if config.embedding_l2:
         loss = loss + config.embedding_l2 * embedding.last_l2
     if not torch.isfinite(loss):
@@ -368,12 +391,13 @@ class Trainer:
             "history": [],
             "stale": 0,
             "seconds": 0.0,
+            "stopped": False,  # a hook ended the run (`EpochContext.stop`)
         }
         if resume:
-            state = self._resume()
+            state = {"stopped": False, **self._resume()}
         for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-            if cfg.patience and state["stale"] >= cfg.patience:
-                break  # early-stopped (checked first, so a run resumed at that point stops too)
+            if (cfg.patience and state["stale"] >= cfg.patience) or state["stopped"]:
+                break  # early- or hook-stopped (checked first: a run resumed there stops too)
             started = time.perf_counter()
             context = self._context(epoch)
             loss = self._train_epoch(context)
@@ -388,6 +412,7 @@ class Trainer:
             }
             for hook in self.hooks:
                 hook.epoch_end(context, record)
+            state["stopped"] = context.stop
             state["history"].append(record)
             state["seconds"] += seconds
             if task.better(score, state["best"]):
@@ -407,7 +432,10 @@ class Trainer:
         best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
         valid = {k[len("valid_") :]: v for k, v in best.items() if k.startswith("valid_")}
         capped = (
-            bool(cfg.patience) and state["epoch"] == cfg.epochs and state["stale"] < cfg.patience
+            bool(cfg.patience)
+            and state["epoch"] == cfg.epochs
+            and state["stale"] < cfg.patience
+            and not state["stopped"]
         )
         if capped:
             self.progress.note(
@@ -431,24 +459,40 @@ class Trainer:
         self.model.train()
         split = self.task.dataset.train
         total = torch.zeros((), dtype=torch.float64, device=model_device(self.model))
+        rows = 0  # of the global batches trained on (all of the split unless a hook stopped)
+        extra = functools.partial(self._hook_loss, context) if self.hooks else None
         for hook in self.hooks:
             hook.epoch_start(context)
         self.progress.epoch_start(context.epoch, num_batches(split, cfg.batch_size))
         for batch in batches(split, cfg.batch_size, shuffle=True, generator=context.generator):
-            ids, labels = distributed.shard(*batch)  # this rank's rows of the global batch
+            rows += len(batch[1])
+            context.batch = distributed.shard(*batch)  # this rank's rows of the global batch
+            for hook in self.hooks:
+                hook.before_step(context)
             loss = training_loss(
-                self.task, self.net, self.model.embedding, (ids, labels), context.sampler, cfg,
+                self.task, self.net, self.model.embedding, context.batch, context.sampler, cfg,
                 f"{self.phase} {context.epoch}",
                 "lower train.lr or add regularisation (the last good checkpoint is kept)",
+                extra,
             )  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
-            total += loss.detach() * len(ids)
+            replaced = [hook.after_backward(context) for hook in self.hooks]  # every hook runs
+            if not any(replaced):
+                self.optimizer.step()
+            total += loss.detach() * len(context.batch[0])
             for hook in self.hooks:
                 hook.after_step(context)
             self.progress.batch_end()
-        return float(distributed.all_reduce_sum(total) / len(split))
+            if context.stop:
+                break
+        context.batch = None
+        return float(distributed.all_reduce_sum(total) / max(rows, 1))
+
+    def _hook_loss(self, context: EpochContext, loss: torch.Tensor) -> torch.Tensor:
+        for hook in self.hooks:
+            loss = hook.loss(context, loss)
+        return loss
 
     def _save(self, state: dict[str, Any]) -> None:
         if self.checkpoint_path is None:
