@@ -7,6 +7,11 @@ the exact line of a bad value. Malformed input raises `DataError`, never a parse
 
 Text files may be gzip, bzip2 or xz compressed, or a zip archive of one file: the format is told by
 the file's first bytes, not its name. A UTF-8 byte-order mark is dropped.
+
+`TableFiles` names the file(s) of a table and how to read them (the file options of
+`dnis.data.tabular.load_files`). The checks and scanners below `read_csv` are public because
+`dnis.data.streaming` reads files in chunks through the very same ones, so both give the same
+errors.
 """
 
 from __future__ import annotations
@@ -21,17 +26,22 @@ import re
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dnis.data.cache import SPLIT_NAMES
 from dnis.data.dataset import line_of
 from dnis.data.encode import require_columns
-from dnis.errors import DataError
+from dnis.errors import ConfigError, DataError
 
 # Stands in for a multi-byte delimiter (such as MovieLens-1M's "::"), which pandas' C parser lacks.
-_UNIT_SEPARATOR = b"\x1f"
+UNIT_SEPARATOR = b"\x1f"
+# The formats of `TableFiles` and their default delimiter.
+TABLE_FORMATS: dict[str, str | None] = {"csv": ",", "tsv": "\t", "parquet": None, "libfm": None}
 
 # First bytes of each compressed format; bzip2's magic is followed by a block or end-of-stream mark
 # so that a header such as "BZh1..." stays text.
@@ -45,6 +55,58 @@ _COMPRESSED: dict[str, re.Pattern[bytes]] = {
 _DECOMPRESS = {"gzip": gzip.decompress, "bzip2": bz2.decompress, "xz": lzma.decompress}
 # Byte-order marks of UTF-16/32, which ASCII-compatible decoding would turn into garbage.
 _WIDE_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    """Which file(s) hold a table and how to read them: the file options of `load_files`.
+
+    `path` is one file (to be split) or a mapping with ``train``, ``valid`` and ``test`` files
+    (used as given). `delimiter` defaults to "," for csv and a tab for tsv; `header`, `names` and
+    `encoding` apply to csv/tsv (and `encoding` to libfm).
+    """
+
+    format: str
+    path: str | Path | Mapping[str, str | Path]
+    delimiter: str | None = None
+    header: bool = True
+    names: list[str] | None = None
+    encoding: str = "utf-8"
+
+    def __post_init__(self) -> None:
+        if self.format not in TABLE_FORMATS:
+            raise ConfigError(
+                f"dataset format must be one of {sorted(TABLE_FORMATS)}, got {self.format!r}"
+            )
+        if isinstance(self.path, Mapping) and set(self.path) != set(SPLIT_NAMES):
+            raise ConfigError(
+                f"dataset path: a mapping needs the keys {list(SPLIT_NAMES)}, got "
+                f"{sorted(self.path)}"
+            )
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """{"all": file} for a single file, or the train/valid/test files of a mapping."""
+        if not isinstance(self.path, Mapping):
+            return {"all": Path(self.path)}
+        return {split: Path(self.path[split]) for split in SPLIT_NAMES}
+
+    @property
+    def separator(self) -> str | None:
+        """The delimiter of a csv/tsv file (given, or the format's); None for the others."""
+        return self.delimiter or TABLE_FORMATS[self.format]
+
+    def read(self, file: Path) -> pd.DataFrame:
+        """One of the files, read into memory."""
+        if self.format == "parquet":
+            return read_parquet(file)
+        if self.format == "libfm":
+            return read_libfm(file, encoding=self.encoding)
+        sep = self.separator
+        assert sep is not None
+        return read_csv(
+            file, delimiter=sep, header=self.header, names=self.names, encoding=self.encoding
+        )
 
 
 def read_csv(
@@ -67,26 +129,14 @@ def read_csv(
     characters, in which case the csv module walks it record by record.
     """
     path = Path(path)
-    encoding = _codec(encoding, path)
-    if "\n,".encode(encoding, errors="replace") != b"\n,":
-        raise DataError(
-            f"encoding {encoding!r} is not ASCII-compatible (e.g. UTF-16), which the line and "
-            "field checks rely on",
-            path=path,
-            fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with the default encoding",
-        )
+    encoding = text_codec(encoding, path)
     raw = _read_bytes(path, encoding)
     _check_encoding(raw, path, encoding)
     sep = delimiter.encode(encoding)
     if len(sep) != 1:
-        if _UNIT_SEPARATOR in raw:
-            raise DataError(
-                "the file contains the byte 0x1f, which dnis uses to parse multi-character "
-                f"delimiters like {delimiter!r}",
-                path=path,
-                fix="convert the file to a single-character delimiter such as a tab",
-            )
-        raw, sep = raw.replace(sep, _UNIT_SEPARATOR), _UNIT_SEPARATOR
+        if UNIT_SEPARATOR in raw:
+            raise separator_in_file(path, delimiter)
+        raw, sep = raw.replace(sep, UNIT_SEPARATOR), UNIT_SEPARATOR
     quoted = quotechar is not None and quotechar.encode(encoding) in raw
     if quoted:
         lines, counts = _scan_quoted(raw, path, sep.decode(encoding), quotechar, encoding)
@@ -95,8 +145,8 @@ def read_csv(
     if len(lines) == 0 or (header and len(lines) == 1):
         raise DataError("the file has no data rows", path=path, fix="check the path and the file")
     expected = int(counts[0])
-    _check_ragged(lines, counts, expected, path, delimiter)
-    columns = _column_names(raw, sep, quotechar, encoding, header, names, expected, path)
+    check_ragged(lines, counts, expected, path, delimiter)
+    columns = column_names(raw, sep, quotechar, encoding, header, names, expected, path)
     if usecols is not None:
         missing = [c for c in usecols if c not in columns]
         if missing:
@@ -136,8 +186,7 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataF
     import pyarrow.parquet as pq
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path=path, fix="check the path")
+    check_file(path)
     try:
         available = pq.read_schema(path).names
         _check_unique(available, path, None, "rename the column where the file is written")
@@ -214,6 +263,28 @@ def check_numeric(frame: pd.DataFrame, column: str, *, allow_missing: bool = Fal
     return values
 
 
+def check_times(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A time column as numbers (e.g. Unix seconds) or, failing that, ISO-8601 date-times; a value
+    that is neither is refused naming its file line."""
+    values = frame[column]
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_any_dtype(values):
+        return values
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        return numbers
+    parsed = pd.to_datetime(values, format="ISO8601", utc=True, errors="coerce")
+    bad = np.flatnonzero(parsed.isna().to_numpy())
+    if len(bad):
+        raise DataError(
+            f"time {values.iloc[bad[0]]!r} is neither a number nor an ISO-8601 date-time",
+            path=frame.attrs.get("source"),
+            line=line_of(frame, int(bad[0])),
+            column=column,
+            fix="write times as Unix seconds or like 2024-01-31T12:00:00",
+        )
+    return parsed
+
+
 def _codec(encoding: str, path: Path) -> str:
     """`encoding`, checked; any spelling of UTF-8 (utf-8-sig too) becomes "utf-8", since
     `_read_bytes` drops the byte-order mark."""
@@ -229,12 +300,31 @@ def _codec(encoding: str, path: Path) -> str:
     return "utf-8" if name in ("utf-8", "utf-8-sig") else encoding
 
 
-def _read_bytes(path: Path, encoding: str) -> bytes:
-    """The file's bytes, decompressed and without a UTF-8 byte-order mark (Excel writes one)."""
+def text_codec(encoding: str, path: Path) -> str:
+    """The encoding of a delimited text file, checked (see `_codec`): it must be ASCII-compatible,
+    since the line and field checks look for newline and delimiter bytes."""
+    encoding = _codec(encoding, path)
+    if "\n,".encode(encoding, errors="replace") != b"\n,":
+        raise DataError(
+            f"encoding {encoding!r} is not ASCII-compatible (e.g. UTF-16), which the line and "
+            "field checks rely on",
+            path=path,
+            fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with the "
+            "default encoding",
+        )
+    return encoding
+
+
+def check_file(path: Path) -> None:
+    """Refuse a path that is not a file."""
     if not path.is_file():
         hint = " (it is a folder)" if path.is_dir() else ""
         raise DataError(f"file not found{hint}", path=path, fix="check the path")
-    raw = _decompressed(path.read_bytes(), path)
+
+
+def without_bom(raw: bytes, path: Path, encoding: str) -> bytes:
+    """The file's first bytes without a UTF-8 byte-order mark (Excel writes one); UTF-16 and
+    UTF-32 files, told by their byte-order mark, are refused."""
     if encoding == "utf-8":
         raw = raw.removeprefix(codecs.BOM_UTF8)
     if "\n".encode(encoding) == b"\n" and raw.startswith(_WIDE_BOMS):
@@ -244,19 +334,26 @@ def _read_bytes(path: Path, encoding: str) -> bytes:
             fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with the "
             "default encoding",
         )
+    return raw
+
+
+def _read_bytes(path: Path, encoding: str) -> bytes:
+    """The file's bytes, decompressed and without a UTF-8 byte-order mark."""
+    check_file(path)
+    raw = without_bom(_decompressed(path.read_bytes(), path), path, encoding)
     if not raw.strip():
         raise DataError("the file is empty", path=path, fix="check the path and the file")
     return raw
 
 
-def _compression(raw: bytes) -> str | None:
+def compression(raw: bytes) -> str | None:
     """The compressed format `raw` starts with, if any."""
     return next((name for name, magic in _COMPRESSED.items() if magic.match(raw)), None)
 
 
 def _decompressed(raw: bytes, path: Path) -> bytes:
     """`raw` decompressed when its first bytes say it is gzip, bzip2, xz or a one-file zip."""
-    kind = _compression(raw)
+    kind = compression(raw)
     if kind is None:
         return raw
     if kind == "zstd":
@@ -305,24 +402,44 @@ def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
         raw.decode(encoding)
     except UnicodeDecodeError as error:
         start = error.start
-        kind = _compression(raw)
+        kind = compression(raw)
         if kind is not None:  # a reader that does not decompress (streaming) got a compressed file
-            raise DataError(
-                f"the file is {kind}-compressed, which this reader does not decompress",
-                path=path,
-                fix="decompress it first (e.g. gunzip -k FILE); streaming reads uncompressed "
-                "files only",
-            ) from None
+            raise compressed_error(kind, path) from None
+        line_start = raw.rfind(b"\n", 0, start) + 1
         line = raw.count(b"\n", 0, start) + 1
-        column = start - (raw.rfind(b"\n", 0, start) + 1) + 1
-        raise DataError(
-            f"byte 0x{raw[start]:02x} at byte {column} of the line is not valid {encoding}",
-            path=path,
-            line=line,
-            fix="pass the file's real encoding, e.g. latin-1 (or cp1252): dataset.encoding in a config, --encoding for dnis predict",
-        ) from None
+        raise undecodable(raw[start], line, start - line_start + 1, path, encoding) from None
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r}", path=path) from None
+
+
+def undecodable(byte: int, line: int, column: int, path: Path, encoding: str) -> DataError:
+    """The error for a byte that is not valid in `encoding`: byte `column` of file line `line`."""
+    return DataError(
+        f"byte 0x{byte:02x} at byte {column} of the line is not valid {encoding}",
+        path=path,
+        line=line,
+        fix="pass the file's real encoding, e.g. latin-1 (or cp1252): dataset.encoding in a "
+        "config, --encoding for dnis predict",
+    )
+
+
+def compressed_error(kind: str, path: Path) -> DataError:
+    """The error for a compressed file given to a reader that does not decompress (streaming)."""
+    return DataError(
+        f"the file is {kind}-compressed, which this reader does not decompress",
+        path=path,
+        fix="decompress it first (e.g. gunzip -k FILE); streaming reads uncompressed files only",
+    )
+
+
+def separator_in_file(path: Path, delimiter: str) -> DataError:
+    """The error for a file holding 0x1f, which stands in for a multi-character delimiter."""
+    return DataError(
+        "the file contains the byte 0x1f, which dnis uses to parse multi-character "
+        f"delimiters like {delimiter!r}",
+        path=path,
+        fix="convert the file to a single-character delimiter such as a tab",
+    )
 
 
 def _scan_plain(raw: bytes, sep: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -345,38 +462,65 @@ def _scan_quoted(
     raw: bytes, path: Path, sep: str, quotechar: str, encoding: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """File line where every record starts and its field count, honouring quotes (csv module)."""
-    reader = csv.reader(
-        io.StringIO(raw.decode(encoding), newline=""), delimiter=sep, quotechar=quotechar
-    )
-    lines, counts, previous = [], [], 0
+    text = io.StringIO(raw.decode(encoding), newline="")
+    found = list(records(text, path, sep, quotechar))
+    lines = np.asarray([line for line, _ in found], dtype=np.int64)
+    return lines, np.asarray([count for _, count in found], dtype=np.int64)
+
+
+def records(text: Iterable[str], path: Path, sep: str, quotechar: str) -> Iterator[tuple[int, int]]:
+    """(file line where it starts, field count) of every non-blank record of `text` (lines with
+    their line endings, e.g. a file opened with ``newline=""``), honouring quotes (csv module)."""
+    reader = csv.reader(text, delimiter=sep, quotechar=quotechar)
+    previous = 0
     try:
         for record in reader:
             if record:
-                lines.append(previous + 1)
-                counts.append(len(record))
+                yield previous + 1, len(record)
             previous = reader.line_num
     except csv.Error as error:
         raise DataError(f"malformed quoting: {error}", path=path, line=previous + 1) from None
-    return np.asarray(lines, dtype=np.int64), np.asarray(counts, dtype=np.int64)
 
 
-def _check_ragged(
+def check_ragged(
     lines: np.ndarray, counts: np.ndarray, expected: int, path: Path, delimiter: str
 ) -> None:
+    """Refuse records whose field count is not `expected` (that of the first, on `lines[0]`)."""
     bad = np.flatnonzero(counts != expected)
     if len(bad):
         first = int(bad[0])
-        raise DataError(
-            f"expected {expected} fields (as on line {int(lines[0])}), found {int(counts[first])} "
-            f"({len(bad)} ragged line(s) in all)",
-            path=path,
-            line=int(lines[first]),
-            fix=f"fix the line, quote fields that contain the delimiter {delimiter!r}, "
-            "or check the delimiter",
+        raise ragged_error(
+            expected,
+            int(lines[0]),
+            int(lines[first]),
+            int(counts[first]),
+            len(bad),
+            path,
+            delimiter,
         )
 
 
-def _column_names(
+def ragged_error(
+    expected: int,
+    first_line: int,
+    line: int | None,
+    found: int,
+    ragged: int,
+    path: Path,
+    delimiter: str,
+) -> DataError:
+    """The error for a record of `found` fields on `line`, `ragged` such records in all."""
+    return DataError(
+        f"expected {expected} fields (as on line {first_line}), found {found} "
+        f"({ragged} ragged line(s) in all)",
+        path=path,
+        line=line,
+        fix=f"fix the line, quote fields that contain the delimiter {delimiter!r}, "
+        "or check the delimiter",
+    )
+
+
+def column_names(
     raw: bytes,
     sep: bytes,
     quotechar: str | None,
@@ -515,4 +659,4 @@ def _natural(field: str) -> tuple[int, int | str]:
     return (0, int(field)) if field.isdigit() else (1, field)
 
 
-__all__ = ["read_csv", "read_parquet", "read_libfm", "check_numeric"]
+__all__ = ["TableFiles", "read_csv", "read_parquet", "read_libfm", "check_numeric", "check_times"]

@@ -34,6 +34,14 @@ from dnis.data.streaming.options import (
     STREAM_TASKS,
     VOCAB_MODES,
     StreamingOptions,
+    check_streamable,
 )
 
-__all__ = ["STREAM_FORMATS", "STREAM_TASKS", "VOCAB_MODES", "StreamingOptions", "load_streaming"]
+__all__ = [
+    "STREAM_FORMATS",
+    "STREAM_TASKS",
+    "VOCAB_MODES",
+    "StreamingOptions",
+    "check_streamable",
+    "load_streaming",
+]

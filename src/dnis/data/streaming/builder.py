@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from dnis.data.cache import SPLIT_NAMES, SplitWriter
 from dnis.data.dataset import check_labels
 from dnis.data.encode import Encoder, FieldEncoder, explode_sequence, require_columns
+from dnis.data.readers import check_times
 from dnis.data.schema import FeatureSpec, Schema
 from dnis.data.sketch import CountMinSketch, Reservoir
 from dnis.data.streaming import coerce
@@ -136,7 +137,7 @@ class Builder:
                     name, False
                 )
 
-    # checks of every chunk, as tabular._checked does on a whole frame -------------------------
+    # checks of every chunk, as load_files does on a whole frame -------------------------------
     def _labels(self, table: pa.Table, chunk: Chunk | None) -> np.ndarray:
         frame = _frame(table, [self.label], chunk)
         try:
@@ -148,16 +149,14 @@ class Builder:
             return check_labels(frame, self.label, self.task)  # raises, naming the line
 
     def _times(self, chunk: Chunk) -> None:
-        from dnis.data.tabular import _times
-
         if self.schema.time is None:
             return
         frame = _frame(chunk.table, [self.schema.time], chunk)
         try:
-            _times(frame, self.schema.time)
+            check_times(frame, self.schema.time)
         except DataError:
             _locate(frame, chunk)
-            _times(frame, self.schema.time)
+            check_times(frame, self.schema.time)
 
     # pass B -----------------------------------------------------------------------------------
     def _fit(self) -> None:

@@ -10,8 +10,28 @@ from dnis.data.cache import DEFAULT_BLOCK_ROWS
 from dnis.errors import ConfigError
 
 VOCAB_MODES: tuple[str, ...] = ("two_pass", "count_min")
-STREAM_FORMATS: dict[str, str | None] = {"csv": ",", "tsv": "\t", "parquet": None}
+STREAM_FORMATS: tuple[str, ...] = ("csv", "tsv", "parquet")
 STREAM_TASKS: tuple[str, ...] = ("rating", "ctr")
+
+
+def check_streamable(format: str, task: str, split: str, one_file: bool) -> None:
+    """Refuse, before any work, a dataset that streaming cannot build: another format or task, or
+    one file split otherwise than at random (three files are used as given)."""
+    if format not in STREAM_FORMATS:
+        raise ConfigError(
+            f"dataset.streaming reads your own csv, tsv or parquet files, not format {format!r}; "
+            "convert the file (e.g. to Parquet) or set streaming: false"
+        )
+    if task not in STREAM_TASKS:
+        raise ConfigError(
+            f"dataset.streaming supports the tasks rating and ctr, not {task!r}; "
+            "set streaming: false"
+        )
+    if one_file and split != "random":
+        raise ConfigError(
+            f"dataset.streaming splits one file with split: random, not {split!r}; "
+            "give {train, valid, test} files or set streaming: false"
+        )
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ class CsvFile:
 
     def _separator(self) -> tuple[bytes, bool]:
         sep = self.delimiter.encode(self.encoding)
-        return (sep, False) if len(sep) == 1 else (readers._UNIT_SEPARATOR, True)
+        return (sep, False) if len(sep) == 1 else (readers.UNIT_SEPARATOR, True)
 
     def _parsed(self, raw: bytes) -> bytes:
         """The chunk as the parser sees it: a multi-byte delimiter becomes one byte, as in
@@ -116,7 +116,7 @@ class CsvFile:
                 if expected is None and len(lines):
                     expected, first_line = int(counts[0]), int(lines[0])
                     sep, _ = self._separator()
-                    self.columns = readers._column_names(
+                    self.columns = readers.column_names(
                         parsed,
                         sep,
                         self.quotechar,
@@ -134,7 +134,7 @@ class CsvFile:
                         )
                         lines = lines[1:]
                 if len(lines):
-                    readers._check_ragged(
+                    readers.check_ragged(
                         np.r_[first_line, lines],
                         np.r_[expected, counts[len(counts) - len(lines) :]],
                         expected,
