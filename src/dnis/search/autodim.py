@@ -47,20 +47,25 @@ dims); projection parameters count in embedding_params. Differences from the pap
 by default (above); the retrained projection has no bias and no batch norm (Hetu's retraining
 keeps a linear layer with bias and drops the batch norm); first-order updates (Hetu uses DARTS's
 second-order estimate).
+
+The warm-up and the search are `Trainer` runs, the search with one hook (`ArchitectureSteps`:
+the temperature and the alpha step before each model step), so both have the trainer's NaN
+guard, compile and multi-process training (an alpha step takes each rank's share of the
+validation batch and averages the gradients, so alpha stays the same on every rank).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from dnis import distributed
 from dnis.data.dataset import EncodedDataset
-from dnis.data.loader import batches
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiwidth import MultiWidthEmbedding
@@ -70,23 +75,18 @@ from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, endless_valid_batches, train_compact
+from dnis.search.training import (
+    INIT_STD,
+    ModelFactory,
+    endless_valid_batches,
+    phase_config,
+    train_compact,
+    valid_metrics,
+)
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
 
-AUTODIM_OPTIONS = (
-    "candidates",
-    "search_epochs",
-    "warmup_epochs",
-    "alpha_lr",
-    "arch_every",
-    "temperature_decay",
-    "min_temperature",
-    "batch_norm",
-    "weight_sharing",
-    "init_std",
-)
 BASE_CANDIDATES = (2, 8, 16, 24, 32)
 
 
@@ -101,7 +101,7 @@ class AutoDimConfig:
     min_temperature: float = 0.01
     batch_norm: bool = False
     weight_sharing: bool = False
-    init_std: float = 0.01
+    init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
         if self.search_epochs < 1 or self.warmup_epochs < 0 or self.arch_every < 1:
@@ -112,6 +112,9 @@ class AutoDimConfig:
             raise ConfigError(
                 "autodim: alpha_lr must be > 0, temperature_decay >= 0, min_temperature in (0, 1]"
             )
+
+
+AUTODIM_OPTIONS = tuple(f.name for f in fields(AutoDimConfig))
 
 
 @dataclass
@@ -171,6 +174,87 @@ def select_widths(probabilities: np.ndarray, costs: np.ndarray, budget: int) -> 
     return level.tolist()
 
 
+class ArchitectureSteps(TrainHook):
+    """AutoDim's part of the training loop: before a model step, the Gumbel temperature of the
+    examples trained on so far, and (every `arch_every` steps) a first-order step on the
+    architecture weights alpha with a validation batch, the weights held fixed."""
+
+    def __init__(
+        self,
+        model: Model,
+        embedding: MultiWidthEmbedding,
+        task: Task,
+        config: AutoDimConfig,
+        train: TrainConfig,
+    ) -> None:
+        self.model, self.embedding, self.task = model, embedding, task
+        self.config, self.batch_size = config, train.batch_size
+        self.optimizer = torch.optim.Adam([embedding.alpha], lr=config.alpha_lr)
+        self.valid: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.step = 0  # training steps of the whole run
+        self.examples = 0  # training examples of the epochs before the running one
+        self.seen = 0  # training examples of the running epoch's steps so far
+
+    def epoch_start(self, context: EpochContext) -> None:
+        self.valid = endless_valid_batches(
+            self.task.dataset, self.batch_size, context.generator, "AutoDim's architecture steps"
+        )
+        self.examples += self.seen
+        self.seen = 0
+
+    def before_step(self, context: EpochContext) -> None:
+        config = self.config
+        self.embedding.temperature = max(
+            config.min_temperature, 1.0 - config.temperature_decay * (self.examples + self.seen)
+        )
+        if self.step % config.arch_every == 0:
+            assert self.valid is not None
+            self._alpha_step(next(self.valid), context.sampler)
+
+    def after_step(self, context: EpochContext) -> None:
+        self.step += 1
+        self.seen = context.rows
+
+    def epoch_end(self, context: EpochContext, record: dict[str, Any]) -> None:
+        p = self.embedding.probabilities().cpu()
+        names, candidates = self.task.dataset.schema.names, self.embedding.candidates
+        record.update(
+            temperature=round(self.embedding.temperature, 6),
+            argmax_width={n: candidates[int(p[f].argmax())] for f, n in enumerate(names)},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "examples": self.examples + self.seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.examples, self.seen = state["step"], state["examples"], 0
+
+    def _alpha_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator
+    ) -> None:
+        """One first-order step on alpha with a validation batch (the weights held fixed).
+
+        alpha requires a gradient only here, so the model steps do not compute one (the mixture
+        weights' gradient costs a full pass over every candidate's vectors). Under torchrun each
+        rank takes its share of the batch and the gradients are averaged."""
+        alpha = self.embedding.alpha
+        ids, labels = distributed.shard(*batch)
+        alpha.requires_grad_(True)
+        try:
+            loss = self.task.loss(self.model, ids, labels, generator)
+            (grad,) = torch.autograd.grad(loss, [alpha])
+        finally:
+            alpha.requires_grad_(False)
+        distributed.all_reduce_mean_(grad)
+        alpha.grad = grad
+        self.optimizer.step()
+
+
 def search(
     make_model: ModelFactory,
     dataset: EncodedDataset,
@@ -197,84 +281,30 @@ def search(
     )
     model = make_model(embedding)
     task = make_task(dataset)
-    alpha = embedding.alpha
-    alpha.requires_grad_(False)
+    embedding.alpha.requires_grad_(False)  # it takes gradients only in the alpha steps
     if config.warmup_epochs:
         embedding.warmup = True
-        warm = TrainConfig(**{**vars(train), "epochs": config.warmup_epochs, "patience": 0})
-        Trainer(model, task, warm).fit()
+        warm = phase_config(train, config.warmup_epochs)
+        Trainer(model, task, warm, phase="autodim warm-up epoch").fit()
         embedding.warmup = False
-    model_opt = make_optimizer(model, train, exclude=[alpha])
-    alpha_opt = torch.optim.Adam([alpha], lr=config.alpha_lr)
-    history: list[dict[str, Any]] = []
-    examples, step = 0, 0
-    valid: dict[str, float] = {}
-    names = dataset.schema.names
-    for epoch in range(1, config.search_epochs + 1):
-        seed = epoch_seed(train.seed, 2000 + epoch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        valid_stream = endless_valid_batches(
-            dataset, train.batch_size, generator, "AutoDim's architecture steps"
-        )
-        model.train()
-        total = 0.0
-        for ids, labels in batches(
-            dataset.train, train.batch_size, shuffle=True, generator=generator
-        ):
-            embedding.temperature = max(
-                config.min_temperature, 1.0 - config.temperature_decay * examples
-            )
-            if step % config.arch_every == 0:
-                _alpha_step(model, task, alpha, next(valid_stream), alpha_opt, generator)
-            loss = task.loss(model, ids, labels, generator)
-            if train.embedding_l2:
-                loss = loss + train.embedding_l2 * embedding.last_l2
-            model_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            model_opt.step()
-            total += float(loss.detach()) * len(ids)
-            examples += len(ids)
-            step += 1
-        valid = task.evaluate(model, "valid", train.eval_batch_size)
-        p = embedding.probabilities().cpu()
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": total / max(len(dataset.train), 1),
-                "temperature": round(embedding.temperature, 6),
-                **{f"valid_{k}": v for k, v in valid.items()},
-                "argmax_width": {n: candidates[int(p[f].argmax())] for f, n in enumerate(names)},
-            }
-        )
+    hook = ArchitectureSteps(model, embedding, task, config, train)
+    fit = Trainer(
+        model,
+        task,
+        phase_config(train, config.search_epochs),
+        hooks=[hook],
+        exclude=[embedding.alpha],
+        phase="autodim search epoch",
+        seed_offset=2000,
+        restore_best=False,  # the search's result is where it ends
+    ).fit()
     return AutoDimState(
         embedding.probabilities().cpu().numpy(),
         candidates,
-        valid,
-        history,
+        valid_metrics(fit.history[-1]),  # the supernet's, where the search ended
+        fit.history,
         time.perf_counter() - started,
     )
-
-
-def _alpha_step(
-    model: Model,
-    task: Task,
-    alpha: torch.nn.Parameter,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> None:
-    """One first-order step on alpha with a validation batch (the weights held fixed).
-
-    alpha requires a gradient only here, so the model steps do not compute one (the mixture
-    weights' gradient costs a full pass over every candidate's vectors)."""
-    ids, labels = batch
-    alpha.requires_grad_(True)
-    loss = task.loss(model, ids, labels, generator)
-    (grad,) = torch.autograd.grad(loss, [alpha])
-    alpha.requires_grad_(False)
-    alpha.grad = grad
-    optimizer.step()
 
 
 def field_blocks(dataset: EncodedDataset) -> BlockLayout:

@@ -36,6 +36,11 @@ Differences from the reference: the table is initialised N(0, init_std) as our o
 rows at retraining (the reference keeps multiplying by it); our models' linear (wide) terms are
 outside the searched embedding, so a dropped value keeps its one linear weight (the reference
 FM has no linear term); the search evaluates every epoch only to log.
+
+The search is a `Trainer` run with one hook (`GateSchedule`: beta, the gate L1 in the loss, the
+rewind point), so it has the trainer's NaN guard, compile and multi-process training; its
+history's `loss` is the whole objective (task loss, gate L1 and `embedding_l2`) as in every
+Trainer run, `task_loss` the task loss alone.
 """
 
 from __future__ import annotations
@@ -43,33 +48,24 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
+from dnis import distributed
 from dnis.data.dataset import EncodedDataset
-from dnis.data.loader import batches
 from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
 from dnis.embeddings.layout import FieldLayout
 from dnis.errors import BudgetError, ConfigError
+from dnis.models.base import Model
 from dnis.search.methods import check_options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, Trained
+from dnis.search.training import INIT_STD, ModelFactory, Trained, phase_config, valid_metrics
 from dnis.tasks import make_task
-from dnis.tasks.base import Task
-from dnis.train.trainer import TrainConfig, Trainer, epoch_seed, make_optimizer
-
-OPTFS_OPTIONS = (
-    "search_epochs",
-    "final_temperature",
-    "reg_lambda",
-    "gate_init",
-    "rewind_epoch",
-    "retrain",
-    "init_std",
-)
+from dnis.tasks.base import Task, model_device
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
 
 
 @dataclass
@@ -80,7 +76,7 @@ class OptFSConfig:
     gate_init: float = 0.5
     rewind_epoch: int = 1
     retrain: str = "rewind"  # rewind | scratch
-    init_std: float = 0.01
+    init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
         if self.search_epochs < 1:
@@ -95,6 +91,9 @@ class OptFSConfig:
             )
         if self.retrain not in ("rewind", "scratch"):
             raise ConfigError("optfs: retrain must be 'rewind' or 'scratch'")
+
+
+OPTFS_OPTIONS = tuple(f.name for f in fields(OptFSConfig))
 
 
 @dataclass
@@ -132,6 +131,43 @@ def _per_field(rows: torch.Tensor, layout: FieldLayout) -> list[int]:
     return torch.bincount(field[rows.cpu()], minlength=layout.num_fields).tolist()
 
 
+class GateSchedule(TrainHook):
+    """OptFS's part of the training loop: beta for the epoch (learning by continuation), the
+    gate L1 added to every batch's loss, and the weights saved at the start of epoch
+    `rewind_epoch` (the lottery-ticket rewind point)."""
+
+    def __init__(self, model: Model, embedding: GatedEmbedding, config: OptFSConfig) -> None:
+        self.model, self.embedding, self.config = model, embedding, config
+        self.rewind: dict[str, torch.Tensor] = {}
+        self.task_total = torch.zeros((), dtype=torch.float64)  # the epoch's task loss x rows
+
+    def epoch_start(self, context: EpochContext) -> None:
+        epoch = context.epoch - 1  # the schedule counts epochs from 0
+        self.embedding.temperature = temperature(epoch, self.config)
+        if epoch == self.config.rewind_epoch:
+            self.rewind = copy.deepcopy(self.model.state_dict())
+        self.task_total = torch.zeros((), dtype=torch.float64, device=model_device(self.model))
+
+    def loss(self, context: EpochContext, loss: torch.Tensor) -> torch.Tensor:
+        assert context.batch is not None
+        self.task_total += loss.detach().double() * len(context.batch[0])
+        return loss + self.config.reg_lambda * self.embedding.gate_l1()
+
+    def epoch_end(self, context: EpochContext, record: dict[str, Any]) -> None:
+        task_loss = distributed.all_reduce_sum(self.task_total) / max(context.rows, 1)
+        record.update(
+            task_loss=float(task_loss),
+            temperature=round(self.embedding.temperature, 4),
+            open_fraction=open_fraction(self.embedding.open_rows(), self.embedding.layout),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rewind": self.rewind}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rewind = state["rewind"]
+
+
 def search(
     make_model: ModelFactory,
     dataset: EncodedDataset,
@@ -147,47 +183,23 @@ def search(
     embedding = GatedEmbedding(layout, dim, config.init_std, config.gate_init)
     model = make_model(embedding)
     task = make_task(dataset)
-    optimizer = make_optimizer(model, train)
-    history: list[dict[str, Any]] = []
-    rewind: dict[str, torch.Tensor] = {}
-    valid: dict[str, float] = {}
-    for epoch in range(config.search_epochs):
-        embedding.temperature = temperature(epoch, config)
-        if epoch == config.rewind_epoch:
-            rewind = copy.deepcopy(model.state_dict())
-        seed = epoch_seed(train.seed, 3000 + epoch)
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        model.train()
-        total = 0.0
-        for ids, labels in batches(
-            dataset.train, train.batch_size, shuffle=True, generator=generator
-        ):
-            loss = task.loss(model, ids, labels, generator)
-            objective = loss + config.reg_lambda * embedding.gate_l1()
-            if train.embedding_l2:
-                objective = objective + train.embedding_l2 * embedding.last_l2
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(ids)
-        valid = task.evaluate(model, "valid", train.eval_batch_size)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": total / max(len(dataset.train), 1),
-                "temperature": round(embedding.temperature, 4),
-                **{f"valid_{k}": v for k, v in valid.items()},
-                "open_fraction": open_fraction(embedding.open_rows(), layout),
-            }
-        )
+    hook = GateSchedule(model, embedding, config)
+    fit = Trainer(
+        model,
+        task,
+        phase_config(train, config.search_epochs),
+        hooks=[hook],
+        phase="optfs search epoch",
+        seed_offset=2999,  # epoch e (from 1) seeds as the former 0-based loop's epoch e - 1
+        restore_best=False,  # the gates are read where the search ends
+    ).fit()
     return OptFSState(
         embedding.gate.detach().cpu().clone(),
         embedding.open_rows().cpu(),
-        rewind,
+        hook.rewind,
         embedding.gate_scale,
-        valid,
-        history,
+        valid_metrics(fit.history[-1]),  # the gated model's, where the search ended
+        fit.history,
         time.perf_counter() - started,
     )
 

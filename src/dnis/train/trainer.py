@@ -81,6 +81,7 @@ class EpochContext:
     generator: torch.Generator  # the epoch's shuffle generator (a hook may draw from it)
     sampler: torch.Generator  # this rank's generator for sampling (negatives, dropout-free draws)
     batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's (ids, labels), this rank's
+    rows: int = 0  # rows of the epoch's global batches so far (every rank's), the step's included
     # set by a hook to end the run: the epoch stops after this step (it is validated, recorded and
     # checkpointed as usual) and no epoch follows (e.g. PEP once every budget's mask is saved)
     stop: bool = False
@@ -459,13 +460,12 @@ class Trainer:
         self.model.train()
         split = self.task.dataset.train
         total = torch.zeros((), dtype=torch.float64, device=model_device(self.model))
-        rows = 0  # of the global batches trained on (all of the split unless a hook stopped)
         extra = functools.partial(self._hook_loss, context) if self.hooks else None
         for hook in self.hooks:
             hook.epoch_start(context)
         self.progress.epoch_start(context.epoch, num_batches(split, cfg.batch_size))
         for batch in batches(split, cfg.batch_size, shuffle=True, generator=context.generator):
-            rows += len(batch[1])
+            context.rows += len(batch[1])
             context.batch = distributed.shard(*batch)  # this rank's rows of the global batch
             for hook in self.hooks:
                 hook.before_step(context)
@@ -487,7 +487,8 @@ class Trainer:
             if context.stop:
                 break
         context.batch = None
-        return float(distributed.all_reduce_sum(total) / max(rows, 1))
+        # the mean over the rows trained on (all of the split unless a hook stopped the epoch)
+        return float(distributed.all_reduce_sum(total) / max(context.rows, 1))
 
     def _hook_loss(self, context: EpochContext, loss: torch.Tensor) -> torch.Tensor:
         for hook in self.hooks:
