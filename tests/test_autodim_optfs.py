@@ -15,7 +15,8 @@ from dnis.data.synthetic import load_synthetic
 from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiwidth import MultiWidthEmbedding
-from dnis.errors import BudgetError, ConfigError
+from dnis.errors import BudgetError, ConfigError, DnisError
+from dnis.models.base import Model
 from dnis.search import methods
 from dnis.search.autodim import (
     AutoDimConfig,
@@ -269,6 +270,59 @@ def test_optfs_closes_noise_field_gates():
     assert max(noise) < 0.2, share  # most noise values dropped
     assert max(noise) < 0.5 * min(signal), share
     assert state.rewind and "embedding.weight" in state.rewind
+
+
+# ------------------------------------------------------------------------- through the Trainer
+
+
+class NaNAfter(Model):
+    """Scores that turn NaN after `steps` training forward passes (the search's first steps)."""
+
+    def __init__(self, base: Model, steps: int) -> None:
+        super().__init__(base.schema, base.embedding)
+        self.base, self.steps = base, steps
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self.steps -= 1
+        out = self.base(ids)
+        return out * float("nan") if self.steps < 0 else out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_searches_have_the_trainer_nan_guard(name, small_ctr):
+    """Both searches train through the Trainer: a NaN loss stops them with the trainer's error
+    naming the search epoch, instead of training on NaN weights."""
+    search = autodim_search if name == "autodim" else optfs_search
+    config = AutoDimConfig(search_epochs=2, warmup_epochs=0) if name == "autodim" else (
+        OptFSConfig(search_epochs=2, rewind_epoch=0)
+    )  # fmt: skip
+    # training forwards in an epoch: AutoDim's alpha steps are training forwards too
+    steps = math.ceil(len(small_ctr.train) / 256) * (2 if name == "autodim" else 1)
+    with pytest.raises(DnisError, match=rf"loss became nan in {name} search epoch 2"):
+        search(
+            lambda e: NaNAfter(models.build("fm", small_ctr.schema, e), steps),
+            small_ctr,
+            dim=4,
+            config=config,
+            train=TrainConfig(epochs=1, batch_size=256),
+        )
+
+
+def test_optfs_history_holds_the_objective_and_the_task_loss(small_ctr):
+    state = optfs_search(
+        _fm(small_ctr),
+        small_ctr,
+        dim=4,
+        config=OptFSConfig(search_epochs=2, rewind_epoch=1, reg_lambda=1e-3),
+        train=TrainConfig(epochs=1, batch_size=256, lr=0.01),
+    )
+    for record in state.history:
+        # loss: task loss + reg_lambda * the gate L1 (a sum of sigmoids over every row)
+        assert record["loss"] > record["task_loss"] > 0
+    assert state.valid == {
+        k[len("valid_") :]: v for k, v in state.history[-1].items() if k.startswith("valid_")
+    }
 
 
 # ------------------------------------------------------------------------------------ end to end

@@ -23,8 +23,10 @@ from dnis.embeddings.mixed import RaggedEmbedding
 from dnis.errors import ConfigError
 from dnis.search import methods
 from dnis.search.prune import budget_params, padding_rows
+from dnis.tasks import make_task
 from dnis.tasks.base import predict
-from dnis.train import TrainConfig
+from dnis.train import TrainConfig, Trainer
+from dnis.train.progress import Progress
 
 # Two fields: a (10 rows), b (6 rows); dim 4 -> 64 entries.
 HAND_LAYOUT = FieldLayout(("a", "b"), (10, 6), (0, 1), (False, False), (False, False))
@@ -169,6 +171,21 @@ def test_pep_reaches_each_budget_by_its_thresholds(small_ctr):
     assert [b for h in search.history for b in h["reached"]] == [0.5, 0.25]
 
 
+def test_pep_search_stops_once_every_budget_is_saved(small_ctr):
+    config = pep.PepConfig(**FAST_PEP)
+    search = pep.pep_search(
+        fm_factory(small_ctr), small_ctr, budgets=[0.5, 0.25], dim=8, train=TRAIN, config=config
+    )
+    last = search.history[-1]
+    smallest = search.snapshots[1]
+    # the run ended in the epoch and at the step that saved the smallest budget, before its bound
+    assert last["epoch"] == smallest.epoch == len(search.history) < TRAIN.epochs + 7
+    assert last["reached"][-1] == 0.25
+    steps_per_epoch = math.ceil(len(small_ctr.train) / TRAIN.batch_size)
+    assert (smallest.epoch - 1) * steps_per_epoch < smallest.step < smallest.epoch * steps_per_epoch
+    assert math.isfinite(last["loss"])  # the mean over the rows the stopped epoch trained on
+
+
 def test_pep_retrain_starts_from_initial_weights_times_mask(small_ctr, monkeypatch):
     search = pep.pep_search(
         fm_factory(small_ctr), small_ctr, budgets=[0.5], dim=8, train=TRAIN,
@@ -300,6 +317,48 @@ def test_dsl_holds_the_budget_at_every_step(small_ctr):
     start = dsl.random_mask(layout, dim, target, torch.Generator().manual_seed(TRAIN.seed))
     assert not torch.equal(start, run.embedding.mask)
     assert all(h["active_min"] == h["active_max"] == target for h in run.history)
+
+
+class StopAfter(Progress):
+    """Interrupts a run after epoch `epoch` is checkpointed (as a kill would)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_end(self, record):
+        if record["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_dsl_resumes_from_a_checkpoint_exactly(small_ctr, tmp_path):
+    """The mask schedule (its update replaces optimizer steps) survives a checkpoint: a run
+    interrupted after epoch 2 and resumed ends exactly as an uninterrupted one."""
+    layout = FieldLayout.from_dataset(small_ctr)
+    config = dsl.DslConfig(update_every=2, end_fraction=1.0)
+    steps = TRAIN.epochs * math.ceil(len(small_ctr.train) / TRAIN.batch_size)
+
+    def trainer(run_dir, progress=None):
+        torch.manual_seed(0)
+        mask = dsl.random_mask(layout, 4, 100, torch.Generator().manual_seed(0))
+        embedding = MaskedEmbedding(layout, 4, mask)
+        hook = dsl.MaskSchedule(embedding, readable_rows(layout), config, steps)
+        model = fm_factory(small_ctr)(embedding)
+        return Trainer(model, make_task(small_ctr), TRAIN, run_dir, progress, hooks=[hook])
+
+    whole = trainer(tmp_path / "whole")
+    expected = whole.fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "cut", StopAfter(2)).fit()
+    resumed = trainer(tmp_path / "cut")
+    result = resumed.fit(resume=True)
+    assert resumed.hooks[0].step == whole.hooks[0].step == steps
+    drop = ("seconds",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in result.history] == [
+        {k: v for k, v in h.items() if k not in drop} for h in expected.history
+    ]
+    assert sum(h["updates"] for h in result.history) == steps // 2
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
 # ------------------------------------------------------------------------------------ end to end
