@@ -170,13 +170,7 @@ def read_csv(
         raise DataError(f"could not parse the file: {error}", path=path) from None
     data_lines = lines[1:] if header else lines
     if len(frame) != len(data_lines):  # never lose or invent rows silently
-        raise DataError(
-            f"the parser read {len(frame)} rows but the file has {len(data_lines)} non-blank data "
-            "lines",
-            path=path,
-            fix="look for a lone carriage return (\\r) inside a line or a line holding only spaces, "
-            "and remove it (or save the file with \\n or \\r\\n line endings)",
-        )
+        raise rows_lost(len(frame), len(data_lines), path)
     return _with_lines(frame, path, data_lines)
 
 
@@ -412,6 +406,16 @@ def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
         raise DataError(f"unknown encoding {encoding!r}", path=path) from None
 
 
+def rows_lost(rows: int, lines: int, path: Path) -> DataError:
+    """The error for a parser that read `rows` rows from `lines` non-blank data lines."""
+    return DataError(
+        f"the parser read {rows} rows but the file has {lines} non-blank data lines",
+        path=path,
+        fix="look for a lone carriage return (\\r) inside a line or a line holding only spaces, "
+        "and remove it (or save the file with \\n or \\r\\n line endings)",
+    )
+
+
 def undecodable(byte: int, line: int, column: int, path: Path, encoding: str) -> DataError:
     """The error for a byte that is not valid in `encoding`: byte `column` of file line `line`."""
     return DataError(
@@ -540,8 +544,13 @@ def column_names(
         return list(names)
     if not header:
         return [str(i) for i in range(expected)]
-    first = next(line for line in raw.decode(encoding).splitlines() if line.strip())
-    first = first.removeprefix("\ufeff")  # streaming passes the file's first bytes as they are
+    first = next((line for line in raw.decode(encoding).splitlines() if line.strip()), None)
+    if first is None:  # only characters such as \x1c that Python takes for white space
+        raise DataError(
+            "the file has no header line with column names",
+            path=path,
+            fix="write the column names on the first line, or set header: false and give names",
+        )
     quoting = csv.QUOTE_MINIMAL if quotechar else csv.QUOTE_NONE
     row = next(
         csv.reader(

@@ -1,17 +1,33 @@
-"""Data files read in chunks of rows: each chunk a pyarrow table of the columns asked for."""
+"""Data files read in chunks of rows, each chunk a pyarrow table of the columns asked for.
+
+CSV/TSV files are parsed by pyarrow's streaming reader (`pyarrow.csv.open_csv`, one record batch
+per block of `block_bytes`) from a `TextStream`, which checks the bytes as `read_csv` does. The
+first pass (`CsvFile.scan`) reads every record: it counts the rows and the ones with the wrong
+number of fields. pyarrow does not say on which file line a row is, so when an error must name
+the line (a ragged record, a bad label or time), the records are read again up to that row with
+the in-memory reader's own scanner (`dnis.data.readers.records`, the csv module): slow, but only
+on the way to an error. Parquet files are read in row batches.
+"""
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from dnis.data import readers
+from dnis.data.streaming.text import TextStream, text_stream
 from dnis.errors import DataError
+
+log = logging.getLogger("dnis.data.streaming")
 
 
 @dataclass
@@ -22,18 +38,26 @@ class Chunk:
     source: Path
 
 
-@dataclass
-class _Span:
-    start: int  # byte offsets of the chunk's data rows in the file
-    stop: int
-    newlines: int  # newlines in the file before `start`
-    first_row: int
-    rows: int
-    quoted: bool
+class _RecordTooLong(Exception):
+    """A record does not fit in one block of pyarrow's reader."""
+
+
+class _Ragged:
+    """pyarrow's invalid-row handler: counts and skips the records with the wrong number of
+    fields (the error is raised once the whole file is read, with their number)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.found: int | None = None  # fields of one of them
+
+    def __call__(self, row: Any) -> str:
+        self.count += 1
+        self.found = row.actual_columns
+        return "skip"
 
 
 class CsvFile:
-    """A delimited text file read in byte chunks that end at record boundaries."""
+    """A delimited text file read in blocks by pyarrow's streaming CSV reader."""
 
     quotechar = '"'
 
@@ -44,127 +68,112 @@ class CsvFile:
         header: bool,
         names: list[str] | None,
         encoding: str,
-        chunk_bytes: int,
+        block_bytes: int,
     ) -> None:
         self.path, self.delimiter, self.header, self.names = path, delimiter, header, names
-        self.encoding, self.chunk_bytes = encoding, chunk_bytes
+        self.encoding, self.block_bytes = encoding, block_bytes
+        multi = len(delimiter.encode("utf-8")) != 1
+        self.sep = readers.UNIT_SEPARATOR.decode() if multi else delimiter  # as pyarrow sees it
         self.columns: list[str] = []
-        self.spans: list[_Span] = []
         self.rows = 0
 
     def check_exists(self) -> None:
-        if not self.path.is_file():
-            hint = " (it is a folder)" if self.path.is_dir() else ""
-            raise DataError(f"file not found{hint}", path=self.path, fix="check the path")
+        readers.check_file(self.path)
 
-    def _separator(self) -> tuple[bytes, bool]:
-        sep = self.delimiter.encode(self.encoding)
-        return (sep, False) if len(sep) == 1 else (readers.UNIT_SEPARATOR, True)
+    def _stream(self) -> io.BufferedReader:
+        return text_stream(self.path, self.encoding, self.delimiter, self.block_bytes)
 
-    def _parsed(self, raw: bytes) -> bytes:
-        """The chunk as the parser sees it: a multi-byte delimiter becomes one byte, as in
-        `read_csv`."""
-        sep, multi = self._separator()
-        if not multi:
-            return raw
-        if sep in raw:
-            raise DataError(
-                "the file contains the byte 0x1f, which dnis uses to parse multi-character "
-                f"delimiters like {self.delimiter!r}",
-                path=self.path,
-                fix="convert the file to a single-character delimiter such as a tab",
-            )
-        return raw.replace(self.delimiter.encode(self.encoding), sep)
+    def _records(self) -> Iterator[tuple[int, int]]:
+        """(file line, field count) of every record, the header too (see `readers.records`)."""
+        with io.TextIOWrapper(self._stream(), encoding="utf-8", newline="") as text:
+            yield from readers.records(text, self.path, self.sep, self.quotechar)
 
-    def _scan(self, parsed: bytes, newlines: int) -> tuple[np.ndarray, np.ndarray]:
-        """File line and field count of every record of a chunk (the reader's own scanners)."""
-        sep, _ = self._separator()
-        quote = self.quotechar.encode(self.encoding)
-        if quote in parsed:
-            lines, counts = _shifted(
-                lambda: readers._scan_quoted(
-                    parsed, self.path, sep.decode(self.encoding), self.quotechar, self.encoding
-                ),
-                newlines,
-            )
-        else:
-            lines, counts = readers._scan_plain(parsed, sep)
-        return lines + newlines, counts
+    def _head(self) -> bytes:
+        """The file's first bytes, up to the end of its first non-blank line (or all of it)."""
+        head = b""
+        with self._stream() as stream:
+            while piece := stream.read(1 << 16):
+                head += piece
+                lines = head.decode("utf-8", errors="ignore").splitlines()
+                if any(line.strip() for line in lines[:-1]):
+                    break
+        return head
 
     def scan(self) -> None:
-        """Pass A: check every byte and record of the file like `read_csv`, count its rows."""
-        path, encoding = self.path, self.encoding
-        if "\n,".encode(encoding, errors="replace") != b"\n,":
-            raise DataError(
-                f"encoding {encoding!r} is not ASCII-compatible (e.g. UTF-16), which the line and "
-                "field checks rely on",
-                path=path,
-                fix="convert the file to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8) and read it with "
-                "the default encoding",
-            )
+        """Pass A: check every byte and record of the file like `read_csv`, count its rows.
+
+        The checks come in `read_csv`'s order, so a file with several faults gets the same
+        error: bytes, records (no data rows, ragged ones), column names, line endings."""
+        self.encoding = readers.text_codec(self.encoding, self.path)
         self.check_exists()
-        quote = self.quotechar.encode(encoding)
-        newlines, rows, expected, first_line, anything = 0, 0, None, 0, False
-        self.spans = []
-        with open(path, "rb") as handle:
-            for start, raw in _byte_chunks(handle, self.chunk_bytes, quote):
-                anything = anything or bool(raw.strip())
-                _shifted(lambda raw=raw: readers._check_encoding(raw, path, encoding), newlines)
-                parsed = self._parsed(raw)
-                lines, counts = self._scan(parsed, newlines)
-                skip = 0  # bytes of the header record at the start of the first chunk
-                if expected is None and len(lines):
-                    expected, first_line = int(counts[0]), int(lines[0])
-                    sep, _ = self._separator()
-                    self.columns = readers.column_names(
-                        parsed,
-                        sep,
-                        self.quotechar,
-                        encoding,
-                        self.header,
-                        self.names,
-                        expected,
-                        path,
-                    )
-                    if self.header:
-                        skip = (
-                            _line_start(raw, int(lines[1]) - newlines)
-                            if len(lines) > 1
-                            else len(raw)
-                        )
-                        lines = lines[1:]
-                if len(lines):
-                    readers.check_ragged(
-                        np.r_[first_line, lines],
-                        np.r_[expected, counts[len(counts) - len(lines) :]],
-                        expected,
-                        path,
-                        self.delimiter,
-                    )
-                    self.spans.append(
-                        _Span(
-                            start=start + skip,
-                            stop=start + len(raw),
-                            newlines=newlines + raw.count(b"\n", 0, skip),
-                            first_row=rows,
-                            rows=len(lines),
-                            quoted=quote in raw[skip:],
-                        )
-                    )
-                    rows += len(lines)
-                newlines += raw.count(b"\n")
-        if not anything:
-            raise DataError("the file is empty", path=path, fix="check the path and the file")
-        if rows == 0:
+        head = self._head()
+        if not head.strip():
+            raise DataError("the file is empty", path=self.path, fix="check the path and the file")
+        records = self._records()
+        first_line, expected = next(records, (0, 0))
+        records.close()
+        placeholders = [str(i) for i in range(expected)]  # the names come after the record checks
+        while True:
+            ragged = _Ragged()
+            stream = self._stream()
+            try:
+                rows = sum(b.num_rows for b in self._batches(stream, placeholders, [], ragged))
+                break
+            except _RecordTooLong:
+                self.block_bytes *= 4
+                log.info("streaming: a record of %s is long: reading blocks of %d bytes",
+                         self.path, self.block_bytes)  # fmt: skip
+        if rows + ragged.count == 0:
             raise DataError(
-                "the file has no data rows", path=path, fix="check the path and the file"
+                "the file has no data rows", path=self.path, fix="check the path and the file"
             )
+        if ragged.count:
+            self._refuse_ragged(first_line, expected, ragged)
+        self.columns = readers.column_names(
+            head,
+            self.sep.encode(),
+            self.quotechar,
+            "utf-8",
+            self.header,
+            self.names,
+            expected,
+            self.path,
+        )
+        text = stream.raw
+        assert isinstance(text, TextStream)
+        if not text.quoted and rows != text.lines - self.header:  # as `read_csv` checks it
+            raise readers.rows_lost(rows, text.lines - self.header, self.path)
         self.rows = rows
 
-    def chunks(self, columns: list[str]) -> Iterator[Chunk]:
-        import pyarrow.csv as pacsv
+    def _refuse_ragged(self, first_line: int, expected: int, ragged: _Ragged) -> None:
+        """Raise the error of `read_csv` for the first record with the wrong number of fields."""
+        records = self._records()
+        bad = next(((line, found) for line, found in records if found != expected), None)
+        records.close()
+        line, found = bad or (None, ragged.found)  # no line if the scanner disagrees with pyarrow
+        raise readers.ragged_error(
+            expected, first_line, line, found or 0, ragged.count, self.path, self.delimiter
+        )
 
-        sep, _ = self._separator()
+    def _batches(
+        self,
+        stream: io.BufferedReader,
+        names: list[str],
+        columns: list[str],
+        on_ragged: _Ragged | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches of the data rows (the header dropped) of the file's columns `names`,
+        with `columns` of them as strings."""
+        read = pacsv.ReadOptions(column_names=names, block_size=self.block_bytes, encoding="utf8")
+        parse = pacsv.ParseOptions(
+            delimiter=self.sep,
+            quote_char=self.quotechar,
+            double_quote=True,
+            escape_char=False,
+            newlines_in_values=True,
+            ignore_empty_lines=True,
+            invalid_row_handler=on_ragged,
+        )
         convert = pacsv.ConvertOptions(
             include_columns=columns,
             column_types={c: pa.string() for c in columns},
@@ -172,43 +181,49 @@ class CsvFile:
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
-        with open(self.path, "rb") as handle:
-            for span in self.spans:
-                handle.seek(span.start)
-                parsed = self._parsed(handle.read(span.stop - span.start))
-                parse = pacsv.ParseOptions(
-                    delimiter=sep.decode(self.encoding),
-                    quote_char=self.quotechar if span.quoted else False,
-                    double_quote=True,
-                    escape_char=False,
-                    newlines_in_values=span.quoted,
+        header = self.header
+        with stream:
+            try:
+                reader = pacsv.open_csv(
+                    stream, read_options=read, parse_options=parse, convert_options=convert
                 )
-                read = pacsv.ReadOptions(column_names=self.columns, encoding=self.encoding)
-                try:
-                    table = pacsv.read_csv(
-                        pa.py_buffer(parsed),
-                        read_options=read,
-                        parse_options=parse,
-                        convert_options=convert,
-                    )
-                except pa.ArrowException as error:
-                    raise DataError(f"could not parse the file: {error}", path=self.path) from None
-                if table.num_rows != span.rows:  # never lose or invent rows silently
-                    last = span.newlines + parsed.count(b"\n") + 1
-                    raise DataError(
-                        f"the parser read {table.num_rows} rows but the file has {span.rows} "
-                        f"non-blank data lines between lines {span.newlines + 1} and {last}",
-                        path=self.path,
-                        fix="look for a lone carriage return (\\r) inside a line or a line holding "
-                        "only spaces, and remove it (or save the file with \\n or \\r\\n line "
-                        "endings)",
-                    )
-                yield Chunk(
-                    table,
-                    span.first_row,
-                    lambda parsed=parsed, span=span: self._scan(parsed, span.newlines)[0],
-                    self.path,
-                )
+                for batch in reader:
+                    if header and batch.num_rows:
+                        batch, header = batch.slice(1), False
+                    if batch.num_rows:
+                        yield batch
+            except pa.ArrowInvalid as error:
+                if "straddl" in str(error):  # "straddling object straddles two block boundaries"
+                    raise _RecordTooLong from None
+                raise DataError(f"could not parse the file: {error}", path=self.path) from None
+
+    def lines(self, first_row: int, rows: int) -> np.ndarray:
+        """The file line of data rows `first_row` .. `first_row + rows - 1`, found by reading the
+        records from the start of the file (for error messages only)."""
+        found: list[int] = []
+        records = self._records()
+        for index, (line, _) in enumerate(records, start=-int(self.header)):
+            if index >= first_row + rows:
+                break
+            if index >= first_row:
+                found.append(line)
+        records.close()
+        return np.asarray(found, dtype=np.int64)
+
+    def chunks(self, columns: list[str]) -> Iterator[Chunk]:
+        first = 0
+        for batch in self._batches(self._stream(), self.columns, columns):
+            rows = batch.num_rows
+            yield Chunk(
+                pa.Table.from_batches([batch]), first, partial(self.lines, first, rows), self.path
+            )
+            first += rows
+        if first != self.rows:  # never lose or invent rows silently
+            raise DataError(
+                f"the file has {first} data rows but had {self.rows} when it was scanned",
+                path=self.path,
+                fix="leave the file unchanged while dnis reads it, then run again",
+            )
 
 
 class ParquetFile:
@@ -220,8 +235,7 @@ class ParquetFile:
         self.rows = 0
 
     def check_exists(self) -> None:
-        if not self.path.is_file():
-            raise DataError("file not found", path=self.path, fix="check the path")
+        readers.check_file(self.path)
 
     def _open(self) -> Any:
         import pyarrow.parquet as pq
@@ -250,62 +264,3 @@ class ParquetFile:
                 first += batch.num_rows
         except (pa.ArrowException, OSError) as error:
             raise DataError(f"not a readable Parquet file: {error}", path=self.path) from None
-
-
-def _byte_chunks(handle: Any, size: int, quote: bytes) -> Iterator[tuple[int, bytes]]:
-    """(file offset, bytes) pieces of about `size` bytes, each ending at a record boundary: after
-    a newline outside quotes (quote characters before it come in pairs)."""
-    offset, carry = 0, b""
-    while True:
-        block = handle.read(size)
-        data = carry + block if carry else block
-        if not block:
-            if data:
-                yield offset, data
-            return
-        cut = _record_end(data, quote)
-        if cut == 0:  # no complete record yet: read more
-            carry = data
-            continue
-        yield offset, data[:cut]
-        offset += cut
-        carry = data[cut:]
-
-
-def _record_end(data: bytes, quote: bytes) -> int:
-    """Offset just after the last newline of `data` that is outside quotes (0 if none)."""
-    if quote not in data:
-        return data.rfind(b"\n") + 1
-    array = np.frombuffer(data, dtype=np.uint8)
-    quotes = np.flatnonzero(array == quote[0])
-    newlines = np.flatnonzero(array == ord("\n"))
-    even = np.flatnonzero(np.searchsorted(quotes, newlines) % 2 == 0)
-    return int(newlines[even[-1]]) + 1 if len(even) else 0
-
-
-def _line_start(raw: bytes, line: int) -> int:
-    """Byte offset of 1-based `line` within `raw`."""
-    if line <= 1:
-        return 0
-    newlines = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == ord("\n"))
-    return int(newlines[line - 2]) + 1
-
-
-def _shifted(check: Callable[[], Any], newlines: int) -> Any:
-    """Run one of the reader's checks on a chunk; its error's line becomes the file's line."""
-    try:
-        return check()
-    except DataError as error:
-        if error.line is None or newlines == 0:
-            raise
-        bare = str(DataError("", path=error.path, line=error.line, column=error.column))
-        message = str(error)[len(bare) :]
-        if error.fix:
-            message = message[: -len(f"\n  fix: {error.fix}")]
-        raise DataError(
-            message,
-            path=error.path,
-            line=error.line + newlines,
-            column=error.column,
-            fix=error.fix,
-        ) from None
