@@ -417,12 +417,9 @@ class Trainer:
             state["history"].append(record)
             state["seconds"] += seconds
             if task.better(score, state["best"]):
-                state.update(
-                    best=score,
-                    best_epoch=epoch,
-                    stale=0,
-                    best_state=copy.deepcopy(self.model.state_dict()),
-                )
+                # the best weights are copied only when they will be restored (tables are large)
+                best_state = copy.deepcopy(self.model.state_dict()) if self.restore_best else None
+                state.update(best=score, best_epoch=epoch, stale=0, best_state=best_state)
             else:
                 state["stale"] += 1
             state["epoch"] = epoch
