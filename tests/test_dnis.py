@@ -148,7 +148,10 @@ def test_ragged_memory_counts_its_indices():
 # ---------------------------------------------------------------- end to end on planted structure
 
 TRAIN = TrainConfig(epochs=4, batch_size=512, lr=3e-3, patience=2)
-SEARCH = DnisConfig(num_blocks=4, warmup_epochs=2, search_epochs=4, alpha_lr=0.01, alpha_l1=1e-4)
+# the static schedule: one search, pruned afterwards to any budget
+SEARCH = DnisConfig(
+    num_blocks=4, warmup_epochs=2, search_epochs=4, alpha_lr=0.01, alpha_l1=1e-4, schedule="static"
+)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +249,7 @@ def test_one_search_serves_many_budgets(planted):
 
 def test_dnis_runs_through_every_model():
     ds = load_synthetic(task="ctr", n_rows=3000, ranks=(4, 2), noise_fields=1, vocab=50, seed=1)
-    config = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=1)
+    config = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=1, budgets=[0.3])
     quick = TrainConfig(epochs=1, batch_size=512)
     for name in ("mf", "bprmf", "neumf", "fm", "widedeep", "deepfm"):
 
@@ -319,7 +322,9 @@ def test_search_patience_stops_after_stale_epochs_and_keeps_the_best(
         return task
 
     monkeypatch.setattr(dnis_module, "make_task", scripted_task)
-    config = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=7, patience=2)
+    config = DnisConfig(
+        num_blocks=2, warmup_epochs=0, search_epochs=7, patience=2, schedule="static"
+    )
     train = TrainConfig(batch_size=256, lr=1e-2)
 
     def make(embedding):

@@ -56,7 +56,7 @@ CONFIG = {
         "budgets": [0.3, 0.6],
     },
 }
-EPOCHS = 2 + 3 + 2 * 2  # warm-up + search + retrain per budget
+EPOCHS = 2 + 3 + 2 + 2 * 2  # warm-up + search + gradual pruning (one per budget) + retrains
 
 DRIVER = """
 import sys
@@ -194,6 +194,7 @@ def test_sigkilled_search_resumes_each_time_to_the_uninterrupted_result(
     kills = [
         "search/warmup/checkpoint.pt",  # warm-up epoch 1 done: killed in warm-up epoch 2
         "search/checkpoint.pt",  # search epoch 1 done: killed in search epoch 2
+        "search/prune/checkpoint.pt",  # pruning epoch 1 done: killed in pruning epoch 2
         f"retrain-{budgets[0]}/checkpoint.pt",  # killed in the retrain of budget 1
         f"result-{budgets[0]}.json",  # budget 1 finished: killed before or early in budget 2
     ]

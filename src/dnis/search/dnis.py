@@ -73,7 +73,7 @@ from dnis.train.progress import Progress, SilentProgress
 from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
 
 CONVERGE = "converge"  # search.warmup_epochs: train to early stopping before the search
-SCHEDULES = ("static", "gradual")
+SCHEDULES = ("auto", "gradual", "static")
 PRUNES_PER_EPOCH = 50  # how often the gradual schedule moves within an epoch
 
 
@@ -109,8 +109,10 @@ class DnisConfig:
     # static: search, then prune each budget from the searched alpha in one shot; gradual: after
     # the search, a pruning phase that knows the budgets, one epoch per budget (largest first)
     # masking the lowest-ranked dims along a cubic path while alpha and the model keep training,
-    # so the soft model ends each epoch at a budget and pruning it changes nothing
-    schedule: str = "static"  # static | gradual
+    # so the soft model ends each epoch at a budget and pruning it changes nothing. auto: gradual
+    # at block granularity (it won on validation in all 6 cells of the defaults configs,
+    # docs/results.md, "Search options"), static at element granularity (gradual masks block dims)
+    schedule: str = "auto"  # auto | gradual | static
     # which alpha static pruning ranks: the best validation epoch's (whose weights are kept), or
     # alpha's mean over the steps of the last epoch run (less noisy than one step's value)
     alpha_from: str = "best_epoch"  # best_epoch | last_epoch_mean
@@ -144,7 +146,8 @@ class DnisConfig:
             )
         if self.schedule == "gradual" and self.granularity != "block":
             raise ConfigError(
-                "search.schedule: gradual prunes whole block dims; use granularity: block"
+                "search.schedule: gradual prunes whole block dims; use granularity: block, or "
+                "schedule: static (or auto) with granularity: element"
             )
         if self.alpha_from not in ("best_epoch", "last_epoch_mean"):
             raise ConfigError(
@@ -215,7 +218,7 @@ def search_settings(
     """Everything a search's result depends on. The budgets count only for a gradual schedule:
     a static search serves any budget."""
     search = {k: v for k, v in asdict(config).items() if k != "budgets"}
-    if config.schedule == "gradual":
+    if gradual(config):
         search["budgets"] = list(budgets)
     return {"dim": dim, "init_std": init_std, "search": search, "train": asdict(train)}
 
@@ -479,7 +482,7 @@ def search(
             embedding.alpha.copy_(hook.mean_alpha)
     before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
     snapshots: dict[float, Snapshot] = {}
-    if config.schedule == "gradual":
+    if gradual(config):
         pruning = AlphaSearch(model, embedding, task, config, train, budgets)
         trainer = Trainer(
             model,
@@ -516,6 +519,13 @@ def _exists(path: Path | None) -> bool:
     return path is not None and path.exists()
 
 
+def gradual(config: DnisConfig) -> bool:
+    """Whether the search ends with the gradual pruning phase (`schedule`, `auto` resolved)."""
+    if config.schedule == "auto":
+        return config.granularity == "block"
+    return config.schedule == "gradual"
+
+
 def l1_step(config: DnisConfig, task: Task) -> str:
     """The L1 step `config.l1_step` names; `auto` is proximal for ctr and loss otherwise."""
     if config.l1_step != "auto":
@@ -533,7 +543,7 @@ def materialize(
     control), the kept dims are drawn at random (`seed`) with the same budget: what the pipeline
     gives without what the search found."""
     soft = state.embedding
-    snapshot = snapshot_of(state, budget, config)
+    snapshot = snapshot_of(state, budget)
     if snapshot is not None:
         weight, alpha = snapshot.state["embedding.weight"], snapshot.state["embedding.alpha"]
         table = (weight * alpha[soft.row_block.to(alpha.device)]).detach()
@@ -564,9 +574,9 @@ def materialize(
     return compact
 
 
-def snapshot_of(state: SearchState, budget: float, config: DnisConfig) -> Snapshot | None:
-    """The gradual search's snapshot at `budget` (None for a static search)."""
-    if config.schedule != "gradual":
+def snapshot_of(state: SearchState, budget: float) -> Snapshot | None:
+    """The gradual search's snapshot at `budget`; None after a static search (no snapshots)."""
+    if not state.snapshots:
         return None
     snapshot = state.snapshots.get(budget)
     if snapshot is None:
@@ -654,7 +664,7 @@ def compact_model(
     torch.manual_seed(train.seed)
     model = make_model(compact)
     if config.retrain == "finetune":
-        snapshot = snapshot_of(state, budget, config)
+        snapshot = snapshot_of(state, budget)
         searched = state.model.state_dict() if snapshot is None else snapshot.state
         dense = {k: v for k, v in searched.items() if not k.startswith("embedding.")}
         model.load_state_dict(dense, strict=False)
@@ -675,7 +685,7 @@ def finished_result(
 ) -> SearchResult:
     """The SearchResult of one retrained budget; under a gradual schedule, `before` is the soft
     model when the schedule reached the budget."""
-    snapshot = state.snapshots.get(budget)
+    snapshot = snapshot_of(state, budget)
     return SearchResult(
         method="dnis",
         metric=state.task.metric,
