@@ -263,6 +263,7 @@ def test_dnis_runs_through_every_model():
 
 def test_the_readme_python_example_runs(tmp_path):
     from dnis import data, search
+    from dnis.app.report import write_search_report
 
     ds = data.load("synthetic", task="ctr", n_rows=3000, vocab=50)
 
@@ -272,7 +273,7 @@ def test_the_readme_python_example_runs(tmp_path):
     quick = TrainConfig(epochs=1, batch_size=512)
     config = DnisConfig(warmup_epochs=0, search_epochs=1, num_blocks=2)
     result = search.dnis(make_model, ds, dim=8, budget=0.2, config=config, train=quick)
-    report = result.report(tmp_path / "run")
+    report = write_search_report([result], tmp_path / "run")
     assert report.exists() and (tmp_path / "run" / "dims.json").exists()
     assert result.embedding_params <= 0.2 * result.full_params + 1
 

@@ -151,12 +151,16 @@ def test_search_logs_phases_and_budgets_with_their_own_prefixes(tmp_path):
     run_id = run.info.run_id
     steps = {
         key: [m.step for m in client.get_metric_history(run_id, key)]
-        for key in ("warmup/loss", "search/loss", "search/alpha_mean", "retrain-0.5/valid_auc")
-    }
+        for key in (
+            "warmup/loss", "search/loss", "search/alpha_mean", "prune/kept_params",
+            "retrain-0.5/valid_auc",
+        )
+    }  # fmt: skip
     assert steps == {
         "warmup/loss": [1],
         "search/loss": [1],
         "search/alpha_mean": [1],
+        "prune/kept_params": [1],  # the gradual pruning phase: one epoch per budget
         "retrain-0.5/valid_auc": [1, 2],
     }
     assert "search/alpha_field_mean/signal0" in run.data.metrics

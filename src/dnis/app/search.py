@@ -150,8 +150,9 @@ ARTIFACTS = ("config.yaml", "report.md", "results.json", "dims.json", "search.js
 
 
 def _search_phase(record: dict[str, Any]) -> str:
-    """The metrics' group of a search epoch: the bilevel epochs report alpha, warm-up's don't."""
-    return "search" if "alpha_mean" in record else "warmup"
+    """The metrics' group of a search epoch: the pruning phase names itself, the bilevel epochs
+    report alpha, warm-up's don't."""
+    return record.get("phase", "search" if "alpha_mean" in record else "warmup")
 
 
 def reload_budget(

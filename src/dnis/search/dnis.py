@@ -317,6 +317,7 @@ class AlphaSearch(TrainHook):
         self.mean_alpha = self.alpha_sum / max(1, self.steps)
         record.update(alpha_stats(alpha, self.embedding.blocks, self.task.dataset.schema.names))
         if self.targets:
+            record["phase"] = "prune"  # its own group in logs and trackers
             record["kept_params"] = self._kept_params()
             budget = self.budgets[context.epoch - 1]
             valid = {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
@@ -500,7 +501,7 @@ def search(
         fit_started = time.perf_counter()
         pruned = trainer.fit(resume=resume and _exists(trainer.checkpoint_path))
         earlier += pruned.train_seconds - (time.perf_counter() - fit_started)
-        history = history + [{**record, "phase": "prune"} for record in pruned.history]
+        history = history + pruned.history
         snapshots = pruning.snapshots
         del trainer
     return SearchState(
