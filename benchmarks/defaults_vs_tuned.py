@@ -46,6 +46,8 @@ PAIRS = [
 ]  # fmt: skip
 # one search option switched at a time, on the defaults configs (validation decides defaults)
 ABLATIONS = [
+    ("search.schedule=static",),
+    ("search.alpha_from=last_epoch_mean",),
     ("search.rank=saliency",),
     ("search.l1_step=proximal",),
     ("search.warmup_epochs=converge",),
