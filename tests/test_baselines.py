@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -60,6 +61,46 @@ def test_methods_resolve_and_refuse_unknown_options(name, small_ctr):
             train=TrainConfig(epochs=1),
             options={"no_such_option": 1},
         )
+
+
+def test_every_method_has_an_options_dataclass_whose_defaults_parse():
+    for name, entry in methods.METHODS.items():
+        assert dataclasses.is_dataclass(entry.options), name
+        assert isinstance(entry.parse({}), entry.options), name
+        assert entry.__module__.startswith("dnis.search."), name  # the module that defines it
+
+
+def test_options_are_converted_to_their_types():
+    random = methods.method("random").parse({"candidates": [0, 4, 8], "block_mode": [0.1, 0.5]})
+    assert random.candidates == (0, 4, 8) and random.block_mode == [0.1, 0.5]
+    mde = methods.method("mde").parse({"temperatures": [0, 1]})
+    assert mde.temperatures == (0.0, 1.0) and all(type(t) is float for t in mde.temperatures)
+    assert methods.method("hashing").parse({"init_std": 1}).init_std == 1.0
+    assert methods.method("unified").parse({"seed": None}).seed is None
+
+
+@pytest.mark.parametrize(
+    "name, options, says",
+    [
+        ("random", {"trials": True}, r"compare\.options\.random\.trials: expected int, got bool"),
+        ("hashing", {"seed": 1.5}, r"compare\.options\.hashing\.seed: expected int, got float"),
+        ("qr", {"init_std": "0.01"}, r"compare\.options\.qr\.init_std: expected float"),
+        ("random", {"candidates": [0, "8"]}, r"compare\.options\.random\.candidates\[1\]"),
+        ("outrank", {"correction": "yes"}, r"compare\.options\.outrank\.correction: expected bool"),
+        ("hashing", {"init_std": 0}, r"compare\.options\.hashing\.init_std must be > 0, got 0\.0"),
+        ("random", {"trial_epochs": 0}, r"compare\.options\.random\.trial_epochs must be >= 1"),
+        ("mde", {"temperatures": []}, r"compare\.options\.mde\.temperatures must be a non-empty"),
+        ("mde", {"block_mode": "mas"}, r"compare\.options\.mde\.block_mode must be one of"),
+        ("unified", {"combine": "max"}, r"compare\.options\.unified\.combine must be one of"),
+        ("pep", {"granularity": "row"}, r"compare\.options\.pep\.granularity must be one of"),
+        ("hashing", ["seed"], r"compare\.options\.hashing: expected a mapping"),
+        ("dnis", {"budgets": [0.5]}, r"method 'dnis' has no option 'budgets'"),  # set by the call
+    ],
+)  # fmt: skip
+def test_bad_option_types_and_values_name_their_key(name, options, says):
+    with pytest.raises(ConfigError, match=says) as caught:
+        methods.method(name).parse(options)
+    assert caught.value.key.startswith(f"compare.options.{name}")
 
 
 # -------------------------------------------------------------------------------------------- MDE

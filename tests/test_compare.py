@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from dnis.app.compare import compare
 from dnis.app.config import load_config
 from dnis.app.report.compare_report import summarize
+from dnis.errors import ConfigError
 from dnis.io import write_json
 
 GRID = {
@@ -157,6 +159,26 @@ def test_a_budget_below_a_methods_floor_is_an_infeasible_row_not_a_stopped_grid(
     assert trained == {("hashing", 0.5), ("uniform", 0.5)}
     report = write_compare_report(rows, config.run_dir(), "auc", "t").read_text(encoding="utf-8")
     assert "hashing at 0.001: hashing needs at least one row per field" in report
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"hashing": {"sed": 1}}, r"compare\.options\.hashing: method 'hashing' has no option 'sed'\. Did you mean 'seed'"),
+        ({"random": {"trials": "4"}}, r"compare\.options\.random\.trials: expected int, got str '4'"),
+        ({"mde": {"temperatures": [0.1, 2]}}, r"compare\.options\.mde\.temperatures must be"),
+        ({"dnis": {"search_epochs": 1.5}}, r"compare\.options\.dnis\.search_epochs: expected int"),
+    ],
+)  # fmt: skip
+def test_bad_method_options_fail_before_any_cell_trains(tmp_path, options, says):
+    grid = {"methods": ["uniform", *options], "budgets": [0.5], "seeds": 1, "options": options}
+    config = load_config(write(tmp_path, compare=grid))
+    with pytest.raises(ConfigError, match=says) as caught:
+        compare(config)
+    assert caught.value.key.startswith(f"compare.options.{next(iter(options))}.")
+    assert not (config.run_dir() / "cells").exists() or not any(
+        (config.run_dir() / "cells").iterdir()
+    )  # uniform, listed first, did not run either
 
 
 def test_adding_a_method_or_seed_reuses_the_finished_cells(tmp_path):

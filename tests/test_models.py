@@ -13,6 +13,7 @@ from dnis.embeddings import FieldLayout, FieldPooling, FusedEmbedding
 from dnis.errors import ConfigError
 from dnis.models import MODELS, build, model_params
 from dnis.models.layers import fm_interaction
+from dnis.registry import Registry
 
 NAMES = ("mf", "bprmf", "neumf", "fm", "widedeep", "deepfm")
 SMALL = {"neumf": {"hidden": (8, 4)}, "widedeep": {"hidden": (8,)}, "deepfm": {"hidden": (8, 4)}}
@@ -24,6 +25,34 @@ def params_for(name: str) -> dict:
 
 def test_registry_has_every_model() -> None:
     assert set(NAMES) <= set(MODELS)
+    assert MODELS["Wide&Deep"] is MODELS["widedeep"] and "DeepFM" in MODELS  # names are folded
+
+
+def test_one_registry_registers_looks_up_suggests_and_iterates() -> None:
+    things: Registry[object] = Registry("thing", normalize=str.lower, hint="(see the docs)")
+
+    @things.register("Alpha")
+    class Alpha:
+        pass
+
+    assert things.register("beta", 2) == 2
+    assert things["ALPHA"] is Alpha and "alpha" in things and "gamma" not in things
+    assert list(things) == ["alpha", "beta"] and len(things) == 2 and dict(things)["beta"] == 2
+    assert things.get("gamma") is None
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown thing 'alpah'\. Did you mean 'alpha'\? Known: alpha, beta \(see",
+    ):
+        things["alpah"]
+    loads: list[int] = []
+
+    def load() -> None:  # the built-ins register on the first look, once
+        loads.append(1)
+        lazy.register("builtin", 1)
+
+    lazy: Registry[int] = Registry("thing", load=load)
+    assert not loads
+    assert list(lazy) == ["builtin"] and lazy["builtin"] == 1 and loads == [1]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -106,7 +106,7 @@ def compare(
         track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
     for name in config.compare.methods:
-        method(name)  # unknown names fail before any training
+        method(name).parse(method_options(config, name))  # unknown names, bad options fail here
     if tracker is not None:
         return _grid(config, dataset, on_cell, tracker)
     with track.open_tracker(config, "compare") as tracker:

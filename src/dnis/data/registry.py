@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import ConfigError, did_you_mean
+from dnis.errors import ConfigError
+from dnis.registry import Registry, check_names
 
 Loader = Callable[..., EncodedDataset]
 
@@ -27,28 +28,28 @@ class DatasetInfo:
     bundled: bool = False  # ships inside the package (licence allows it); else needs `path`
 
 
-_REGISTRY: dict[str, DatasetInfo] = {}
+def _ensure_builtins() -> None:
+    """Import the modules that register the built-in datasets (kept lazy to keep import fast)."""
+    from dnis.data import criteo, lightgcn, movielens, synthetic, tabular  # noqa: F401
+
+
+DATASETS: Registry[DatasetInfo] = Registry(
+    "dataset",
+    hint="(run `dnis datasets`); for your own files use dataset: {format: csv, path: ..., schema: ...}",
+    load=_ensure_builtins,
+)
 
 
 def register(info: DatasetInfo) -> DatasetInfo:
-    _REGISTRY[info.name] = info
-    return info
+    return DATASETS.register(info.name, info)
 
 
 def datasets() -> list[DatasetInfo]:
-    _ensure_builtins()
-    return sorted(_REGISTRY.values(), key=lambda d: d.name)
+    return sorted(DATASETS.values(), key=lambda d: d.name)
 
 
 def info(name: str) -> DatasetInfo:
-    _ensure_builtins()
-    if name not in _REGISTRY:
-        suggestion = did_you_mean(name, _REGISTRY)
-        raise ConfigError(
-            f"unknown dataset {name!r}.{suggestion} Known: {', '.join(sorted(_REGISTRY))} "
-            "(run `dnis datasets`); for your own files use dataset: {format: csv, path: ..., schema: ...}"
-        )
-    return _REGISTRY[name]
+    return DATASETS[name]
 
 
 def load(
@@ -73,15 +74,4 @@ def check_options(entry: DatasetInfo, options: dict[str, Any]) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return  # the loader validates its own options
     allowed = sorted(set(parameters) - {"task", "path", "seed"})
-    for key in options:
-        if key not in allowed:
-            suggestion = did_you_mean(key, allowed)
-            raise ConfigError(
-                f"dataset {entry.name!r} has no option {key!r}.{suggestion} "
-                f"Its options: {', '.join(allowed) or 'none'}"
-            )
-
-
-def _ensure_builtins() -> None:
-    """Import the modules that register the built-in datasets (kept lazy to keep import fast)."""
-    from dnis.data import criteo, lightgcn, movielens, synthetic, tabular  # noqa: F401
+    check_names(options, allowed, f"dataset {entry.name!r}")

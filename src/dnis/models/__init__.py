@@ -8,7 +8,6 @@ from typing import Any
 from torch import nn
 
 from dnis.data.schema import Schema
-from dnis.errors import ConfigError, did_you_mean
 from dnis.models.armnet import ARMNet
 from dnis.models.autoint import AutoInt
 from dnis.models.base import Model
@@ -18,28 +17,25 @@ from dnis.models.fgcnn import FGCNN
 from dnis.models.fm import FM, DeepFM, WideDeep
 from dnis.models.mf import BPRMF, MF
 from dnis.models.neumf import NeuMF
+from dnis.registry import Registry, check_names
 
-MODELS: dict[str, type[Model]] = {
-    "mf": MF,
-    "bprmf": BPRMF,
-    "neumf": NeuMF,
-    "fm": FM,
-    "widedeep": WideDeep,
-    "deepfm": DeepFM,
-    "autoint": AutoInt,
-    "dcnv2": DCNv2,
-    "fgcnn": FGCNN,
-    "din": DIN,
-    "armnet": ARMNet,
-}
+
+def model_key(name: str) -> str:
+    """A model's registry key: case, dashes, underscores and "&" folded ("Wide&Deep" -> widedeep)."""
+    return name.lower().replace("-", "").replace("_", "").replace("&", "")
+
+
+MODELS: Registry[type[Model]] = Registry("model", normalize=model_key)
+for _name, _model in (
+    ("mf", MF), ("bprmf", BPRMF), ("neumf", NeuMF), ("fm", FM), ("widedeep", WideDeep),
+    ("deepfm", DeepFM), ("autoint", AutoInt), ("dcnv2", DCNv2), ("fgcnn", FGCNN), ("din", DIN),
+    ("armnet", ARMNet),
+):  # fmt: skip
+    MODELS.register(_name, _model)
 
 
 def model_class(name: str) -> type[Model]:
-    key = name.lower().replace("-", "").replace("_", "").replace("&", "")
-    if key not in MODELS:
-        suggestion = did_you_mean(key, MODELS)
-        raise ConfigError(f"unknown model {name!r}.{suggestion} Known: {', '.join(MODELS)}")
-    return MODELS[key]
+    return MODELS[name]
 
 
 def model_params(name: str) -> dict[str, Any]:
@@ -54,14 +50,7 @@ def model_params(name: str) -> dict[str, Any]:
 
 def build(name: str, schema: Schema, embedding: nn.Module, **params: Any) -> Model:
     """Build a model by name, refusing unknown hyper-parameters with a "did you mean"."""
-    allowed = model_params(name)
-    for key in params:
-        if key not in allowed:
-            suggestion = did_you_mean(key, allowed)
-            raise ConfigError(
-                f"model {name!r} has no parameter {key!r}.{suggestion} "
-                f"Its parameters: {allowed or 'none'}"
-            )
+    check_names(params, list(model_params(name)), f"model {name!r}", "parameter")
     return model_class(name)(schema, embedding, **params)
 
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,15 +73,14 @@ from dnis.embeddings.multiwidth import MultiWidthEmbedding
 from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.errors import BudgetError, ConfigError
 from dnis.models.base import Model
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
 from dnis.search.training import (
     INIT_STD,
+    Job,
     ModelFactory,
     endless_valid_batches,
     phase_config,
-    train_compact,
     valid_metrics,
 )
 from dnis.tasks import make_task
@@ -91,7 +91,9 @@ BASE_CANDIDATES = (2, 8, 16, 24, 32)
 
 
 @dataclass
-class AutoDimConfig:
+class AutoDimConfig(Options):
+    """AutoDim's options (`compare.options.autodim`)."""
+
     candidates: tuple[int, ...] | None = None  # None: BASE_CANDIDATES, then doubling up to dim
     search_epochs: int = 10
     warmup_epochs: int = 1
@@ -104,14 +106,13 @@ class AutoDimConfig:
     init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
-        if self.search_epochs < 1 or self.warmup_epochs < 0 or self.arch_every < 1:
-            raise ConfigError(
-                "autodim: search_epochs and arch_every must be >= 1, warmup_epochs >= 0"
-            )
-        if self.alpha_lr <= 0 or self.temperature_decay < 0 or not 0 < self.min_temperature <= 1:
-            raise ConfigError(
-                "autodim: alpha_lr must be > 0, temperature_decay >= 0, min_temperature in (0, 1]"
-            )
+        self.require(self.search_epochs >= 1, "search_epochs", "must be >= 1")
+        self.require(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        self.require(self.arch_every >= 1, "arch_every", "must be >= 1")
+        self.require(self.alpha_lr > 0, "alpha_lr", "must be > 0")
+        self.require(self.temperature_decay >= 0, "temperature_decay", "must be >= 0")
+        self.require(0 < self.min_temperature <= 1, "min_temperature", "must be in (0, 1]")
+        self.require(self.init_std > 0, "init_std", "must be > 0")
 
 
 AUTODIM_OPTIONS = tuple(f.name for f in fields(AutoDimConfig))
@@ -329,52 +330,30 @@ def dims_report(state: AutoDimState, levels: Sequence[int], layout: FieldLayout)
     return out
 
 
-@register_method("autodim")
-def autodim_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("autodim", AutoDimConfig)
+def autodim_method(job: Job, config: AutoDimConfig) -> list[SearchResult]:
     """One supernet search, then per budget: select widths that fit and retrain from scratch."""
-    check_options("autodim", options, AUTODIM_OPTIONS)
-    settings = dict(options)
-    if "candidates" in settings:
-        settings["candidates"] = tuple(int(c) for c in settings["candidates"])
-    config = AutoDimConfig(**settings)
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
+    make_model, dataset, dim, layout = job.make_model, job.dataset, job.dim, job.layout
     candidates = (
         default_candidates(dim)
         if config.candidates is None
         else candidate_widths(config.candidates, dim)
     )
     costs = field_costs(layout.cardinalities, candidates, dim)
-    targets = [budget_params(b, full) for b in budgets]
+    targets = [job.target(b) for b in job.budgets]
     for target in targets:  # refuse infeasible budgets before the search, not after it
         check_floor(costs, target)
-    state = search(make_model, dataset, dim=dim, config=config, train=train)
-    blocks = field_blocks(dataset)
-    task = make_task(dataset)
+    state = search(make_model, dataset, dim=dim, config=config, train=job.train)
+    build = partial(
+        ProjectedBlockEmbedding, layout, dim, field_blocks(dataset), init_std=config.init_std
+    )
     results = []
-    for budget, target in zip(budgets, targets, strict=True):
+    for budget, target in zip(job.budgets, targets, strict=True):
         levels = select_widths(state.probabilities, costs, target)
-        widths = [state.candidates[level] for level in levels]
-        trained = train_compact(
-            make_model,
-            lambda w=widths: ProjectedBlockEmbedding(layout, dim, blocks, w, config.init_std),
-            task,
-            train,
-        )
+        trained = job.fit(partial(build, [state.candidates[level] for level in levels]))
         results.append(
-            SearchResult.from_trained(
-                "autodim",
-                task.metric,
+            job.result(
                 budget,
-                full,
                 trained,
                 dims_report(state, levels, layout),
                 before={"valid": state.valid},

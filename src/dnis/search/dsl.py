@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -67,10 +67,10 @@ from dnis.embeddings.masked import (
 )
 from dnis.errors import ConfigError
 from dnis.models.base import Model
-from dnis.search.methods import check_options, register_method
+from dnis.search.methods import Options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import INIT_STD, REPORT_BLOCKS, ModelFactory
+from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job, ModelFactory
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, resolve_device
@@ -79,7 +79,7 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
 @dataclass
-class DslConfig:
+class DslConfig(Options):
     """DSL's options (`compare.options.dsl`)."""
 
     update_every: int = 100  # steps between mask updates (Delta T)
@@ -89,14 +89,11 @@ class DslConfig:
     init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
-        if self.update_every < 1:
-            raise ConfigError("dsl: update_every must be >= 1")
-        if not 0 <= self.drop_fraction <= 1 or not 0 < self.end_fraction <= 1:
-            raise ConfigError("dsl: drop_fraction must be in [0, 1] and end_fraction in (0, 1]")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"dsl: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.init_std <= 0:
-            raise ConfigError("dsl: init_std must be > 0")
+        self.require(self.update_every >= 1, "update_every", "must be >= 1")
+        self.require(0 <= self.drop_fraction <= 1, "drop_fraction", "must be in [0, 1]")
+        self.require(0 < self.end_fraction <= 1, "end_fraction", "must be in (0, 1]")
+        self.require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        self.require(self.init_std > 0, "init_std", "must be > 0")
 
 
 DSL_OPTIONS = tuple(f.name for f in fields(DslConfig))
@@ -282,23 +279,14 @@ def train_sparse(
     )
 
 
-@register_method("dsl")
-def dsl_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("dsl", DslConfig)
+def dsl_method(job: Job, config: DslConfig) -> list[SearchResult]:
     """One sparse training run per budget, the budget held at every step."""
-    check_options("dsl", options, DSL_OPTIONS)
-    config = DslConfig(**options)
+    make_model, dataset, dim, train = job.make_model, job.dataset, job.dim, job.train
     layout = FieldLayout.from_dataset(dataset)
     blocks = dataset_blocks(dataset, REPORT_BLOCKS)
     results = []
-    for budget in budgets:
+    for budget in job.budgets:
         run = train_sparse(make_model, dataset, dim=dim, budget=budget, train=train, config=config)
         final: Model = swap_embedding(make_model, run.embedding.to_ragged(), dense_state(run.model))
         test = run.task.evaluate(final, "test", train.eval_batch_size)

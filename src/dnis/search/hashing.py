@@ -8,21 +8,30 @@ If the floor of 1 pushes the total over B, the largest fields give rows back one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
-from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.hashed import HashedEmbedding
 from dnis.embeddings.layout import FieldLayout
 from dnis.errors import BudgetError
-from dnis.search.dnis import ModelFactory
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import train_compact
-from dnis.tasks import make_task
-from dnis.train.trainer import TrainConfig
+from dnis.search.training import INIT_STD, Job, train_budgets
 
-HASHING_OPTIONS = ("seed", "init_std")
+
+@dataclass
+class HashingOptions(Options):
+    """The hashing trick's options (`compare.options.hashing`)."""
+
+    seed: int = 0  # seed of the hash functions
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+HASHING_OPTIONS = tuple(f.name for f in fields(HashingOptions))
 
 
 def hash_rows(cardinalities: Sequence[int], budget_rows: int) -> list[int]:
@@ -40,49 +49,28 @@ def hash_rows(cardinalities: Sequence[int], budget_rows: int) -> list[int]:
     return rows
 
 
-@register_method("hashing")
-def hashing_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
-    """Train one hashed model per budget."""
-    check_options("hashing", options, HASHING_OPTIONS)
-    seed = int(options.get("seed", 0))
-    init_std = float(options.get("init_std", 0.01))
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
-    task = make_task(dataset)
-    results = []
-    for budget in budgets:
-        rows = hash_rows(layout.cardinalities, budget_params(budget, full) // dim)
-        trained = train_compact(
-            make_model, lambda r=rows: HashedEmbedding(layout, dim, r, seed, init_std), task, train
-        )
-        embedding = trained.embedding
-        assert isinstance(embedding, HashedEmbedding)
-        collisions = embedding.collisions()
-        dims = {
-            name: {
-                "block_dims": [dim],
-                "block_rows": [rows[f]],
-                "cardinality": layout.cardinalities[f],
-                "collisions": collisions[f],
-            }
-            for f, name in enumerate(layout.names)
+def hashing_report(
+    layout: FieldLayout, dim: int, rows: Sequence[int], embedding: HashedEmbedding
+) -> dict[str, Any]:
+    """Per field: its rows and how many of its ids collide."""
+    collisions = embedding.collisions()
+    return {
+        name: {
+            "block_dims": [dim],
+            "block_rows": [rows[f]],
+            "cardinality": layout.cardinalities[f],
+            "collisions": collisions[f],
         }
-        results.append(
-            SearchResult.from_trained(
-                "hashing",
-                task.metric,
-                budget,
-                full,
-                trained,
-                dims,
-            )
-        )
-    return results
+        for f, name in enumerate(layout.names)
+    }
+
+
+@register_method("hashing", HashingOptions)
+def hashing_method(job: Job, options: HashingOptions) -> list[SearchResult]:
+    """Train one hashed model per budget."""
+    return train_budgets(
+        job,
+        lambda target: hash_rows(job.layout.cardinalities, target // job.dim),
+        lambda rows: HashedEmbedding(job.layout, job.dim, rows, options.seed, options.init_std),
+        partial(hashing_report, job.layout, job.dim),
+    )

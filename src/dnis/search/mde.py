@@ -7,32 +7,45 @@ count / block size / field count) and alpha in [0, 1] the temperature (0 = unifo
 lambda is the largest scale whose rounded widths, clamped to [1, dim], fit the budget, counting
 each block's table n_k * d_k and its projection d_k * dim. The temperature is chosen on
 validation data among `temperatures`; temperatures that give the same widths train once.
-
-Also holds `train_compact`, the train-and-evaluate step the other baselines share.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 
-from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
-from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.errors import BudgetError, ConfigError
-from dnis.search.dnis import ModelFactory
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method, require_blocks
 from dnis.search.result import SearchResult
-from dnis.search.training import Trained, block_report, train_compact
-from dnis.tasks import make_task
-from dnis.train.trainer import TrainConfig
+from dnis.search.training import INIT_STD, Job, Trained, block_report
 
-MDE_OPTIONS = ("temperatures", "num_blocks", "block_mode", "init_std")
+
+@dataclass
+class MdeOptions(Options):
+    """MDE's options (`compare.options.mde`)."""
+
+    temperatures: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)  # tried per budget
+    num_blocks: int = 6
+    block_mode: str | list[float] = "count"  # as DNIS's
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(
+            bool(self.temperatures) and all(0 <= t <= 1 for t in self.temperatures),
+            "temperatures",
+            "must be a non-empty list of temperatures in [0, 1]",
+        )
+        require_blocks(self)
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+MDE_OPTIONS = tuple(f.name for f in fields(MdeOptions))
 
 
 def block_probabilities(blocks: BlockLayout, num_fields: int) -> np.ndarray:
@@ -88,43 +101,22 @@ def mde_widths(
     return widths_at(low).tolist()
 
 
-@register_method("mde")
-def mde_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("mde", MdeOptions)
+def mde_method(job: Job, options: MdeOptions) -> list[SearchResult]:
     """Power-law widths per frequency block, temperature picked on validation data."""
-    check_options("mde", options, MDE_OPTIONS)
-    temperatures = [float(t) for t in options.get("temperatures", [0.1, 0.2, 0.3, 0.5])]
-    if not temperatures:
-        raise ConfigError("mde: temperatures must not be empty")
-    num_blocks = int(options.get("num_blocks", 6))
-    init_std = float(options.get("init_std", 0.01))
-    blocks = dataset_blocks(dataset, num_blocks, options.get("block_mode", "count"))
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
+    blocks = dataset_blocks(job.dataset, options.num_blocks, options.block_mode)
+    layout, dim, task = job.layout, job.dim, job.task
+    build = partial(ProjectedBlockEmbedding, layout, dim, blocks, init_std=options.init_std)
     probabilities = block_probabilities(blocks, layout.num_fields)
-    task = make_task(dataset)
     results = []
-    for budget in budgets:
-        target = budget_params(budget, full)
+    for budget in job.budgets:
+        target = job.target(budget)
         trials: dict[tuple[int, ...], Trained] = {}
         history = []
-        for temperature in temperatures:
+        for temperature in options.temperatures:
             widths = tuple(mde_widths(probabilities, blocks.size, dim, temperature, target))
             if widths not in trials:
-                trials[widths] = train_compact(
-                    make_model,
-                    lambda w=widths: ProjectedBlockEmbedding(layout, dim, blocks, w, init_std),
-                    task,
-                    train,
-                    test=False,
-                )
+                trials[widths] = job.fit(partial(build, widths), test=False)
             trial = trials[widths]
             history.append(
                 {"temperature": temperature, "widths": list(widths), **_prefixed(trial.valid)}
@@ -138,27 +130,18 @@ def mde_method(
         assert best_widths is not None
         best = trials[best_widths]
         started = time.perf_counter()
-        test = task.evaluate(best.model, "test", train.eval_batch_size)
+        best.test = task.evaluate(best.model, "test", job.train.eval_batch_size)
         best.seconds += time.perf_counter() - started
         chosen = next(h["temperature"] for h in history if tuple(h["widths"]) == best_widths)
         for record in history:
             record["chosen"] = record["temperature"] == chosen
         results.append(
-            SearchResult(
-                method="mde",
-                metric=task.metric,
-                budget=budget,
-                full_params=full,
-                embedding_params=best.embedding.num_parameters(),
-                memory_bytes=best.embedding.memory_bytes(),
-                dims=block_report(best_widths, blocks, dataset.schema.names),
-                metrics={"valid": best.valid, "test": test},
+            job.result(
+                budget,
+                best,
+                block_report(best_widths, blocks, job.dataset.schema.names),
                 search_seconds=sum(t.seconds for w, t in trials.items() if w != best_widths),
-                retrain_seconds=best.seconds,
-                train_epochs=best.epochs,
-                epoch_cap_hit=best.capped,
                 history=history,
-                model=best.model,
             )
         )
     return results

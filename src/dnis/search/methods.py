@@ -1,27 +1,82 @@
 """Search methods by name: one interface, one result type, so `compare` is a loop.
 
-A method is `fn(make_model, dataset, *, budgets, dim, train, options) -> list[SearchResult]`,
-one result per budget (in order). `budgets` are fractions of the full-width (`dim`) model's
-embedding parameters; `options` are the method's own hyper-parameters from the config
-(`compare.options.<method>`), refused with a clear error when unknown. A method that can serve many
-budgets from one search (DNIS) does so; the others run once per budget.
+A method is called as `method(name)(make_model, dataset, *, budgets, dim, train, options)` and
+returns one `SearchResult` per budget (in order). `budgets` are fractions of the full-width
+(`dim`) model's embedding parameters; `options` are the method's own hyper-parameters from the
+config (`compare.options.<method>`): a mapping, checked against the method's options dataclass
+(unknown keys refused with a "did you mean", values of the wrong type or out of range refused)
+before anything trains. A method that can serve many budgets from one search (DNIS) does so; the
+others run once per budget.
+
+Writing one: a function `fn(job, options) -> list[SearchResult]` (`job` a `training.Job`, the
+call's arguments with the layout, task and full parameter count derived from them; `options` an
+instance of its options dataclass), registered with `@register_method(name, OptionsClass)`, in a
+module that `dnis/search/__init__.py` imports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import fields
-from typing import Any, Protocol
+import functools
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import BudgetError, ConfigError, did_you_mean
-from dnis.search.dnis import DnisConfig, ModelFactory, dnis
+from dnis.embeddings.blocks import BLOCK_MODES
+from dnis.errors import ConfigError
+from dnis.registry import Registry, parse_options
+from dnis.search.dnis import DnisConfig, dnis
 from dnis.search.result import SearchResult
-from dnis.search.uniform import uniform
+from dnis.search.training import Job, ModelFactory
 from dnis.train.trainer import TrainConfig
 
 
-class Method(Protocol):
+class Options:
+    """Base of a method's options dataclass: its fields are the options, with their defaults."""
+
+    def require(self, ok: bool, key: str, rule: str) -> None:
+        """Refuse option `key` unless `ok`: "<key> <rule>, got <value>" (in `compare`, the key is
+        named in full: compare.options.<method>.<key>)."""
+        if not ok:
+            raise ConfigError(f"{key} {rule}, got {getattr(self, key)!r}", key=key)
+
+
+def require_blocks(options: Any) -> None:
+    """Check the frequency-block options of a method that has them, `num_blocks` and
+    `block_mode` (as DNIS's: count, mass, or a list of edge fractions)."""
+    options.require(options.num_blocks >= 1, "num_blocks", "must be >= 1")
+    mode = options.block_mode
+    rule = f"must be one of {BLOCK_MODES} or a list of edge fractions"
+    options.require(not isinstance(mode, str) or mode in BLOCK_MODES, "block_mode", rule)
+
+
+@dataclass
+class NoOptions(Options):
+    """The options of a method that takes none."""
+
+
+class Method:
+    """A registered method: its function and its options class. Calling it checks the options
+    (a mapping, or an instance of the class) and runs the function."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[Job, Any], list[SearchResult]],
+        options: type,
+        fixed: Collection[str] = (),
+    ) -> None:
+        self.name = name
+        self.run = run
+        self.options = options
+        self.fixed = fixed  # fields of `options` the method sets itself, never a user
+        functools.update_wrapper(self, run)  # its __module__, __name__ and __doc__
+
+    def parse(self, options: Mapping[str, Any] | Any) -> Any:
+        """The options as an instance of the method's options class (ConfigError when wrong)."""
+        where = f"compare.options.{self.name}"
+        return parse_options(self.options, options, f"method {self.name!r}", where, self.fixed)
+
     def __call__(
         self,
         make_model: ModelFactory,
@@ -30,80 +85,54 @@ class Method(Protocol):
         budgets: Sequence[float],
         dim: int,
         train: TrainConfig,
-        options: dict[str, Any],
-    ) -> list[SearchResult]: ...
+        options: Mapping[str, Any] | Any,
+    ) -> list[SearchResult]:
+        typed = self.parse(options)
+        return self.run(Job(self.name, make_model, dataset, list(budgets), dim, train), typed)
+
+    def __repr__(self) -> str:
+        return f"<method {self.name!r}, options {self.options.__name__}>"
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
-    def decorate(fn: Method) -> Method:
-        METHODS[name] = fn
-        return fn
+def register_method(
+    name: str, options: type = NoOptions, *, fixed: Collection[str] = ()
+) -> Callable[[Callable[[Job, Any], list[SearchResult]]], Method]:
+    """Decorator: register `fn(job, options) -> list[SearchResult]` as method `name`, taking the
+    options of dataclass `options`."""
+
+    def decorate(fn: Callable[[Job, Any], list[SearchResult]]) -> Method:
+        return METHODS.register(name, Method(name, fn, options, fixed))
 
     return decorate
 
 
 def method(name: str) -> Method:
     """The method registered as `name` (every built-in is, once `dnis.search` is imported)."""
-    if name not in METHODS:
-        suggestion = did_you_mean(name, METHODS)
-        raise ConfigError(
-            f"unknown method {name!r}.{suggestion} Known: {', '.join(sorted(METHODS))}"
-        )
     return METHODS[name]
 
 
-def check_options(name: str, options: dict[str, Any], allowed: Sequence[str]) -> None:
-    for key in options:
-        if key not in allowed:
-            suggestion = did_you_mean(key, allowed)
-            raise ConfigError(
-                f"method {name!r} has no option {key!r}.{suggestion} Its options: {', '.join(allowed) or 'none'}"
-            )
-
-
-@register_method("dnis")
-def dnis_method(make_model, dataset, *, budgets, dim, train, options):
+@register_method("dnis", DnisConfig, fixed=("budgets",))
+def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """DNIS: one search, then prune and retrain per budget."""
-    check_options("dnis", options, [f.name for f in fields(DnisConfig) if f.name != "budgets"])
-    config = DnisConfig(**options, budgets=list(budgets))
-    return dnis(make_model, dataset, dim=dim, budget=list(budgets), config=config, train=train)
+    config = replace(config, budgets=list(job.budgets))
+    return dnis(
+        job.make_model,
+        job.dataset,
+        dim=job.dim,
+        budget=list(job.budgets),
+        config=config,
+        train=job.train,
+    )
 
 
-@register_method("dnis-random")
-def dnis_random_method(make_model, dataset, *, budgets, dim, train, options):
+@register_method("dnis-random", DnisConfig, fixed=("budgets",))
+def dnis_random_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """The control: DNIS's warm-up, search and fine-tune with the searched structure replaced by
     a random one of the same budget. What DNIS gains over it is what the search found."""
-    check_options(
-        "dnis-random", options, [f.name for f in fields(DnisConfig) if f.name != "budgets"]
-    )
-    results = dnis_method(
-        make_model,
-        dataset,
-        budgets=budgets,
-        dim=dim,
-        train=train,
-        options={**options, "structure": "random"},
-    )
+    results = dnis_method.run(job, replace(config, structure="random"))
     for result in results:
         result.method = "dnis-random"
-    return results
-
-
-@register_method("uniform")
-def uniform_method(make_model, dataset, *, budgets, dim, train, options):
-    """Every field at the widest uniform width that fits the budget: floor(budget * dim)."""
-    check_options("uniform", options, [])
-    results = []
-    for b in budgets:
-        if int(b * dim) < 1:
-            raise BudgetError(
-                f"uniform needs at least width 1 ({1 / dim:.4g} of the width-{dim} embedding), "
-                f"the budget is {b}"
-            )
-        result = uniform(make_model, dataset, dim=int(b * dim), full_dim=dim, train=train)
-        result.budget = b
-        results.append(result)
     return results

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -57,19 +56,27 @@ from dnis import distributed
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
 from dnis.embeddings.layout import FieldLayout
-from dnis.errors import BudgetError, ConfigError
+from dnis.errors import BudgetError
 from dnis.models.base import Model
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import INIT_STD, ModelFactory, Trained, phase_config, valid_metrics
+from dnis.search.training import (
+    INIT_STD,
+    Job,
+    ModelFactory,
+    Trained,
+    phase_config,
+    valid_metrics,
+)
 from dnis.tasks import make_task
 from dnis.tasks.base import Task, model_device
 from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
 
 
 @dataclass
-class OptFSConfig:
+class OptFSConfig(Options):
+    """OptFS's options (`compare.options.optfs`)."""
+
     search_epochs: int = 10
     final_temperature: float = 1000.0
     reg_lambda: float = 1e-4
@@ -79,18 +86,19 @@ class OptFSConfig:
     init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
-        if self.search_epochs < 1:
-            raise ConfigError("optfs: search_epochs must be >= 1")
-        if not 0 <= self.rewind_epoch < self.search_epochs:
-            raise ConfigError(
-                f"optfs: rewind_epoch must be in [0, search_epochs - 1], got {self.rewind_epoch}"
-            )
-        if self.final_temperature < 1 or self.reg_lambda < 0 or self.gate_init <= 0:
-            raise ConfigError(
-                "optfs: final_temperature must be >= 1, reg_lambda >= 0, gate_init > 0"
-            )
-        if self.retrain not in ("rewind", "scratch"):
-            raise ConfigError("optfs: retrain must be 'rewind' or 'scratch'")
+        self.require(self.search_epochs >= 1, "search_epochs", "must be >= 1")
+        self.require(
+            0 <= self.rewind_epoch < self.search_epochs,
+            "rewind_epoch",
+            "must be in [0, search_epochs - 1]",
+        )
+        self.require(self.final_temperature >= 1, "final_temperature", "must be >= 1")
+        self.require(self.reg_lambda >= 0, "reg_lambda", "must be >= 0")
+        self.require(self.gate_init > 0, "gate_init", "must be > 0")
+        self.require(
+            self.retrain in ("rewind", "scratch"), "retrain", "must be 'rewind' or 'scratch'"
+        )
+        self.require(self.init_std > 0, "init_std", "must be > 0")
 
 
 OPTFS_OPTIONS = tuple(f.name for f in fields(OptFSConfig))
@@ -244,32 +252,22 @@ def retrain(
     )  # fmt: skip
 
 
-@register_method("optfs")
-def optfs_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("optfs", OptFSConfig)
+def optfs_method(job: Job, config: OptFSConfig) -> list[SearchResult]:
     """One gate search, then per budget: keep the open (top-gate) rows and retrain them."""
-    check_options("optfs", options, OPTFS_OPTIONS)
-    config = OptFSConfig(**options)
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
-    targets = [budget_params(b, full) for b in budgets]
+    make_model, dataset, dim, train = job.make_model, job.dataset, job.dim, job.train
+    layout = job.layout
+    targets = [job.target(b) for b in job.budgets]
     for target in targets:  # refuse infeasible budgets before the search, not after it
         if target < dim:
             raise BudgetError(
                 f"optfs: a budget of {target} parameters cannot keep one row of width {dim}"
             )
     state = search(make_model, dataset, dim=dim, config=config, train=train)
-    task = make_task(dataset)
+    task = job.task
     open_counts = _per_field(state.open, layout)
     results = []
-    for budget, target in zip(budgets, targets, strict=True):
+    for budget, target in zip(job.budgets, targets, strict=True):
         keep = select_rows(state.gate, state.open, target // dim)
         trained = retrain(state, make_model, task, keep, dim=dim, config=config, train=train)
         assert isinstance(trained.embedding, KeptRowsEmbedding)
@@ -284,11 +282,8 @@ def optfs_method(
             for f, name in enumerate(layout.names)
         }
         results.append(
-            SearchResult.from_trained(
-                "optfs",
-                task.metric,
+            job.result(
                 budget,
-                full,
                 trained,
                 dims,
                 before={"valid": state.valid},

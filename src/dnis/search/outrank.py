@@ -40,9 +40,9 @@ they are when they have at most `label_bins` distinct values (MovieLens' 5 or 10
 else they are cut into `label_bins` equal-frequency (training quantile) bins. Top-k data have no
 label, so OutRank refuses them.
 
-Options: `label_bins` (10), `batch_size` (16384), `subsampling` (1: every row; the reference CLI's
-default 10 keeps every 10th line of huge streamed logs, our training splits are small),
-`correction` (true), `selection` ("prefix"), `init_std` (0.01).
+Options (`OutRankOptions`): `label_bins` (10), `batch_size` (16384), `subsampling` (1: every row;
+the reference CLI's default 10 keeps every 10th line of huge streamed logs, our training splits
+are small), `correction` (true), `selection` ("prefix"), `init_std` (0.01).
 
 Why our own numpy and not the `outrank` package: `pip install outrank` (0.97.5, in a throwaway
 venv) installs cleanly and resolves to the numpy, pandas and matplotlib versions we use (`pip
@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -67,15 +68,33 @@ from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.field_subset import FieldSubsetEmbedding
 from dnis.embeddings.layout import FieldLayout
 from dnis.errors import ConfigError
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, train_compact
-from dnis.tasks import make_task
-from dnis.train.trainer import TrainConfig
+from dnis.search.training import INIT_STD, Job, train_budgets
 
-OUTRANK_OPTIONS = ("label_bins", "batch_size", "subsampling", "correction", "selection", "init_std")
 SELECTIONS: tuple[str, ...] = ("prefix", "greedy")
+
+
+@dataclass
+class OutRankOptions(Options):
+    """OutRank's options (`compare.options.outrank`)."""
+
+    label_bins: int = 10
+    batch_size: int = 2**14
+    subsampling: int = 1
+    correction: bool = True
+    selection: str = "prefix"  # prefix | greedy
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(self.label_bins >= 2, "label_bins", "must be >= 2")
+        self.require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.require(self.subsampling >= 1, "subsampling", "must be >= 1")
+        self.require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+OUTRANK_OPTIONS = tuple(f.name for f in fields(OutRankOptions))
 
 
 def label_classes(labels: np.ndarray, bins: int = 10) -> np.ndarray:
@@ -212,49 +231,28 @@ def rank_dataset(
     return outrank_scores(codes, classes, batch_size=batch_size, correction=correction)
 
 
-@register_method("outrank")
-def outrank_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("outrank", OutRankOptions)
+def outrank_method(job: Job, options: OutRankOptions) -> list[SearchResult]:
     """Rank the fields once, then per budget keep the best that fit and train."""
-    check_options("outrank", options, OUTRANK_OPTIONS)
-    selection = str(options.get("selection", "prefix"))
-    if selection not in SELECTIONS:
-        raise ConfigError(f"outrank: selection must be one of {SELECTIONS}, got {selection!r}")
-    init_std = float(options.get("init_std", 0.01))
     started = time.perf_counter()
     scores, plain = rank_dataset(
-        dataset,
-        label_bins=int(options.get("label_bins", 10)),
-        batch_size=int(options.get("batch_size", 2**14)),
-        subsampling=int(options.get("subsampling", 1)),
-        correction=bool(options.get("correction", True)),
+        job.dataset,
+        label_bins=options.label_bins,
+        batch_size=options.batch_size,
+        subsampling=options.subsampling,
+        correction=options.correction,
     )
     order = rank_fields(scores)
     search_seconds = time.perf_counter() - started
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
-    task = make_task(dataset)
+    layout, dim = job.layout, job.dim
     rank = {int(f): r + 1 for r, f in enumerate(order)}
     history = [
         {"field": layout.names[f], "rank": r + 1, "score": float(scores[f]), "mi": float(plain[f])}
         for r, f in enumerate(order)
     ]
-    results = []
-    for budget in budgets:
-        keep = select_fields(
-            order, layout.cardinalities, dim, budget_params(budget, full), selection
-        )
-        trained = train_compact(
-            make_model, lambda k=keep: FieldSubsetEmbedding(layout, dim, k, init_std), task, train
-        )
-        dims = {
+
+    def report(keep: list[bool], _: FieldSubsetEmbedding) -> dict[str, Any]:
+        return {
             name: {
                 "block_dims": [dim if keep[f] else 0],
                 "kept": keep[f],
@@ -265,16 +263,12 @@ def outrank_method(
             }
             for f, name in enumerate(layout.names)
         }
-        results.append(
-            SearchResult.from_trained(
-                "outrank",
-                task.metric,
-                budget,
-                full,
-                trained,
-                dims,
-                search_seconds=search_seconds,
-                history=history,
-            )
-        )
-    return results
+
+    return train_budgets(
+        job,
+        lambda target: select_fields(order, layout.cardinalities, dim, target, options.selection),
+        lambda keep: FieldSubsetEmbedding(layout, dim, keep, options.init_std),
+        report,
+        search_seconds=search_seconds,
+        history=history,
+    )

@@ -70,10 +70,10 @@ from dnis.embeddings.masked import (
 )
 from dnis.errors import ConfigError
 from dnis.models.base import Model
-from dnis.search.methods import check_options, register_method
+from dnis.search.methods import Options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import INIT_STD, REPORT_BLOCKS, ModelFactory, phase_config
+from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job, ModelFactory, phase_config
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.trainer import (
@@ -87,7 +87,7 @@ from dnis.train.trainer import (
 
 
 @dataclass
-class PepConfig:
+class PepConfig(Options):
     """PEP's options (`compare.options.pep`)."""
 
     granularity: str = "feature_dim"
@@ -100,18 +100,21 @@ class PepConfig:
     init_std: float = INIT_STD
 
     def __post_init__(self) -> None:
-        if self.granularity not in THRESHOLD_GRANULARITIES:
-            raise ConfigError(
-                f"pep: granularity must be one of {THRESHOLD_GRANULARITIES}, got {self.granularity!r}"
-            )
-        if self.threshold_lr is not None and self.threshold_lr <= 0:
-            raise ConfigError("pep: threshold_lr must be > 0")
-        if self.threshold_decay < 0 or self.init_std <= 0:
-            raise ConfigError("pep: threshold_decay must be >= 0 and init_std > 0")
-        if self.search_epochs is not None and self.search_epochs < 1:
-            raise ConfigError("pep: search_epochs must be >= 1")
-        if self.extra_epochs < 0 or self.check_every < 1:
-            raise ConfigError("pep: extra_epochs must be >= 0 and check_every >= 1")
+        self.require(
+            self.granularity in THRESHOLD_GRANULARITIES,
+            "granularity",
+            f"must be one of {THRESHOLD_GRANULARITIES}",
+        )
+        self.require(
+            self.threshold_lr is None or self.threshold_lr > 0, "threshold_lr", "must be > 0"
+        )
+        self.require(self.threshold_decay >= 0, "threshold_decay", "must be >= 0")
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+        self.require(
+            self.search_epochs is None or self.search_epochs >= 1, "search_epochs", "must be >= 1"
+        )
+        self.require(self.extra_epochs >= 0, "extra_epochs", "must be >= 0")
+        self.require(self.check_every >= 1, "check_every", "must be >= 1")
 
 
 PEP_OPTIONS = tuple(f.name for f in fields(PepConfig))
@@ -369,18 +372,15 @@ def pep_retrain(
     )
 
 
-@register_method("pep")
-def pep_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("pep", PepConfig)
+def pep_method(job: Job, config: PepConfig) -> list[SearchResult]:
     """One soft-threshold pruning run, then a lottery-ticket retrain per budget."""
-    check_options("pep", options, PEP_OPTIONS)
-    config = PepConfig(**options)
-    search = pep_search(make_model, dataset, budgets=budgets, dim=dim, train=train, config=config)
-    return [pep_retrain(search, make_model, i, train) for i in range(len(budgets))]
+    search = pep_search(
+        job.make_model,
+        job.dataset,
+        budgets=job.budgets,
+        dim=job.dim,
+        train=job.train,
+        config=config,
+    )
+    return [pep_retrain(search, job.make_model, i, job.train) for i in range(len(job.budgets))]

@@ -12,23 +12,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.qr import QREmbedding, qr_rows
 from dnis.errors import BudgetError
-from dnis.search.dnis import ModelFactory
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import train_compact
-from dnis.tasks import make_task
-from dnis.train.trainer import TrainConfig
+from dnis.search.training import INIT_STD, Job, train_budgets
 
-QR_OPTIONS = ("init_std",)
+
+@dataclass
+class QROptions(Options):
+    """QR embeddings' options (`compare.options.qr`)."""
+
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+QR_OPTIONS = tuple(f.name for f in fields(QROptions))
 
 
 def field_rows(cardinalities: Sequence[int], m: np.ndarray) -> np.ndarray:
@@ -53,45 +61,27 @@ def choose_m(cardinalities: Sequence[int], dim: int, budget: int) -> list[int]:
     return [0 if n <= -(-n // m) + m else m for n in cardinalities]
 
 
-@register_method("qr")
-def qr_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+def qr_report(layout: FieldLayout, dim: int, m: Sequence[int]) -> dict[str, Any]:
+    """Per field: its m (0: the full table) and the rows of its two tables."""
+    dims = {}
+    for f, name in enumerate(layout.names):
+        quotient, remainder = qr_rows(layout.cardinalities[f], m[f])
+        dims[name] = {
+            "block_dims": [dim],
+            "m": m[f],
+            "quotient_rows": quotient,
+            "remainder_rows": remainder,
+        }
+    return dims
+
+
+@register_method("qr", QROptions)
+def qr_method(job: Job, options: QROptions) -> list[SearchResult]:
     """Train one quotient-remainder model per budget."""
-    check_options("qr", options, QR_OPTIONS)
-    init_std = float(options.get("init_std", 0.01))
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
-    task = make_task(dataset)
-    results = []
-    for budget in budgets:
-        m = choose_m(layout.cardinalities, dim, budget_params(budget, full))
-        trained = train_compact(
-            make_model, lambda mm=m: QREmbedding(layout, dim, mm, init_std), task, train
-        )
-        dims = {}
-        for f, name in enumerate(layout.names):
-            quotient, remainder = qr_rows(layout.cardinalities[f], m[f])
-            dims[name] = {
-                "block_dims": [dim],
-                "m": m[f],
-                "quotient_rows": quotient,
-                "remainder_rows": remainder,
-            }
-        results.append(
-            SearchResult.from_trained(
-                "qr",
-                task.metric,
-                budget,
-                full,
-                trained,
-                dims,
-            )
-        )
-    return results
+    layout, dim = job.layout, job.dim
+    return train_budgets(
+        job,
+        partial(choose_m, layout.cardinalities, dim),
+        lambda m: QREmbedding(layout, dim, m, options.init_std),
+        lambda m, _: qr_report(layout, dim, m),
+    )

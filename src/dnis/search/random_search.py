@@ -12,34 +12,47 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.blocks import BlockLayout, dataset_blocks
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.mixed import BlockMixedEmbedding
 from dnis.errors import BudgetError, ConfigError
-from dnis.search.dnis import ModelFactory
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method, require_blocks
 from dnis.search.result import SearchResult
-from dnis.search.training import block_report, train_compact
-from dnis.tasks import make_task
-from dnis.train.trainer import TrainConfig
+from dnis.search.training import INIT_STD, Job, block_report, phase_config
 
-RANDOM_OPTIONS = (
-    "trials",
-    "trial_epochs",
-    "candidates",
-    "num_blocks",
-    "block_mode",
-    "seed",
-    "init_std",
-)
 DEFAULT_CANDIDATES = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class RandomOptions(Options):
+    """Random search's options (`compare.options.random`)."""
+
+    trials: int = 4  # structures drawn per budget
+    trial_epochs: int = 2  # epochs of each trial
+    candidates: tuple[int, ...] = DEFAULT_CANDIDATES  # widths to draw from (capped at dim)
+    num_blocks: int = 6
+    block_mode: str | list[float] = "count"  # as DNIS's
+    seed: int = 0  # seed of the draws
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(self.trials >= 1, "trials", "must be >= 1")
+        self.require(self.trial_epochs >= 1, "trial_epochs", "must be >= 1")
+        self.require(
+            bool(self.candidates) and min(self.candidates) >= 0, "candidates", "must be widths >= 0"
+        )
+        require_blocks(self)
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+RANDOM_OPTIONS = tuple(f.name for f in fields(RandomOptions))
 
 
 def candidate_widths(candidates: Sequence[int], dim: int) -> np.ndarray:
@@ -81,49 +94,24 @@ def _embedding(
     return embedding
 
 
-@register_method("random")
-def random_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
+@register_method("random", RandomOptions)
+def random_method(job: Job, options: RandomOptions) -> list[SearchResult]:
     """Short trials of random structures per budget, then the best one retrained in full."""
-    check_options("random", options, RANDOM_OPTIONS)
-    trials = int(options.get("trials", 4))
-    trial_epochs = int(options.get("trial_epochs", 2))
-    if trials < 1 or trial_epochs < 1:
-        raise ConfigError("random: trials and trial_epochs must be >= 1")
-    candidates = candidate_widths(options.get("candidates", DEFAULT_CANDIDATES), dim)
-    seed = int(options.get("seed", 0))
-    init_std = float(options.get("init_std", 0.01))
-    blocks = dataset_blocks(
-        dataset, int(options.get("num_blocks", 6)), options.get("block_mode", "count")
-    )
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
-    task = make_task(dataset)
-    short = TrainConfig(**{**vars(train), "epochs": trial_epochs, "patience": 0})
+    candidates = candidate_widths(options.candidates, job.dim)
+    blocks = dataset_blocks(job.dataset, options.num_blocks, options.block_mode)
+    build = partial(_embedding, job.layout, job.dim, blocks, init_std=options.init_std)
+    short = phase_config(job.train, options.trial_epochs)
     results = []
-    for index, budget in enumerate(budgets):
-        target = budget_params(budget, full)
-        rng = np.random.default_rng([seed, index])
+    for index, budget in enumerate(job.budgets):
+        target = job.target(budget)
+        rng = np.random.default_rng([options.seed, index])
         started = time.perf_counter()
         history: list[dict[str, Any]] = []
         best: tuple[float, list[int]] | None = None
-        for trial in range(trials):
+        for trial in range(options.trials):
             widths = sample_widths(rng, blocks.size, candidates, target)
-            trained = train_compact(
-                make_model,
-                lambda w=widths: _embedding(layout, dim, blocks, w, init_std),
-                task,
-                short,
-                test=False,
-            )
-            score = trained.valid[task.metric]
+            trained = job.fit(partial(build, widths), train=short, test=False)
+            score = trained.valid[job.task.metric]
             history.append(
                 {
                     "trial": trial,
@@ -132,24 +120,14 @@ def random_method(
                     **{f"valid_{k}": v for k, v in trained.valid.items()},
                 }
             )
-            if best is None or task.better(score, best[0]):
+            if best is None or job.task.better(score, best[0]):
                 best = (score, widths)
         assert best is not None
         search_seconds = time.perf_counter() - started
         winner = best[1]
-        final = train_compact(
-            make_model, lambda w=winner: _embedding(layout, dim, blocks, w, init_std), task, train
-        )
+        final = job.fit(partial(build, winner))
+        dims = block_report(winner, blocks, job.dataset.schema.names)
         results.append(
-            SearchResult.from_trained(
-                "random",
-                task.metric,
-                budget,
-                full,
-                final,
-                block_report(winner, blocks, dataset.schema.names),
-                search_seconds=search_seconds,
-                history=history,
-            )
+            job.result(budget, final, dims, search_seconds=search_seconds, history=history)
         )
     return results

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property, partial
+from typing import Any, TypeVar
 
 import torch
 
@@ -13,13 +14,18 @@ from dnis.data.dataset import EncodedDataset
 from dnis.data.loader import batches
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
+from dnis.embeddings.layout import FieldLayout
 from dnis.errors import DnisError
 from dnis.models.base import Model
+from dnis.search.prune import budget_params
+from dnis.search.result import SearchResult
+from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress
 from dnis.train.trainer import TrainConfig, Trainer
 
 ModelFactory = Callable[[FieldEmbedding], Model]
+Structure = TypeVar("Structure")
 
 # the std of the normal(0, std) initialisation of every searched table, so all methods start alike
 INIT_STD = 0.01
@@ -58,6 +64,78 @@ def train_compact(
         model, embedding, fit.valid, metrics, time.perf_counter() - started,
         epochs=len(fit.history), capped=fit.capped,
     )  # fmt: skip
+
+
+@dataclass
+class Job:
+    """What one call of a method is asked (`method(name)(make_model, dataset, budgets=..., dim=...,
+    train=...)`), with what every method derives from it: the field layout, the task and the
+    full-width (`dim`) embedding's parameter count that budgets are fractions of. `method` is the
+    name the method was called by (its results carry it)."""
+
+    method: str
+    make_model: ModelFactory
+    dataset: EncodedDataset
+    budgets: list[float]
+    dim: int
+    train: TrainConfig
+
+    @cached_property
+    def layout(self) -> FieldLayout:
+        return FieldLayout.from_dataset(self.dataset)
+
+    @cached_property
+    def task(self) -> Task:
+        return make_task(self.dataset)
+
+    @property
+    def full(self) -> int:
+        """Parameters of the full-width embedding (every field at `dim`)."""
+        return self.layout.total_rows * self.dim
+
+    def target(self, budget: float) -> int:
+        """A budget as a parameter count."""
+        return budget_params(budget, self.full)
+
+    def fit(
+        self,
+        build_embedding: Callable[[], FieldEmbedding],
+        *,
+        train: TrainConfig | None = None,
+        test: bool = True,
+    ) -> Trained:
+        """`train_compact` for this job (its own `train` config for a short trial)."""
+        return train_compact(
+            self.make_model, build_embedding, self.task, train or self.train, test=test
+        )
+
+    def result(
+        self, budget: float, trained: Trained, dims: dict[str, Any], **extra: Any
+    ) -> SearchResult:
+        """The result of `budget`: a model trained around a compact embedding (`fit`)."""
+        return SearchResult.from_trained(
+            self.method, self.task.metric, budget, self.full, trained, dims, **extra
+        )
+
+
+def train_budgets(
+    job: Job,
+    structure: Callable[[int], Structure],
+    build: Callable[[Structure], FieldEmbedding],
+    report: Callable[[Structure, Any], dict[str, Any]],
+    **extra: Any,
+) -> list[SearchResult]:
+    """The per-budget skeleton of the methods whose structure follows from the budget by a rule
+    (hashing, qr, unified, outrank): per budget, the `structure` that fits its parameter count,
+    its embedding (`build`) trained from scratch, and the result with its dims per field
+    (`report(structure, trained embedding)`). `extra` goes to every result (search time, history)."""
+    results = []
+    for budget in job.budgets:
+        chosen = structure(job.target(budget))
+        trained = job.fit(partial(build, chosen))
+        dims = report(chosen, trained.embedding)
+        results.append(job.result(budget, trained, dims, **extra))
+    return results
 
 
 def phase_config(train: TrainConfig, epochs: int, patience: int = 0) -> TrainConfig:

@@ -18,8 +18,9 @@ Lookups (see `dnis.embeddings.multiplexed`): `probes` = k hashed lookups per id.
 - ``combine: sum``: k full-width rows summed (multi-probe hashing as in hash embeddings, without
   their learned importance weights), for comparison.
 
-Options: `probes` (1), `combine` ("concat"), `seed` (hash seed; defaults to `train.seed`, so the
-seeds of a `compare` grid also vary the hash functions), `init_std` (0.01, as the other tables).
+Options (`UnifiedOptions`): `probes` (1), `combine` ("concat"), `seed` (hash seed; None, the
+default, is `train.seed`, so the seeds of a `compare` grid also vary the hash functions),
+`init_std` (0.01, as the other tables).
 
 Differences from the paper: the paper hashes raw feature values of unbounded vocabularies; we hash
 the encoded (frequency-sorted) ids, whose vocabulary is fixed by the training split, with the
@@ -33,21 +34,33 @@ collide with another field's ids, or are indistinguishable (all rows shared with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
-from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.multiplexed import COMBINES, MultiplexedEmbedding, chunk_width
 from dnis.errors import BudgetError, ConfigError
-from dnis.search.methods import check_options, register_method
-from dnis.search.prune import budget_params
+from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, train_compact
-from dnis.tasks import make_task
-from dnis.train.trainer import TrainConfig
+from dnis.search.training import INIT_STD, Job, train_budgets
 
-UNIFIED_OPTIONS = ("probes", "combine", "seed", "init_std")
+
+@dataclass
+class UnifiedOptions(Options):
+    """Unified Embedding's options (`compare.options.unified`)."""
+
+    probes: int = 1  # hashed lookups per id
+    combine: str = "concat"  # concat | sum
+    seed: int | None = None  # hash seed; None: train.seed
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(self.probes >= 1, "probes", "must be >= 1")
+        self.require(self.combine in COMBINES, "combine", f"must be one of {COMBINES}")
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+UNIFIED_OPTIONS = tuple(f.name for f in fields(UnifiedOptions))
 
 
 def unified_rows(budget: int, dim: int, probes: int = 1, combine: str = "concat") -> int:
@@ -62,58 +75,36 @@ def unified_rows(budget: int, dim: int, probes: int = 1, combine: str = "concat"
     return rows
 
 
-@register_method("unified")
-def unified_method(
-    make_model: ModelFactory,
-    dataset: EncodedDataset,
-    *,
-    budgets: Sequence[float],
-    dim: int,
-    train: TrainConfig,
-    options: dict[str, Any],
-) -> list[SearchResult]:
-    """Train one multiplexed model per budget."""
-    check_options("unified", options, UNIFIED_OPTIONS)
-    probes = int(options.get("probes", 1))
-    combine = str(options.get("combine", "concat"))
-    if combine not in COMBINES:
-        raise ConfigError(f"unified: combine must be one of {COMBINES}, got {combine!r}")
-    seed = int(options.get("seed", train.seed))
-    init_std = float(options.get("init_std", 0.01))
-    layout = FieldLayout.from_dataset(dataset)
-    full = layout.total_rows * dim
-    task = make_task(dataset)
-    results = []
-    for budget in budgets:
-        rows = unified_rows(budget_params(budget, full), dim, probes, combine)
-
-        def build(rows: int = rows) -> MultiplexedEmbedding:
-            return MultiplexedEmbedding(layout, dim, rows, probes, combine, seed, init_std)
-
-        trained = train_compact(make_model, build, task, train)
-        embedding = trained.embedding
-        assert isinstance(embedding, MultiplexedEmbedding)
-        counts = embedding.collisions()
-        dims = {
-            name: {
-                "block_dims": [dim],
-                "shared_rows": rows,
-                "probes": probes,
-                "cardinality": layout.cardinalities[f],
-                "collisions": counts["collisions"][f],
-                "cross_field_collisions": counts["cross_field"][f],
-                "identical": counts["identical"][f],
-            }
-            for f, name in enumerate(layout.names)
+def unified_report(
+    layout: FieldLayout, dim: int, rows: int, probes: int, embedding: MultiplexedEmbedding
+) -> dict[str, Any]:
+    """Per field: the shared table's rows, and how many of the field's ids collide (any row
+    shared), collide with another field's ids, or are indistinguishable."""
+    counts = embedding.collisions()
+    return {
+        name: {
+            "block_dims": [dim],
+            "shared_rows": rows,
+            "probes": probes,
+            "cardinality": layout.cardinalities[f],
+            "collisions": counts["collisions"][f],
+            "cross_field_collisions": counts["cross_field"][f],
+            "identical": counts["identical"][f],
         }
-        results.append(
-            SearchResult.from_trained(
-                "unified",
-                task.metric,
-                budget,
-                full,
-                trained,
-                dims,
-            )
-        )
-    return results
+        for f, name in enumerate(layout.names)
+    }
+
+
+@register_method("unified", UnifiedOptions)
+def unified_method(job: Job, options: UnifiedOptions) -> list[SearchResult]:
+    """Train one multiplexed model per budget."""
+    layout, dim, probes, combine = job.layout, job.dim, options.probes, options.combine
+    seed = job.train.seed if options.seed is None else options.seed
+    return train_budgets(
+        job,
+        lambda target: unified_rows(target, dim, probes, combine),
+        lambda rows: MultiplexedEmbedding(
+            layout, dim, rows, probes, combine, seed, options.init_std
+        ),
+        lambda rows, embedding: unified_report(layout, dim, rows, probes, embedding),
+    )

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.fused import FusedEmbedding
 from dnis.embeddings.layout import FieldLayout
-from dnis.search.dnis import ModelFactory
+from dnis.errors import BudgetError
+from dnis.search.methods import NoOptions, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import train_compact
+from dnis.search.training import INIT_STD, Job, ModelFactory, train_compact
 from dnis.tasks import make_task
 from dnis.train.progress import Progress
 from dnis.train.trainer import TrainConfig
@@ -21,7 +22,7 @@ def uniform(
     full_dim: int = 64,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
-    init_std: float = 0.01,
+    init_std: float = INIT_STD,
 ) -> SearchResult:
     """Train the model with every field at width `dim`; the budget is reported against `full_dim`."""
     train = train or TrainConfig()
@@ -30,19 +31,25 @@ def uniform(
     trained = train_compact(
         make_model, lambda: FusedEmbedding(layout, dim, init_std), task, train, progress=progress
     )
-    embedding = trained.embedding
     full = layout.total_rows * full_dim
-    return SearchResult(
-        method="uniform",
-        metric=task.metric,
-        budget=embedding.num_parameters() / full,
-        full_params=full,
-        embedding_params=embedding.num_parameters(),
-        memory_bytes=embedding.memory_bytes(),
-        dims={name: {"block_dims": [dim]} for name in layout.names},
-        metrics={"valid": trained.valid, "test": trained.test},
-        retrain_seconds=trained.seconds,
-        train_epochs=trained.epochs,
-        epoch_cap_hit=trained.capped,
-        model=trained.model,
-    )
+    budget = trained.embedding.num_parameters() / full
+    dims = {name: {"block_dims": [dim]} for name in layout.names}
+    return SearchResult.from_trained("uniform", task.metric, budget, full, trained, dims)
+
+
+@register_method("uniform")
+def uniform_method(job: Job, options: NoOptions) -> list[SearchResult]:
+    """Every field at the widest uniform width that fits the budget: floor(budget * dim)."""
+    results = []
+    for b in job.budgets:
+        if int(b * job.dim) < 1:
+            raise BudgetError(
+                f"uniform needs at least width 1 ({1 / job.dim:.4g} of the width-{job.dim} "
+                f"embedding), the budget is {b}"
+            )
+        result = uniform(
+            job.make_model, job.dataset, dim=int(b * job.dim), full_dim=job.dim, train=job.train
+        )
+        result.budget = b
+        results.append(result)
+    return results
