@@ -95,7 +95,7 @@ def check_names(
     where: str | None = None,
 ) -> None:
     """Refuse a name not in `allowed`: "<owner> has no <what> 'x'. Did you mean 'y'? Its <what>s:
-    ...". `where`, the dotted config key of the options, prefixes the message and is the error's key."""
+    ...". `where`, the dotted config key of the options, prefixes the message and names the key."""
     for name in given:
         if name not in allowed:
             prefix = f"{where}: " if where else ""
@@ -128,7 +128,8 @@ def parse_options(
             f"{where}: expected a mapping of options, got {type(options).__name__} {options!r}",
             key=where,
         )
-    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed]  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [f.name for f in fields if f.init and f.name not in fixed]
     check_names(options, names, owner, "option", where)
     hints = typing.get_type_hints(cls)
     values = {key: typed(hints[key], value, f"{where}.{key}") for key, value in options.items()}

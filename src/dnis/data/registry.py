@@ -35,7 +35,8 @@ def _ensure_builtins() -> None:
 
 DATASETS: Registry[DatasetInfo] = Registry(
     "dataset",
-    hint="(run `dnis datasets`); for your own files use dataset: {format: csv, path: ..., schema: ...}",
+    hint="(run `dnis datasets`); for your own files use "
+    "dataset: {format: csv, path: ..., schema: ...}",
     load=_ensure_builtins,
 )
 

@@ -21,7 +21,7 @@ from dnis.registry import Registry, check_names
 
 
 def model_key(name: str) -> str:
-    """A model's registry key: case, dashes, underscores and "&" folded ("Wide&Deep" -> widedeep)."""
+    """A model's registry key: case, dashes, underscores and "&" folded (Wide&Deep: widedeep)."""
     return name.lower().replace("-", "").replace("_", "").replace("&", "")
 
 

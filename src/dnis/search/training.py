@@ -128,7 +128,8 @@ def train_budgets(
     """The per-budget skeleton of the methods whose structure follows from the budget by a rule
     (hashing, qr, unified, outrank): per budget, the `structure` that fits its parameter count,
     its embedding (`build`) trained from scratch, and the result with its dims per field
-    (`report(structure, trained embedding)`). `extra` goes to every result (search time, history)."""
+    (`report(structure, trained embedding)`). `extra` goes to every result (search time,
+    history)."""
     results = []
     for budget in job.budgets:
         chosen = structure(job.target(budget))
