@@ -101,7 +101,7 @@ def distributed_config(path: Path, overrides: list[str]) -> Config:
 def cmd_search(args: argparse.Namespace) -> None:
     from dnis.app.report import metric_table
     from dnis.app.report.search_report import result_rows
-    from dnis.app.search import search_run
+    from dnis.app.search import method_run_dir, search_run
 
     overrides = list(args.set) + track_overrides(args)
     budgets = args.budgets or ([args.budget] if args.budget is not None else None)
@@ -109,12 +109,12 @@ def cmd_search(args: argparse.Namespace) -> None:
         overrides.append(f"search.budgets={list(budgets)}")
     config = distributed_config(args.config, overrides)
     progress = None if args.quiet or not distributed.is_main() else RichProgress(config.run_name())
-    _, results = search_run(config, progress=progress, resume=args.resume)
+    _, results = search_run(config, progress=progress, resume=args.resume, method=args.method)
     if not distributed.is_main():
         return
     rows = result_rows(results, results[0].metric)
     print(metric_table(rows, list(rows[0])))
-    print(f"report: {config.run_dir() / 'report.md'}")
+    print(f"report: {method_run_dir(config, args.method) / 'report.md'}")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -318,8 +318,15 @@ def parser() -> argparse.ArgumentParser:
     add_track(train)
     train.set_defaults(run=cmd_train)
 
-    search = sub.add_parser("search", help="DNIS: search dims, prune to budgets, retrain")
+    search = sub.add_parser(
+        "search", help="search dims (DNIS or --method M), prune to budgets, retrain"
+    )
     search.add_argument("--config", required=True, type=Path)
+    search.add_argument(
+        "--method",
+        default="dnis",
+        help="a registered search method (default dnis); its options: compare.options.<method>",
+    )
     search.add_argument(
         "--budget", type=budget_arg, help="fraction of the full embedding, e.g. 0.25"
     )

@@ -1,33 +1,43 @@
-"""A search run from a config: DNIS once, then a compact retrained model per budget.
+"""A search run from a config: any registered method (`dnis search --method M`, default DNIS),
+then a compact retrained model per budget.
 
-`runs/<name>-<config hash>/` receives config.yaml, encoder.json, search.json (per-epoch log and
-alpha), and per budget `model-<budget>.pt` (only the compact tables and the dense weights) and
-`result-<budget>.json` (its metrics), plus the report: dims.json, results.json, report.md,
-dims.png, metric.png.
+The run folder receives config.yaml, encoder.json, and per budget `model-<budget>.pt` (the compact
+model's state dict: its compact tables and dense weights), `plan-<budget>.json` (its
+`EmbeddingPlan`: per field and block the rows and kept widths, from which `dnis export` rebuilds
+the compact embedding) and `result-<budget>.json` (its metrics), plus the report: dims.json,
+results.json, report.md, dims.png, metric.png. A DNIS run also writes search.json (per-epoch log
+and alpha). The folder is `runs/<name>-<config hash>/` for DNIS and
+`runs/<name>-<method>-<config hash>/` for another method, so methods run on one config never
+overwrite each other's models.
+
+Method options: DNIS reads the `search:` section. Every other method reads
+`compare.options.<method>` (as `dnis compare` does; `dnis-random` starts from the `search:`
+section too), checked before any data is loaded; the budgets are `search.budgets` (`--budget`).
 
 Resume: the run also keeps its checkpoints (every epoch, atomically, with checksum and config
 hash; see `dnis.search.dnis`) in `search/warmup/`, `search/` and `retrain-<budget>/`. With
 `resume=True` a killed run continues from them: a finished search is loaded, a finished budget
 (`model-<budget>.pt` and `result-<budget>.json`) is reloaded, not retrained, and the final results
 equal those of an uninterrupted run. Without `resume` (like `dnis train`), the old checkpoints of
-the run folder are removed and the run starts afresh.
+the run folder are removed and the run starts afresh. Only DNIS keeps checkpoints: another
+method refuses `resume`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dnis.app import track
+from dnis.app.compare import method_options
 from dnis.app.config import Config
 from dnis.app.train import model_factory, start_run
 from dnis.data.dataset import EncodedDataset
 from dnis.errors import ConfigError, DnisError
-from dnis.io import atomic_write, write_json
+from dnis.io import write_json
 from dnis.search.dnis import (
     SearchState,
     clear_checkpoints,
@@ -37,18 +47,26 @@ from dnis.search.dnis import (
     retrain_dir,
     search,
 )
-from dnis.search.result import SearchResult
+from dnis.search.methods import method as registered_method
+from dnis.search.result import SearchResult, budget_file
 from dnis.search.training import ModelFactory
 from dnis.train.checkpoint import UnsafeFileError, safe_load
 from dnis.train.progress import Progress
 
 
 def model_path(run_dir: Path, budget: float) -> Path:
-    return run_dir / f"model-{budget}.pt"
+    return budget_file(run_dir, "model", budget)
 
 
 def result_path(run_dir: Path, budget: float) -> Path:
-    return run_dir / f"result-{budget}.json"
+    return budget_file(run_dir, "result", budget)
+
+
+def method_run_dir(config: Config, method: str = "dnis") -> Path:
+    """The run folder of `method` on `config` (see the module docstring)."""
+    if method == "dnis":
+        return config.run_dir()
+    return Path(config.output_dir) / f"{config.base_name()}-{method}-{config.digest()}"
 
 
 def search_run(
@@ -57,22 +75,26 @@ def search_run(
     progress: Progress | None = None,
     *,
     resume: bool = False,
+    method: str = "dnis",
 ) -> tuple[EncodedDataset, list[SearchResult]]:
     """The dataset it loaded (callers reuse it) and one result per budget.
 
-    `resume` continues a killed run from its checkpoints (see the module docstring).
+    `method`: a registered search method (`dnis.search.methods`). `resume` continues a killed
+    DNIS run from its checkpoints (see the module docstring).
     """
-    if not (config.search.budgets if budgets is None else budgets):
+    budgets = list(config.search.budgets if budgets is None else budgets)
+    if not budgets:
         raise ConfigError(
             "search.budgets is empty, so the search would prune to nothing: give at least one "
             "budget (--budget 0.25, or search.budgets: [0.1, 0.25] in the config); to train "
             "without a search, run `dnis train`"
         )
+    if method != "dnis":
+        return _method_run(config, budgets, method, resume=resume)
     run_dir = config.run_dir()
     if not resume:
         clear_checkpoints(run_dir)  # a fresh run must not inherit an old resume point
-        for old in run_dir.glob("result-*.json"):
-            old.unlink()
+        _clear_budgets(run_dir)
     track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
     with track.open_tracker(config, "search", fresh=not resume) as tracker:
@@ -101,7 +123,7 @@ def search_run(
             },
         )
         results = []
-        for budget in budgets or config.search.budgets:
+        for budget in budgets:
             finished = (
                 model_path(run_dir, budget).exists() and result_path(run_dir, budget).exists()
             )
@@ -125,12 +147,7 @@ def search_run(
                 config_hash=digest,
             )
             assert result.model is not None
-            atomic_write(
-                model_path(run_dir, budget),
-                lambda handle, m=result.model: torch.save(m.state_dict(), handle),
-            )
-            # written last: its presence marks the budget finished
-            write_json(result_path(run_dir, budget), {**result.to_dict(), "config_hash": digest})
+            result.save(run_dir, config_hash=digest)
             results.append(result)
             tracker.log_metrics(0, track.result_metrics(result.to_dict()), f"budget-{budget}")
         from dnis.app.report import write_search_report  # matplotlib: imported when it is needed
@@ -146,7 +163,58 @@ def search_run(
     return dataset, results
 
 
-ARTIFACTS = ("config.yaml", "report.md", "results.json", "dims.json", "search.json", "*.png")
+ARTIFACTS = ("config.yaml", "report.md", "results.json", "dims.json", "search.json", "*.png",
+             "plan-*.json")  # fmt: skip
+
+
+def _clear_budgets(run_dir: Path) -> None:
+    """Remove the finished budgets of an earlier run in this folder."""
+    for pattern in ("result-*.json", "plan-*.json"):
+        for old in run_dir.glob(pattern):
+            old.unlink()
+
+
+def _method_run(
+    config: Config, budgets: list[float], name: str, *, resume: bool
+) -> tuple[EncodedDataset, list[SearchResult]]:
+    """A search run of method `name` (not DNIS): the method's results saved per budget."""
+    chosen = registered_method(name)  # an unknown name fails here, with a "did you mean"
+    options = chosen.parse(method_options(config, name))  # bad options fail before any work
+    if resume:
+        raise ConfigError(
+            f"--resume: method {name!r} keeps no checkpoints, so a killed run cannot continue; "
+            "rerun it without --resume (only the DNIS search resumes)"
+        )
+    run_dir = method_run_dir(config, name)
+    _clear_budgets(run_dir)
+    track.check(config.tracking)
+    dataset = start_run(config, run_dir)
+    with track.open_tracker(config, "search", fresh=True) as tracker:
+        results = chosen(
+            model_factory(config, dataset),
+            dataset,
+            budgets=budgets,
+            dim=config.embedding.dim,
+            train=config.train,
+            options=options,
+        )
+        digest = config.digest()
+        for result in results:
+            result.save(run_dir, config_hash=digest, method_options=asdict(options))
+            tracker.log_metrics(
+                0, track.result_metrics(result.to_dict()), f"budget-{result.budget}"
+            )
+        from dnis.app.report import write_search_report  # matplotlib: imported when it is needed
+
+        write_search_report(
+            results,
+            run_dir,
+            metric=results[0].metric,
+            dim=config.embedding.dim,
+            title=f"{name} on {dataset.name} ({dataset.task}, {config.model.name})",
+        )
+        track.log_files(tracker, run_dir, ARTIFACTS)
+    return dataset, results
 
 
 def _search_phase(record: dict[str, Any]) -> str:

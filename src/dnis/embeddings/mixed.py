@@ -76,6 +76,15 @@ class BlockMixedEmbedding(FieldEmbedding):
         return self.widths.tolist()
 
 
+def ragged_keep(indptr: torch.Tensor, dims: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """The [rows, dim] keep mask behind a RaggedEmbedding's CSR structure."""
+    widths = (indptr[1:] - indptr[:-1]).long()
+    owner = torch.repeat_interleave(torch.arange(rows), widths)
+    keep = torch.zeros(rows, dim, dtype=torch.bool)
+    keep[owner, dims.long()] = True
+    return keep
+
+
 class RaggedEmbedding(FieldEmbedding):
     def __init__(self, layout: FieldLayout, dim: int, keep: torch.Tensor) -> None:
         """`keep` [rows, dim] (bool) says which entries of every row survive."""

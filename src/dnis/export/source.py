@@ -1,11 +1,11 @@
 """The compact model of a finished run, rebuilt on the CPU from the files the run wrote.
 
 A train run (`dnis train`) holds `model.pt`: the model around a full-width `FusedEmbedding`. A
-search run (`dnis search`) holds `model-<budget>.pt` per budget: the model around the compact
-embedding the search materialised, a `BlockMixedEmbedding` (block granularity) or a
-`RaggedEmbedding` (element granularity). Both hold `config.yaml` and `encoder.json`. The compact
-structure is rebuilt from what is saved (the kept dims of every block, or the CSR indices), the
-frequency blocks from the encoder's training counts, so no data is read. Of `config.yaml` (the
+search run (`dnis search`, any method) holds per budget `model-<budget>.pt`, the model around the
+compact embedding the method trained, and `plan-<budget>.json`, its `EmbeddingPlan`: the kind of
+embedding and its structure (`dnis.search.plan`). Both hold `config.yaml` and `encoder.json`. The
+compact embedding is rebuilt from the plan (and, for per-row structures such as CSR indices, the
+buffers saved with the weights), never guessed from state-dict keys, so no data is read. Of `config.yaml` (the
 resolved config the run saved) only what rebuilds the model is read, as a `RunSpec`: the export
 layer sits below the application layer that owns the config.
 """
@@ -24,11 +24,10 @@ from dnis import models
 from dnis.data.encode import Encoder
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.embeddings.base import FieldEmbedding
-from dnis.embeddings.blocks import frequency_blocks
-from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.errors import DnisError
-from dnis.export.traceable import ragged_keep
 from dnis.models.base import Model
+from dnis.search.plan import EmbeddingPlan, build, plan_of
+from dnis.search.result import budget_file
 from dnis.train.checkpoint import UnsafeFileError, read_checkpoint, safe_load
 
 RUN_FIX = "pass a folder written by `dnis train` or `dnis search` (runs/<name>-<hash>/)"
@@ -44,8 +43,6 @@ class RunSpec:
     model_params: dict[str, Any]  # model.params
     dim: int  # embedding.dim: the full width
     init_std: float  # embedding.init_std
-    num_blocks: int  # search.num_blocks: frequency blocks per field
-    block_mode: str  # search.block_mode: how ids are cut into those blocks
 
 
 @dataclass
@@ -186,8 +183,6 @@ def read_run_spec(run_dir: Path) -> RunSpec:
         model_params=value("model.params", dict),
         dim=value("embedding.dim", int),
         init_std=value("embedding.init_std", float),
-        num_blocks=value("search.num_blocks", int),
-        block_mode=value("search.block_mode", str),
     )
 
 
@@ -216,40 +211,36 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def run_plan(run_dir: Path, kind: str, budget: float | None, layout: FieldLayout, dim: int):
+    """The `EmbeddingPlan` of a run's model: a search budget's `plan-<budget>.json`, or the full
+    table of a train run."""
+    if kind == "train":
+        return plan_of(FusedEmbedding(layout, dim))
+    assert budget is not None
+    path = budget_file(run_dir, "plan", budget)
+    if not path.is_file():
+        raise DnisError(
+            f"{run_dir} has no {path.name}, the embedding plan export rebuilds the compact "
+            "model from (a search run of an older dnis wrote none); rerun the search"
+        )
+    return EmbeddingPlan.read(path)
+
+
 def compact_embedding(
-    state: dict[str, torch.Tensor],
-    layout: FieldLayout,
-    encoder: Encoder,
-    spec: RunSpec,
-    path: Path,
+    state: dict[str, torch.Tensor], layout: FieldLayout, plan: EmbeddingPlan, path: Path
 ) -> FieldEmbedding:
-    """The embedding module the saved weights belong to, with its saved structure."""
-    dim = spec.dim
-    if "embedding.keep" in state:
-        frequencies = [field.frequencies() for field in encoder.fields]
-        blocks = frequency_blocks(layout, frequencies, spec.num_blocks, spec.block_mode)
-        keep = state["embedding.keep"]
-        if tuple(keep.shape) != (blocks.num_blocks, dim):
-            raise DnisError(
-                f"{path}: its block structure {list(keep.shape)} does not match the run's "
-                f"{blocks.num_blocks} frequency blocks x {dim} dims (config.yaml or encoder.json "
-                "changed after the search); rerun the search"
-            )
-        return BlockMixedEmbedding(layout, dim, blocks, keep)
-    if "embedding.indptr" in state:
-        indptr, dims = state["embedding.indptr"], state["embedding.dims"]
-        if indptr.numel() != layout.total_rows + 1:
-            raise DnisError(
-                f"{path}: its ragged table has {indptr.numel() - 1} rows but the run's encoders "
-                f"have {layout.total_rows}; rerun the search"
-            )
-        return RaggedEmbedding(layout, dim, ragged_keep(indptr, dims, layout.total_rows, dim))
-    if "embedding.weight" in state:
-        return FusedEmbedding(layout, dim, spec.init_std)
-    raise DnisError(
-        f"{path} holds an embedding dnis cannot rebuild (keys {sorted(state)[:6]}...); only "
-        "train runs and DNIS search runs can be exported"
-    )
+    """The embedding module the saved weights belong to, rebuilt from its plan."""
+    if not plan.rebuildable:
+        raise DnisError(
+            f"{path}: its embedding is of kind {plan.kind!r}, which dnis cannot rebuild for "
+            "export or predict yet (no builder registered in dnis.search.plan)"
+        )
+    prefix = "embedding."
+    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        return build(plan, layout, own)
+    except ValueError as error:  # a module refusing the structure it is given
+        raise DnisError(f"{path}: its plan does not rebuild ({error}); rerun the search") from None
 
 
 def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel:
@@ -269,7 +260,8 @@ def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel
     encoder = read_encoder(run_dir / "encoder.json")
     layout = FieldLayout.from_schema(encoder.schema, encoder.cardinalities)
     state = read_state(weights)
-    embedding = compact_embedding(state, layout, encoder, spec, weights)
+    plan = run_plan(run_dir, kind, budget, layout, spec.dim)
+    embedding = compact_embedding(state, layout, plan, weights)
     model = models.build(spec.model, encoder.schema, embedding, **spec.model_params)
     try:
         model.load_state_dict(state)

@@ -27,7 +27,7 @@ from torch import nn
 
 from dnis.embeddings.base import FieldPooling
 from dnis.embeddings.layout import FieldLayout
-from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding, ragged_keep
 from dnis.models.base import Model
 
 
@@ -72,15 +72,6 @@ class TraceableBlockMixed(BlockMixedEmbedding):
         twin = cls(module.layout, module.dim, module.blocks, module.keep.cpu())
         twin.load_state_dict(module.state_dict())
         return twin
-
-
-def ragged_keep(indptr: torch.Tensor, dims: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
-    """The [rows, dim] keep mask behind a RaggedEmbedding's CSR structure."""
-    widths = (indptr[1:] - indptr[:-1]).long()
-    owner = torch.repeat_interleave(torch.arange(rows), widths)
-    keep = torch.zeros(rows, dim, dtype=torch.bool)
-    keep[owner, dims.long()] = True
-    return keep
 
 
 class TraceableRagged(RaggedEmbedding):

@@ -1,11 +1,26 @@
-"""The result every search method returns, so `compare` is a loop over methods, not a switch."""
+"""The result every search method returns, so `compare` is a loop over methods, not a switch,
+and the files one budget's result is saved as in a run folder (`budget_file`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from dnis.io import atomic_write, write_json
 from dnis.models.base import Model
+from dnis.search.plan import EmbeddingPlan, plan_of
+
+# what a search run folder holds per budget: <name>-<budget><suffix>
+BUDGET_FILES = {"model": ".pt", "result": ".json", "plan": ".json"}
+
+
+def budget_file(run_dir: Path, name: str, budget: float) -> Path:
+    """`model-<budget>.pt` (the compact model's state dict), `result-<budget>.json` (its
+    metrics) or `plan-<budget>.json` (its `EmbeddingPlan`) of a run folder."""
+    return Path(run_dir) / f"{name}-{budget}{BUDGET_FILES[name]}"
 
 
 @dataclass
@@ -28,6 +43,12 @@ class SearchResult:
     epoch_cap_hit: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch search log
     model: Model | None = None  # the retrained compact model
+    # the structure of its embedding; read off `model.embedding` when not given
+    plan: EmbeddingPlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.plan is None and self.model is not None:
+            self.plan = plan_of(self.model.embedding)
 
     @classmethod
     def from_trained(
@@ -57,6 +78,18 @@ class SearchResult:
             model=trained.model,
             **extra,
         )
+
+    def save(self, run_dir: Path, **extra: Any) -> None:
+        """Write this budget's files into `run_dir`: the plan, the compact model's weights, and
+        last (its presence marks the budget finished) the result with `extra` entries."""
+        if self.plan is not None:
+            self.plan.write(budget_file(run_dir, "plan", self.budget))
+        if self.model is not None:
+            atomic_write(
+                budget_file(run_dir, "model", self.budget),
+                lambda handle, m=self.model: torch.save(m.state_dict(), handle),
+            )
+        write_json(budget_file(run_dir, "result", self.budget), {**self.to_dict(), **extra})
 
     @property
     def fraction(self) -> float:
