@@ -1,6 +1,6 @@
 """Export-friendly twins of the input-layer pieces whose eager code does not trace or export.
 
-The eager modules are written for speed in PyTorch; three of their operations do not survive
+The eager modules are written for speed in PyTorch; some of their operations do not survive
 `torch.jit.trace` or the ONNX exporter, so the export swaps in twins that compute the same thing
 with the same stored tensors (the artifact's bytes are the compact model's, nothing is densified):
 
@@ -10,6 +10,9 @@ with the same stored tensors (the artifact's bytes are the compact model's, noth
 - `BlockMixedEmbedding` finds each row's block with `searchsorted`, which ONNX lacks.
   `TraceableBlockMixed` counts the block starts at or below the row instead (a handful of
   comparisons per row).
+- `ProjectedBlockEmbedding` (MDE, AutoDim) runs one matmul per block the batch touches, split by
+  block counts read from the data. `TraceableProjected` gathers `max_width` entries and their
+  projection rows per row instead, masked past the row's block width.
 - `RaggedEmbedding` sizes its gathers from the data (`repeat_interleave` by row widths), which a
   trace freezes to the example batch. `TraceableRagged` gathers a fixed `max_width` entries per row
   (the widest stored row), masks the ones past the row's end and scatter-adds them into place.
@@ -28,6 +31,7 @@ from torch import nn
 from dnis.embeddings.base import FieldPooling
 from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding, ragged_keep
+from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.models.base import Model
 
 
@@ -107,6 +111,31 @@ class TraceableRagged(RaggedEmbedding):
         return twin
 
 
+class TraceableProjected(ProjectedBlockEmbedding):
+    """`ProjectedBlockEmbedding` whose lookup gathers a fixed `max_width` entries per row and
+    their projection rows (one [N, max_width, dim] product) instead of one matmul per block
+    sized from the batch, which a trace would freeze; blocks are found by comparison counts."""
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        flat = rows.reshape(-1)
+        block = (flat.unsqueeze(-1) >= self.block_start).sum(dim=-1) - 1
+        width = self.widths[block].unsqueeze(-1)
+        slot = torch.arange(self.max_width, device=flat.device)
+        valid = slot < width  # [N, W]
+        first = self.base[block] + (flat - self.block_start[block]) * self.widths[block]
+        table = torch.where(valid, first.unsqueeze(-1) + slot, 0)
+        projection = torch.where(valid, self.projection_base[block].unsqueeze(-1) + slot, 0)
+        values = self.values[table] * valid.to(self.values.dtype)  # [N, W]
+        out = torch.matmul(values.unsqueeze(1), self.projection[projection]).squeeze(1)
+        return out.view(rows.shape + (self.dim,))
+
+    @classmethod
+    def from_module(cls, module: ProjectedBlockEmbedding) -> TraceableProjected:
+        twin = cls(module.layout, module.dim, module.blocks, module.width_list)
+        twin.load_state_dict(module.state_dict())
+        return twin
+
+
 def traceable(model: Model) -> Model:
     """A CPU copy of `model` in eval mode with every non-exportable input-layer piece swapped."""
     model = copy.deepcopy(model).cpu().eval()
@@ -117,6 +146,8 @@ def traceable(model: Model) -> Model:
         model.embedding = TraceableBlockMixed.from_module(embedding)
     elif isinstance(embedding, RaggedEmbedding) and not isinstance(embedding, TraceableRagged):
         model.embedding = TraceableRagged.from_module(embedding)
+    elif type(embedding) is ProjectedBlockEmbedding:
+        model.embedding = TraceableProjected.from_module(embedding)
     for name, module in list(model.named_modules()):
         if type(module) is FieldPooling:
             parent_name, _, attribute = name.rpartition(".")
