@@ -98,11 +98,30 @@ def distributed_config(path: Path, overrides: list[str]) -> Config:
     return config
 
 
+def import_plugin(name: str) -> None:
+    """Import a module by name, or a .py file by path (its name: the file's stem)."""
+    import importlib
+    import importlib.util
+
+    if not name.endswith(".py"):
+        importlib.import_module(name)
+        return
+    path = Path(name)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise DnisError(f"--import {name}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from dnis.app.report import metric_table
     from dnis.app.report.search_report import result_rows
     from dnis.app.search import method_run_dir, search_run
 
+    for module in args.imports:
+        import_plugin(module)  # e.g. a file that registers your own method
     overrides = list(args.set) + track_overrides(args)
     budgets = args.budgets or ([args.budget] if args.budget is not None else None)
     if budgets:
@@ -326,6 +345,14 @@ def parser() -> argparse.ArgumentParser:
         "--method",
         default="dnis",
         help="a registered search method (default dnis); its options: compare.options.<method>",
+    )
+    search.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module or a .py file first, e.g. one that registers your own method",
     )
     search.add_argument(
         "--budget", type=budget_arg, help="fraction of the full embedding, e.g. 0.25"
