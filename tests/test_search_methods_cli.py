@@ -121,3 +121,21 @@ def test_a_method_that_keeps_no_checkpoints_refuses_resume(config_path):
 def test_an_unknown_method_is_refused_with_a_suggestion(config_path, capsys):
     assert main(["search", "--config", str(config_path), "--method", "hashng"]) == 2
     assert "Did you mean 'hashing'" in capsys.readouterr().err
+
+
+def test_an_embedding_of_unknown_kind_is_planned_but_not_rebuilt():
+    from dnis.embeddings import FieldLayout, FusedEmbedding
+    from dnis.errors import DnisError
+    from dnis.search.plan import build, plan_of
+
+    class MyEmbedding(FusedEmbedding):
+        pass
+
+    layout = FieldLayout(("a", "b"), (3, 5), (0, 1), (False, False), (False, False))
+    plan = plan_of(MyEmbedding(layout, 4))
+    assert plan.kind == "custom:MyEmbedding" and not plan.rebuildable
+    assert EmbeddingPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(DnisError, match="kind 'custom:MyEmbedding' cannot be rebuilt"):
+        build(plan, layout, {})
+    full = plan_of(FusedEmbedding(layout, 4))
+    assert full.kind == "full" and [f.params for f in full.fields] == [12, 20]
