@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -113,9 +113,6 @@ class AutoDimConfig(Options):
         self.require(self.temperature_decay >= 0, "temperature_decay", "must be >= 0")
         self.require(0 < self.min_temperature <= 1, "min_temperature", "must be in (0, 1]")
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-AUTODIM_OPTIONS = tuple(f.name for f in fields(AutoDimConfig))
 
 
 @dataclass

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -94,9 +94,6 @@ class DslConfig(Options):
         self.require(0 < self.end_fraction <= 1, "end_fraction", "must be in (0, 1]")
         self.require(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-DSL_OPTIONS = tuple(f.name for f in fields(DslConfig))
 
 
 def drop_fraction_at(step: int, config: DslConfig, t_end: int) -> float:

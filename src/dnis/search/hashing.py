@@ -8,7 +8,7 @@ If the floor of 1 pushes the total over B, the largest fields give rows back one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -29,9 +29,6 @@ class HashingOptions(Options):
 
     def __post_init__(self) -> None:
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-HASHING_OPTIONS = tuple(f.name for f in fields(HashingOptions))
 
 
 def hash_rows(cardinalities: Sequence[int], budget_rows: int) -> list[int]:

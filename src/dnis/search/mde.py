@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -43,9 +43,6 @@ class MdeOptions(Options):
         )
         require_blocks(self)
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-MDE_OPTIONS = tuple(f.name for f in fields(MdeOptions))
 
 
 def block_probabilities(blocks: BlockLayout, num_fields: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -99,9 +99,6 @@ class OptFSConfig(Options):
             self.retrain in ("rewind", "scratch"), "retrain", "must be 'rewind' or 'scratch'"
         )
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-OPTFS_OPTIONS = tuple(f.name for f in fields(OptFSConfig))
 
 
 @dataclass

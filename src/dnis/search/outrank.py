@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -92,9 +92,6 @@ class OutRankOptions(Options):
         self.require(self.subsampling >= 1, "subsampling", "must be >= 1")
         self.require(self.selection in SELECTIONS, "selection", f"must be one of {SELECTIONS}")
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-OUTRANK_OPTIONS = tuple(f.name for f in fields(OutRankOptions))
 
 
 def label_classes(labels: np.ndarray, bins: int = 10) -> np.ndarray:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -115,9 +115,6 @@ class PepConfig(Options):
         )
         self.require(self.extra_epochs >= 0, "extra_epochs", "must be >= 0")
         self.require(self.check_every >= 1, "check_every", "must be >= 1")
-
-
-PEP_OPTIONS = tuple(f.name for f in fields(PepConfig))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -34,9 +34,6 @@ class QROptions(Options):
 
     def __post_init__(self) -> None:
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-QR_OPTIONS = tuple(f.name for f in fields(QROptions))
 
 
 def field_rows(cardinalities: Sequence[int], m: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -50,9 +50,6 @@ class RandomOptions(Options):
         )
         require_blocks(self)
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-RANDOM_OPTIONS = tuple(f.name for f in fields(RandomOptions))
 
 
 def candidate_widths(candidates: Sequence[int], dim: int) -> np.ndarray:

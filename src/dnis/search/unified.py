@@ -34,7 +34,7 @@ collide with another field's ids, or are indistinguishable (all rows shared with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from dnis.embeddings.layout import FieldLayout
@@ -58,9 +58,6 @@ class UnifiedOptions(Options):
         self.require(self.probes >= 1, "probes", "must be >= 1")
         self.require(self.combine in COMBINES, "combine", f"must be one of {COMBINES}")
         self.require(self.init_std > 0, "init_std", "must be > 0")
-
-
-UNIFIED_OPTIONS = tuple(f.name for f in fields(UnifiedOptions))
 
 
 def unified_rows(budget: int, dim: int, probes: int = 1, combine: str = "concat") -> int:
