@@ -262,6 +262,97 @@ def test_a_bad_line_in_the_middle_is_named(tmp_path: Path, bad: str, where: str)
     )
 
 
+def test_many_ragged_lines_and_a_lone_carriage_return_are_refused_as_in_memory(
+    tmp_path: Path,
+) -> None:
+    """pyarrow counts the ragged records of the whole file ("3 in all", as `read_csv` does), and
+    a lone \\r, which the parser takes for a line end, is refused with `read_csv`'s message."""
+    lines = clicks_frame(1500).assign(city="c", note="n").to_csv(index=False).splitlines(True)
+    ragged = list(lines)
+    for at in (1400, 700, 300):
+        ragged.insert(at, "u1,i1\n")
+    lone = [*lines[:500], "12\r3,i1,c,a,3.0,n,1\n", *lines[500:]]  # one line, two rows
+    messages = {}
+    for name, content in (("ragged", ragged), ("lone", lone)):
+        path = tmp_path / f"{name}.csv"
+        path.write_bytes("".join(content).encode("utf-8"))
+        kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr")
+        with pytest.raises(DataError) as in_memory:
+            load_files(**kwargs)
+        with pytest.raises(DataError) as streamed:
+            load_files(**kwargs, streaming=options(tmp_path, chunk_bytes=4096))
+        assert str(streamed.value) == str(in_memory.value)
+        messages[name] = str(streamed.value)
+    assert "line 301: expected 7 fields" in messages["ragged"]
+    assert "(3 ragged line(s) in all)" in messages["ragged"]
+    assert "the parser read 1502 rows but the file has 1501" in messages["lone"]
+
+
+def test_bytes_are_checked_across_block_edges(tmp_path: Path) -> None:
+    """A character cut in two by a block edge is fine; an invalid byte on either side of an edge
+    is named by line and byte as `read_csv` names it; a "::" delimiter cut in two still splits."""
+    from dnis.data.readers import read_csv
+
+    row = "user::é::x\n"  # 12 bytes: edges (64 bytes) fall everywhere, between é's two bytes too
+    text = "a::b::c\n" + row * 40
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    source = sources.CsvFile(path, "::", True, None, "utf-8", 64)
+    source.scan()
+    chunks = list(source.chunks(["a", "b", "c"]))
+    assert len(chunks) > 1
+    assert [value for c in chunks for value in c.table.column("b").to_pylist()] == ["é"] * 40
+    raw = text.encode("utf-8")
+    for at in range(60, 70):  # an invalid byte replaces each byte around the first edge
+        broken = raw[:at] + b"\xff" + raw[at + 1 :]
+        path.write_bytes(broken)
+        with pytest.raises(DataError) as in_memory:
+            read_csv(path, delimiter="::")
+        with pytest.raises(DataError) as streamed:
+            sources.CsvFile(path, "::", True, None, "utf-8", 64).scan()
+        assert str(streamed.value) == str(in_memory.value), at
+
+
+def test_a_record_longer_than_a_block_and_other_encodings(tmp_path: Path) -> None:
+    """pyarrow refuses a record longer than its block; the block then grows until it fits. A
+    latin-1 file is transcoded on the way: the same dataset as in memory."""
+    frame = clicks_frame(600)
+    frame.loc[100, "note"] = "é" * 3000 + "\nsecond line"
+    path = write_csv(tmp_path / "long.csv", frame)
+    path.write_bytes(path.read_text(encoding="utf-8").encode("latin-1"))
+    kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr", encoding="latin-1")
+    disk = load_files(**kwargs, streaming=options(tmp_path, chunk_bytes=256))
+    assert_same_dataset(load_files(**kwargs), disk)
+
+
+def test_a_reader_left_halfway_lets_the_process_exit(tmp_path: Path) -> None:
+    """A streamed read stopped by an error (a bad label) leaves no pyarrow thread waiting on the
+    Python stream it reads: without care the process hangs or aborts at exit ("terminate called
+    without an active exception")."""
+    import subprocess
+    import sys
+
+    frame = clicks_frame(30_000)
+    frame.loc[2000, "clicked"] = 7
+    path = write_csv(tmp_path / "bad.csv", frame)
+    path.write_bytes(path.read_text(encoding="utf-8").encode("latin-1"))
+    script = f"""
+from pathlib import Path
+from dnis.data.streaming.sources import CsvFile
+source = CsvFile(Path({str(path)!r}), ",", True, None, "latin-1", 4096)
+source.scan()
+for _ in range(5):
+    chunks = source.chunks(source.columns)
+    next(chunks), next(chunks)
+    chunks.close()
+print("done")
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr[-2000:]
+
+
 def test_missing_column_and_refused_settings(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "clicks.csv", clicks_frame(200).drop(columns=["city"]))
     kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr")

@@ -141,7 +141,7 @@ def read_csv(
     if quoted:
         lines, counts = _scan_quoted(raw, path, sep.decode(encoding), quotechar, encoding)
     else:
-        lines, counts = _scan_plain(raw, sep)
+        lines, counts = scan_plain(raw, sep)
     if len(lines) == 0 or (header and len(lines) == 1):
         raise DataError("the file has no data rows", path=path, fix="check the path and the file")
     expected = int(counts[0])
@@ -446,7 +446,7 @@ def separator_in_file(path: Path, delimiter: str) -> DataError:
     )
 
 
-def _scan_plain(raw: bytes, sep: bytes) -> tuple[np.ndarray, np.ndarray]:
+def scan_plain(raw: bytes, sep: bytes) -> tuple[np.ndarray, np.ndarray]:
     """File line and field count of every non-blank line of a file without quoting (vectorised)."""
     data = np.frombuffer(raw, dtype=np.uint8)
     ends = np.flatnonzero(data == ord("\n"))

@@ -11,6 +11,7 @@ on the way to an error. Parquet files are read in row batches.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterator
@@ -36,6 +37,35 @@ class Chunk:
     first_row: int  # position of its first row among the file's data rows
     lines: Callable[[], np.ndarray | None]  # file line of every row, computed for error messages
     source: Path
+
+
+# pyarrow 26 loses rows when its blocks are 1 byte long (a file ending "0\r\n1" gives one row):
+# no block is shorter than this.
+_MIN_BLOCK_BYTES = 64
+
+
+@dataclass
+class _PlainLines:
+    """The non-blank lines of a file and their field counts, as `read_csv` checks them in a file
+    without quotes: how many, the first, and the ones whose count differs from the first's."""
+
+    quoted: bool = False  # whether the file has a quote character after all
+    lines: int = 0
+    first: tuple[int, int] | None = None  # (file line, fields)
+    ragged: int = 0
+    bad: tuple[int, int] | None = None  # (file line, fields) of the first ragged line
+
+    def add(self, lines: np.ndarray, counts: np.ndarray, quoted: bool) -> None:
+        self.quoted = self.quoted or quoted
+        if not len(lines):
+            return
+        if self.first is None:
+            self.first = int(lines[0]), int(counts[0])
+        bad = np.flatnonzero(counts != self.first[1])
+        if len(bad) and self.bad is None:
+            self.bad = int(lines[bad[0]]), int(counts[bad[0]])
+        self.ragged += len(bad)
+        self.lines += len(lines)
 
 
 class _RecordTooLong(Exception):
@@ -71,22 +101,47 @@ class CsvFile:
         block_bytes: int,
     ) -> None:
         self.path, self.delimiter, self.header, self.names = path, delimiter, header, names
-        self.encoding, self.block_bytes = encoding, block_bytes
-        multi = len(delimiter.encode("utf-8")) != 1
-        self.sep = readers.UNIT_SEPARATOR.decode() if multi else delimiter  # as pyarrow sees it
+        self.encoding = encoding
+        self.block_bytes = max(block_bytes, _MIN_BLOCK_BYTES)
+        self.multi = len(delimiter.encode("utf-8")) != 1
+        self.sep = readers.UNIT_SEPARATOR.decode() if self.multi else delimiter  # for the parser
         self.columns: list[str] = []
         self.rows = 0
+        self.quoted = True  # whether the file has quote characters (found by `scan`)
 
     def check_exists(self) -> None:
         readers.check_file(self.path)
 
-    def _stream(self) -> io.BufferedReader:
-        return text_stream(self.path, self.encoding, self.delimiter, self.block_bytes)
+    def _stream(self, block_bytes: int = 1 << 16) -> io.BufferedReader:
+        return text_stream(self.path, self.encoding, self.delimiter, block_bytes)
 
     def _records(self) -> Iterator[tuple[int, int]]:
-        """(file line, field count) of every record, the header too (see `readers.records`)."""
-        with io.TextIOWrapper(self._stream(), encoding="utf-8", newline="") as text:
-            yield from readers.records(text, self.path, self.sep, self.quotechar)
+        """(file line, field count) of every record, the header too, as `read_csv` finds them:
+        with the csv module if the file has quotes (`readers.records`), else line by line."""
+        if self.quoted:
+            with io.TextIOWrapper(self._stream(), encoding="utf-8", newline="") as text:
+                yield from readers.records(text, self.path, self.sep, self.quotechar)
+            return
+        for lines, counts, _ in self._lines(1 << 16):
+            yield from zip(lines.tolist(), counts.tolist(), strict=True)
+
+    def _lines(self, block_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
+        """(file line, field count) of the non-blank lines of each block, found as `read_csv`
+        finds them in a file without quotes (`readers.scan_plain`), and whether the block has a
+        quote character. Reading them checks every byte (`TextStream`)."""
+        carry, newlines, sep = b"", 0, self.sep.encode()
+        with self._stream(block_bytes) as stream:
+            while True:
+                block = stream.read(block_bytes)
+                data = carry + block
+                cut = data.rfind(b"\n") + 1 if block else len(data)
+                if cut:
+                    lines, counts = readers.scan_plain(data[:cut], sep)
+                    yield lines + newlines, counts, self.quotechar.encode() in block
+                    newlines += data.count(b"\n", 0, cut)
+                carry = data[cut:]
+                if not block:
+                    return
 
     def _head(self) -> bytes:
         """The file's first bytes, up to the end of its first non-blank line (or all of it)."""
@@ -102,32 +157,36 @@ class CsvFile:
     def scan(self) -> None:
         """Pass A: check every byte and record of the file like `read_csv`, count its rows.
 
-        The checks come in `read_csv`'s order, so a file with several faults gets the same
-        error: bytes, records (no data rows, ragged ones), column names, line endings."""
+        As in `read_csv`, a file with quote characters is read record by record (the csv module:
+        only to name the line of an error; pyarrow counts the rows and the ragged records), one
+        without line by line; and the checks come in `read_csv`'s order, so a file with several
+        faults gets the same error: bytes, records (none, ragged ones), column names, rows."""
         self.encoding = readers.text_codec(self.encoding, self.path)
         self.check_exists()
         head = self._head()
         if not head.strip():
             raise DataError("the file is empty", path=self.path, fix="check the path and the file")
-        records = self._records()
-        first_line, expected = next(records, (0, 0))
-        records.close()
-        placeholders = [str(i) for i in range(expected)]  # the names come after the record checks
-        while True:
-            ragged = _Ragged()
-            stream = self._stream()
-            try:
-                rows = sum(b.num_rows for b in self._batches(stream, placeholders, [], ragged))
-                break
-            except _RecordTooLong:
-                self.block_bytes *= 4
-                log.info("streaming: a record of %s is long: reading blocks of %d bytes",
-                         self.path, self.block_bytes)  # fmt: skip
-        if rows + ragged.count == 0:
-            raise DataError(
-                "the file has no data rows", path=self.path, fix="check the path and the file"
-            )
-        if ragged.count:
+        plain = _PlainLines()
+        for lines, counts, quoted in self._lines(self.block_bytes):
+            plain.add(lines, counts, quoted)
+        self.quoted = plain.quoted
+        if self.quoted:
+            records = self._records()
+            first_line, expected = next(records, (0, 0))
+            records.close()
+        else:
+            first_line, expected = plain.first or (0, 0)
+            if plain.lines - self.header <= 0:
+                self._refuse_no_rows()
+            if plain.ragged:
+                line, found = plain.bad or (0, 0)
+                raise readers.ragged_error(
+                    expected, first_line, line, found, plain.ragged, self.path, self.delimiter
+                )
+        rows, ragged = self._count([str(i) for i in range(expected)])
+        if self.quoted and rows + ragged.count == 0:
+            self._refuse_no_rows()
+        if self.quoted and ragged.count:
             self._refuse_ragged(first_line, expected, ragged)
         self.columns = readers.column_names(
             head,
@@ -139,11 +198,27 @@ class CsvFile:
             expected,
             self.path,
         )
-        text = stream.raw
-        assert isinstance(text, TextStream)
-        if not text.quoted and rows != text.lines - self.header:  # as `read_csv` checks it
-            raise readers.rows_lost(rows, text.lines - self.header, self.path)
+        parsed, lines = rows + ragged.count, plain.lines - self.header
+        if not self.quoted and (ragged.count or parsed != lines):  # e.g. a lone \r in a line
+            raise readers.rows_lost(parsed, lines, self.path)
         self.rows = rows
+
+    def _count(self, names: list[str]) -> tuple[int, _Ragged]:
+        """pyarrow's count of the data rows, and of the ragged records it skipped."""
+        while True:
+            ragged = _Ragged()
+            try:
+                batches = self._batches(names, names[:1], ragged, binary=True)
+                return sum(batch.num_rows for batch in batches), ragged
+            except _RecordTooLong:
+                self.block_bytes *= 4
+                log.info("streaming: a record of %s is long: reading blocks of %d bytes",
+                         self.path, self.block_bytes)  # fmt: skip
+
+    def _refuse_no_rows(self) -> None:
+        raise DataError(
+            "the file has no data rows", path=self.path, fix="check the path and the file"
+        )
 
     def _refuse_ragged(self, first_line: int, expected: int, ragged: _Ragged) -> None:
         """Raise the error of `read_csv` for the first record with the wrong number of fields."""
@@ -155,15 +230,22 @@ class CsvFile:
             expected, first_line, line, found or 0, ragged.count, self.path, self.delimiter
         )
 
+    def _input(self) -> Any:
+        """What pyarrow reads: the file itself when its bytes are what the parser takes (UTF-8,
+        whose byte-order mark pyarrow drops, and a one-byte delimiter), else a `TextStream`."""
+        if self.encoding == "utf-8" and not self.multi:
+            return pa.OSFile(str(self.path))
+        return self._stream(self.block_bytes)
+
     def _batches(
         self,
-        stream: io.BufferedReader,
         names: list[str],
         columns: list[str],
         on_ragged: _Ragged | None = None,
+        binary: bool = False,
     ) -> Iterator[pa.RecordBatch]:
         """Record batches of the data rows (the header dropped) of the file's columns `names`,
-        with `columns` of them as strings."""
+        with `columns` of them (one at least: none would mean all) as strings (or bytes)."""
         read = pacsv.ReadOptions(column_names=names, block_size=self.block_bytes, encoding="utf8")
         parse = pacsv.ParseOptions(
             delimiter=self.sep,
@@ -176,26 +258,29 @@ class CsvFile:
         )
         convert = pacsv.ConvertOptions(
             include_columns=columns,
-            column_types={c: pa.string() for c in columns},
+            column_types={c: pa.binary() if binary else pa.string() for c in columns},
             null_values=[""],
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
-        header = self.header
-        with stream:
-            try:
-                reader = pacsv.open_csv(
-                    stream, read_options=read, parse_options=parse, convert_options=convert
-                )
-                for batch in reader:
-                    if header and batch.num_rows:
-                        batch, header = batch.slice(1), False
-                    if batch.num_rows:
-                        yield batch
-            except pa.ArrowInvalid as error:
-                if "straddl" in str(error):  # "straddling object straddles two block boundaries"
-                    raise _RecordTooLong from None
-                raise DataError(f"could not parse the file: {error}", path=self.path) from None
+        header, source, reader = self.header, self._input(), None
+        try:
+            reader = pacsv.open_csv(
+                source, read_options=read, parse_options=parse, convert_options=convert
+            )
+            for batch in reader:
+                if header and batch.num_rows:
+                    batch, header = batch.slice(1), False
+                if batch.num_rows:
+                    yield batch
+        except pa.ArrowInvalid as error:
+            if "straddl" in str(error):  # "straddling object straddles two block boundaries"
+                raise _RecordTooLong from None
+            raise DataError(f"could not parse the file: {error}", path=self.path) from None
+        finally:
+            if reader is not None and isinstance(source, io.BufferedReader):
+                _finish(reader, source)
+            source.close()
 
     def lines(self, first_row: int, rows: int) -> np.ndarray:
         """The file line of data rows `first_row` .. `first_row + rows - 1`, found by reading the
@@ -212,7 +297,7 @@ class CsvFile:
 
     def chunks(self, columns: list[str]) -> Iterator[Chunk]:
         first = 0
-        for batch in self._batches(self._stream(), self.columns, columns):
+        for batch in self._batches(self.columns, columns):
             rows = batch.num_rows
             yield Chunk(
                 pa.Table.from_batches([batch]), first, partial(self.lines, first, rows), self.path
@@ -224,6 +309,19 @@ class CsvFile:
                 path=self.path,
                 fix="leave the file unchanged while dnis reads it, then run again",
             )
+
+
+def _finish(reader: Any, source: io.BufferedReader) -> None:
+    """Let pyarrow's reader of a Python stream run to its end before the stream is closed: one
+    left halfway keeps a read pending in pyarrow's threads, which aborts the interpreter at exit
+    ("terminate called without an active exception"). The stream ends at once, so this is quick.
+    """
+    text = source.raw
+    assert isinstance(text, TextStream)
+    text.stop()
+    with contextlib.suppress(Exception):  # the rows cut short may not parse
+        for _ in reader:
+            pass
 
 
 class ParquetFile:

@@ -19,8 +19,6 @@ import codecs
 import io
 from pathlib import Path
 
-import numpy as np
-
 from dnis.data import readers
 
 # The first read is at least this long, so that the compression check sees a whole magic number.
@@ -44,10 +42,6 @@ class TextStream(io.RawIOBase):
         self.consumed = 0  # file bytes decoded so far (after a byte-order mark)
         self.newlines = 0  # newlines among them
         self.line_start = 0  # offset of the first byte of the line being read
-        self.quoted = False  # whether the file holds a quote character
-        self.lines = 0  # non-blank lines (ended by \n) so far, counted as `read_csv` counts them
-        self.tail = 0  # bytes of the line being read
-        self.tail_first = 0  # its first byte
 
     def readable(self) -> bool:
         return True
@@ -59,6 +53,10 @@ class TextStream(io.RawIOBase):
         buffer[:n] = self.out[self.at : self.at + n]
         self.at += n
         return n
+
+    def stop(self) -> None:
+        """End the stream here: every later read finds the end of the file."""
+        self.out, self.at, self.done = b"", 0, True
 
     def close(self) -> None:
         self.handle.close()
@@ -96,38 +94,12 @@ class TextStream(io.RawIOBase):
                 self.path,
                 self.encoding,
             ) from None
-        self._note(raw)
         last = raw.rfind(b"\n")
         if last >= 0:
             self.line_start = self.consumed + last + 1
         self.newlines += raw.count(b"\n")
         self.consumed += len(raw)
         return text
-
-    def _note(self, raw: bytes) -> None:
-        """Note quote characters and count the non-blank lines, as `read_csv` does (a line is blank
-        when it is empty or a lone \\r): in a file without quotes, `read_csv` refuses a number of
-        rows parsed other than that (a lone \\r inside a line ends a row for the parser)."""
-        self.quoted = self.quoted or b'"' in raw
-        if not raw:  # the end of the file: its last line, if it has no \\n
-            self.lines += self.tail > 0 and not (self.tail == 1 and self.tail_first == 13)
-            return
-        data = np.frombuffer(raw, dtype=np.uint8)
-        ends = np.flatnonzero(data == 10)
-        if not len(ends):
-            self.tail_first = self.tail_first if self.tail else int(data[0])
-            self.tail += len(raw)
-            return
-        starts = np.r_[0, ends[:-1] + 1]
-        lengths = ends - starts
-        firsts = data[np.minimum(starts, len(raw) - 1)]
-        if self.tail:  # the first line began in an earlier block
-            lengths[0] += self.tail
-            firsts[0] = self.tail_first
-        blank = (lengths == 0) | ((lengths == 1) & (firsts == 13))
-        self.lines += int(len(ends) - blank.sum())
-        self.tail = len(raw) - int(ends[-1]) - 1
-        self.tail_first = int(data[len(raw) - self.tail]) if self.tail else 0
 
     def _replace(self, data: bytes, final: bool) -> bytes:
         """The complete lines of `carry + data` with the delimiter replaced by 0x1f."""
