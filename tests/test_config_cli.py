@@ -15,7 +15,7 @@ import yaml
 from dnis.app.config import Config, DatasetConfig, load_config, parse
 from dnis.app.train import train
 from dnis.cli import main
-from dnis.data import registry
+from dnis.data import catalog
 from dnis.errors import ConfigError, DnisError
 
 
@@ -195,7 +195,7 @@ def test_loader_options_with_own_files_are_refused_not_ignored() -> None:
 
 def test_unknown_dataset_name_suggests(tmp_path: Path, tiny_config_dict) -> None:
     with pytest.raises(ConfigError, match=r"(?i)did you mean 'movielens-latest-small'"):
-        registry.load("movielens-latest-smal", task="rating")
+        catalog.load("movielens-latest-smal", task="rating")
     data = tiny_config_dict(tmp_path, dataset={"name": "synthetc", "options": {}})
     cfg = load_config(write_config(tmp_path / "c.yaml", data))
     with pytest.raises(
@@ -305,7 +305,7 @@ def test_cli_datasets_lists_bundled(capsys, monkeypatch) -> None:
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "movielens-latest-small" in out and "synthetic" in out
-    names = {d.name for d in registry.datasets()}
+    names = {d.name for d in catalog.datasets()}
     assert {"movielens-latest-small", "synthetic"} <= names
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dnis.data import registry
+from dnis.data import catalog
 from dnis.data.criteo import load_avazu, load_criteo
 from dnis.data.dataset import EncodedDataset
 from dnis.data.movielens import hour_of_week, load_100k, load_latest_small, title_year
@@ -42,14 +42,14 @@ def latest_ctr() -> EncodedDataset:
 
 
 def test_registry_lists_the_datasets() -> None:
-    names = {d.name for d in registry.datasets()}
+    names = {d.name for d in catalog.datasets()}
     assert {"movielens-latest-small", "movielens-100k", "movielens-1m", "criteo", "avazu"} <= names
-    assert registry.info("movielens-latest-small").bundled
-    assert not registry.info("criteo").bundled
+    assert catalog.info("movielens-latest-small").bundled
+    assert not catalog.info("criteo").bundled
 
 
 def test_latest_small_rating() -> None:
-    ds = registry.load("movielens-latest-small", task="rating", seed=1)
+    ds = catalog.load("movielens-latest-small", task="rating", seed=1)
     assert sum(rows(ds)) == 100_836 and rows(ds)[0] == 80_669
     assert ds.schema.names == ["user", "item"]
     labels = ds.train.labels
@@ -144,7 +144,7 @@ def test_criteo_8k_own_split() -> None:
 
 
 def test_criteo_sample_with_header() -> None:
-    ds = registry.load("criteo", task="ctr", path=shared("criteo-sample") / "criteo_sample.txt")
+    ds = catalog.load("criteo", task="ctr", path=shared("criteo-sample") / "criteo_sample.txt")
     assert sum(rows(ds)) == 200
     assert float(ds.train.labels.sum() + ds.valid.labels.sum() + ds.test.labels.sum()) == 49
 
@@ -182,7 +182,7 @@ def test_movielens_1m_format(tmp_path: Path) -> None:
     (tmp_path / "movies.dat").write_bytes(movies.encode("latin-1"))
     users = "".join(f"{u}::{'MF'[u % 2]}::25::{u}::{u}2345-678\n" for u in range(1, 5))
     (tmp_path / "users.dat").write_text(users)
-    ds = registry.load("movielens-1m", task="ctr", path=tmp_path)
+    ds = catalog.load("movielens-1m", task="ctr", path=tmp_path)
     assert sum(rows(ds)) == 40
     assert ds.schema["age"].kind == "categorical"
     fields = {f.spec.name: f.vocabulary for f in ds.encoder.fields}
@@ -192,4 +192,4 @@ def test_movielens_1m_format(tmp_path: Path) -> None:
     }
     assert set(fields["zip"] or []) <= {"123", "223", "323", "423"}
     assert set(fields["genres"] or []) == {"Comedy", "Drama", "Action", "Horror"}
-    assert rows(registry.load("movielens-1m", task="topk", path=tmp_path))[1:] == [4, 4]
+    assert rows(catalog.load("movielens-1m", task="topk", path=tmp_path))[1:] == [4, 4]

@@ -120,7 +120,7 @@ def test_models_train_and_evaluate_on_the_gpu(name):
 
 @needs_cuda
 def test_topk_ranking_on_the_gpu_equals_the_cpu():
-    from dnis.data.registry import load
+    from dnis.data.catalog import load
     from dnis.embeddings import FieldLayout, FusedEmbedding
 
     dataset = load("movielens-latest-small", "topk", seed=0)

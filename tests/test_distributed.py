@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from dnis.cli import main
-from dnis.data.registry import load
+from dnis.data.catalog import load
 from dnis.data.synthetic import load_synthetic
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.models import build

@@ -38,19 +38,6 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 LAYER = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
-# Cycles between the modules of one package that are known and being removed. A cycle found is
-# tolerated only when each of its modules is one of a set here, or inside a package of it.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    # inside dnis.data, which the layering change left alone; issue 17
-    frozenset(
-        {"dnis.data.cache", "dnis.data.dataset", "dnis.data.encode", "dnis.data.loader", "dnis.data.split"}
-    ): "dataset -> split -> loader -> cache -> dataset",
-    # inside dnis.data, which the layering change left alone; issue 17
-    frozenset(
-        {"dnis.data.registry", "dnis.data.criteo", "dnis.data.lightgcn", "dnis.data.movielens", "dnis.data.synthetic"}
-    ): "registry -> built-in loaders -> registry",
-}  # fmt: skip
-
 
 @dataclass(frozen=True)
 class Import:
@@ -137,14 +124,6 @@ def cycles(edges: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def known(component: set[str]) -> bool:
-    """Whether a cycle lies inside one of KNOWN_CYCLES (a package there covers its modules)."""
-    return any(
-        all(any(m == k or m.startswith(f"{k}.") for k in allowed) for m in component)
-        for allowed in KNOWN_CYCLES
-    )
-
-
 def cycle_path(component: set[str], edges: dict[str, set[str]]) -> list[str]:
     """One concrete cycle through a component, for the error message: a -> b -> ... -> a."""
     start = min(component)
@@ -172,8 +151,6 @@ def test_the_checker_sees_the_imports_it_must() -> None:
     assert ("dnis.export.artifact", "dnis.export.torchscript") in found  # `from dnis.export import`
     assert any(i.source == "dnis.app.track.base" and i.path.name == "base.py" for i in IMPORTS)
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
-    assert known({"dnis.data.registry", "dnis.data.movielens"})  # a subset of a known cycle
-    assert not known({"dnis.data.tabular", "dnis.search.pep"})
 
 
 def test_every_part_of_dnis_has_a_layer() -> None:
@@ -206,9 +183,5 @@ def test_no_cycle_between_modules() -> None:
     for i in IMPORTS:
         if i.source != i.target:
             edges[i.source].add(i.target)
-    found = [
-        f"{' -> '.join(cycle_path(c, edges))} (in all: {sorted(c)})"
-        for c in cycles(edges)
-        if not known(c)
-    ]
+    found = [f"{' -> '.join(cycle_path(c, edges))} (in all: {sorted(c)})" for c in cycles(edges)]
     assert not found, "modules that import each other:\n" + "\n".join(found)

@@ -13,7 +13,7 @@ import yaml
 
 from dnis import models
 from dnis.app.config import load_config
-from dnis.data import registry
+from dnis.data import catalog
 from dnis.data.dataset import EncodedDataset
 from dnis.data.lightgcn import hold_out_valid, load_lightgcn, read_lightgcn
 from dnis.embeddings import FieldLayout, FusedEmbedding
@@ -58,7 +58,7 @@ def pairs(lines: dict[int, list[int]]) -> set[tuple[int, int]]:
 
 def test_round_trip_counts_and_pairs(tmp_path: Path) -> None:
     written = generated(tmp_path)
-    ds = registry.load("lightgcn", task="topk", path=tmp_path)
+    ds = catalog.load("lightgcn", task="topk", path=tmp_path)
     assert ds.name == "lightgcn" and ds.task == "topk" and ds.meta["valid_from"] == "valid.txt"
     known = {i for v in written["train"].values() for i in v}
     for split in SPLITS:
@@ -76,7 +76,7 @@ def test_round_trip_counts_and_pairs(tmp_path: Path) -> None:
 
 def test_known_item_masking_sees_train_and_valid_items(tmp_path: Path) -> None:
     generated(tmp_path)
-    ds = registry.load("lightgcn", task="topk", path=tmp_path)
+    ds = catalog.load("lightgcn", task="topk", path=tmp_path)
     task = TopKTask(ds)
     users = torch.arange(1, ds.cardinalities[0])
 
@@ -156,7 +156,7 @@ def test_malformed_lines_name_file_and_line(
     generated(tmp_path)
     (tmp_path / "valid.txt").write_bytes(text)
     with pytest.raises(DataError) as error:
-        registry.load("lightgcn", task="topk", path=tmp_path)
+        catalog.load("lightgcn", task="topk", path=tmp_path)
     assert error.value.path == str(tmp_path / "valid.txt") and error.value.line == line
     assert says in str(error.value) and f"line {line}" in str(error.value)
 
@@ -180,11 +180,11 @@ def test_folder_and_options_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"lacks \['test.txt'\]"):
         load_lightgcn(task="topk", path=tmp_path / "data")
     with pytest.raises(ConfigError, match="supports tasks"):
-        registry.load("gowalla", task="ctr", path=tmp_path)
+        catalog.load("gowalla", task="ctr", path=tmp_path)
     with pytest.raises(ConfigError, match="not bundled"):
-        registry.load("gowalla", task="topk")
+        catalog.load("gowalla", task="topk")
     with pytest.raises(ConfigError, match="Did you mean 'min_count'"):
-        registry.load("lightgcn", task="topk", path=tmp_path, min_cont=2)
+        catalog.load("lightgcn", task="topk", path=tmp_path, min_cont=2)
     with pytest.raises(ConfigError, match="positive integer"):
         load_lightgcn(task="topk", path=tmp_path, min_count=0)
 
@@ -208,7 +208,7 @@ def test_gowalla_config_is_defaults_only() -> None:
 @pytest.mark.skipif(not (GOWALLA / "train.txt").is_file(), reason=f"needs {GOWALLA}")
 def test_real_gowalla_counts() -> None:
     start = time.perf_counter()
-    ds = registry.load("gowalla", task="topk", path=GOWALLA)
+    ds = catalog.load("gowalla", task="topk", path=GOWALLA)
     seconds = time.perf_counter() - start
     rows = {s: len(ds.split(s)) for s in SPLITS}
     assert rows == {"train": 719_081, "valid": 91_047, "test": 217_242}

@@ -61,7 +61,7 @@ class RichProgress(Progress):
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
-    from dnis.data.registry import datasets
+    from dnis.data.catalog import datasets
 
     table = Table(title="datasets")
     for column in ("name", "tasks", "bundled", "description"):

@@ -20,10 +20,10 @@ from torch import nn
 from dnis import distributed, models
 from dnis.app import track
 from dnis.app.config import Config, DatasetConfig
+from dnis.data.catalog import load
+from dnis.data.checks import check_splits
 from dnis.data.dataset import EncodedDataset
-from dnis.data.registry import load
 from dnis.data.schema import Schema
-from dnis.data.split import check_splits
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.io import atomic_write, write_json, write_yaml
 from dnis.models.base import Model

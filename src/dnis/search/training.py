@@ -168,7 +168,7 @@ def endless_valid_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled validation batches without end, for a bilevel method's architecture steps
     (`steps` names them in the error). An empty validation split would make the loop spin
-    forever without yielding, so it is refused; runs refuse it earlier, in `check_splits`."""
+    forever without yielding, so it is refused; runs refuse it earlier, in `dnis.data.checks.check_splits`."""
     if len(dataset.valid) == 0:
         raise DnisError(
             f"{steps} take validation batches, but the validation split is empty; give it rows "
