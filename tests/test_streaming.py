@@ -315,7 +315,8 @@ def test_bytes_are_checked_across_block_edges(tmp_path: Path) -> None:
 
 def test_a_record_longer_than_a_block_and_other_encodings(tmp_path: Path) -> None:
     """pyarrow refuses a record longer than its block; the block then grows until it fits. A
-    latin-1 file is transcoded on the way: the same dataset as in memory."""
+    latin-1 file is transcoded into a UTF-8 copy for pyarrow, deleted once the cache is built:
+    the same dataset as in memory."""
     frame = clicks_frame(600)
     frame.loc[100, "note"] = "é" * 3000 + "\nsecond line"
     path = write_csv(tmp_path / "long.csv", frame)
@@ -323,12 +324,14 @@ def test_a_record_longer_than_a_block_and_other_encodings(tmp_path: Path) -> Non
     kwargs = dict(format="csv", path=path, schema=SCHEMA, task="ctr", encoding="latin-1")
     disk = load_files(**kwargs, streaming=options(tmp_path, chunk_bytes=256))
     assert_same_dataset(load_files(**kwargs), disk)
+    assert len(list(Path(disk.meta["cache"]).iterdir())) == 8  # meta, encoder, 3 x (ids, labels)
 
 
 def test_a_reader_left_halfway_lets_the_process_exit(tmp_path: Path) -> None:
-    """A streamed read stopped by an error (a bad label) leaves no pyarrow thread waiting on the
-    Python stream it reads: without care the process hangs or aborts at exit ("terminate called
-    without an active exception")."""
+    """A streamed read stopped halfway (by a bad label, say) lets the process exit. pyarrow's
+    streaming reader reading a Python file object instead of a file hung or aborted the process
+    at exit ("terminate called without an active exception"), so pyarrow reads files only (a
+    latin-1 file through its UTF-8 copy, as here)."""
     import subprocess
     import sys
 

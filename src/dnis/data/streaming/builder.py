@@ -62,10 +62,14 @@ class Builder:
 
     def build(self, folder: Path) -> dict[str, Any]:
         """All passes; writes the split arrays and encoder.json into `folder`."""
-        self._scan(folder)
-        self._float_categoricals()
-        self._fit()
-        info = self._write(folder)
+        try:
+            self._scan(folder)
+            self._float_categoricals()
+            self._fit()
+            info = self._write(folder)
+        finally:
+            for source in self.sources.values():
+                source.close()  # a copy a source made in `folder`
         self.assign.close()
         fields = []
         for state in self.fields:
@@ -80,7 +84,7 @@ class Builder:
     # pass A -----------------------------------------------------------------------------------
     def _scan(self, folder: Path) -> None:
         for source in self.sources.values():
-            source.scan()
+            source.scan(folder)
             frame = pd.DataFrame(columns=source.columns)
             frame.attrs["source"] = str(source.path)
             require_columns(frame, [f.source for f in self.schema.features])

@@ -1,12 +1,16 @@
 """Data files read in chunks of rows, each chunk a pyarrow table of the columns asked for.
 
-CSV/TSV files are parsed by pyarrow's streaming reader (`pyarrow.csv.open_csv`, one record batch
-per block of `block_bytes`) from a `TextStream`, which checks the bytes as `read_csv` does. The
-first pass (`CsvFile.scan`) reads every record: it counts the rows and the ones with the wrong
-number of fields. pyarrow does not say on which file line a row is, so when an error must name
-the line (a ragged record, a bad label or time), the records are read again up to that row with
-the in-memory reader's own scanner (`dnis.data.readers.records`, the csv module): slow, but only
-on the way to an error. Parquet files are read in row batches.
+CSV/TSV files are parsed by pyarrow's streaming reader (`pyarrow.csv.open_csv`), one record batch
+per block of `block_bytes`, from the file itself. `CsvFile.scan` (pass A) first reads the file
+through a `TextStream`, which checks every byte as `read_csv` does, and checks its lines the way
+`read_csv` does (`readers.scan_plain`, for a file without quotes); a file that is not UTF-8 or
+has a multi-character delimiter is copied on the way as pyarrow is to parse it. Then pyarrow
+counts the rows and the records with the wrong number of fields. pyarrow does not say on which
+file line a row is, so when an error must name it (a ragged record in a file with quotes, a bad
+label or time) the records are read again up to that row with the in-memory reader's own scanner
+(`readers.records`, the csv module): slow, but only on the way to an error.
+
+Parquet files are read in row batches.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from dnis.data import readers
-from dnis.data.streaming.text import TextStream, text_stream
+from dnis.data.streaming.text import text_stream
 from dnis.errors import DataError
 
 log = logging.getLogger("dnis.data.streaming")
@@ -108,6 +113,8 @@ class CsvFile:
         self.columns: list[str] = []
         self.rows = 0
         self.quoted = True  # whether the file has quote characters (found by `scan`)
+        self.copy: Path | None = None  # the file in UTF-8 with 0x1f delimiters, if it is not so
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def check_exists(self) -> None:
         readers.check_file(self.path)
@@ -125,14 +132,19 @@ class CsvFile:
         for lines, counts, _ in self._lines(1 << 16):
             yield from zip(lines.tolist(), counts.tolist(), strict=True)
 
-    def _lines(self, block_bytes: int) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
+    def _lines(
+        self, block_bytes: int, copy: BinaryIO | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
         """(file line, field count) of the non-blank lines of each block, found as `read_csv`
         finds them in a file without quotes (`readers.scan_plain`), and whether the block has a
-        quote character. Reading them checks every byte (`TextStream`)."""
+        quote character. Reading them checks every byte (`TextStream`); what pyarrow is to parse
+        is written to `copy`."""
         carry, newlines, sep = b"", 0, self.sep.encode()
         with self._stream(block_bytes) as stream:
             while True:
                 block = stream.read(block_bytes)
+                if copy is not None:
+                    copy.write(block)
                 data = carry + block
                 cut = data.rfind(b"\n") + 1 if block else len(data)
                 if cut:
@@ -154,8 +166,13 @@ class CsvFile:
                     break
         return head
 
-    def scan(self) -> None:
+    def scan(self, folder: Path | None = None) -> None:
         """Pass A: check every byte and record of the file like `read_csv`, count its rows.
+
+        A file that is not UTF-8, or has a multi-character delimiter, is copied on the way into
+        `folder` (by default a temporary one) as pyarrow is to parse it: UTF-8 with 0x1f for the
+        delimiter. (pyarrow could read it through Python, but its streaming reader then makes the
+        interpreter abort at exit now and then: "terminate called without an active exception".)
 
         As in `read_csv`, a file with quote characters is read record by record (the csv module:
         only to name the line of an error; pyarrow counts the rows and the ragged records), one
@@ -167,8 +184,9 @@ class CsvFile:
         if not head.strip():
             raise DataError("the file is empty", path=self.path, fix="check the path and the file")
         plain = _PlainLines()
-        for lines, counts, quoted in self._lines(self.block_bytes):
-            plain.add(lines, counts, quoted)
+        with self._copy(folder) as copy:
+            for lines, counts, quoted in self._lines(self.block_bytes, copy):
+                plain.add(lines, counts, quoted)
         self.quoted = plain.quoted
         if self.quoted:
             records = self._records()
@@ -230,12 +248,27 @@ class CsvFile:
             expected, first_line, line, found or 0, ragged.count, self.path, self.delimiter
         )
 
-    def _input(self) -> Any:
-        """What pyarrow reads: the file itself when its bytes are what the parser takes (UTF-8,
-        whose byte-order mark pyarrow drops, and a one-byte delimiter), else a `TextStream`."""
+    def _copy(self, folder: Path | None) -> contextlib.AbstractContextManager[BinaryIO | None]:
+        """Where `scan` writes the file as pyarrow is to parse it (nothing if it already is so:
+        UTF-8, whose byte-order mark pyarrow drops, with a one-byte delimiter)."""
+        self.close()
         if self.encoding == "utf-8" and not self.multi:
-            return pa.OSFile(str(self.path))
-        return self._stream(self.block_bytes)
+            return contextlib.nullcontext()
+        if folder is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="dnis-")
+            folder = Path(self._tmp.name)
+        handle, name = tempfile.mkstemp(prefix="utf8-", suffix=".txt", dir=folder)
+        self.copy = Path(name)
+        return open(handle, "wb")  # noqa: SIM115 (closed by the caller's `with`)
+
+    def close(self) -> None:
+        """Delete the copy `scan` made, if any."""
+        if self.copy is not None:
+            self.copy.unlink(missing_ok=True)
+            self.copy = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def _batches(
         self,
@@ -263,24 +296,21 @@ class CsvFile:
             strings_can_be_null=True,
             quoted_strings_can_be_null=True,
         )
-        header, source, reader = self.header, self._input(), None
-        try:
-            reader = pacsv.open_csv(
-                source, read_options=read, parse_options=parse, convert_options=convert
-            )
-            for batch in reader:
-                if header and batch.num_rows:
-                    batch, header = batch.slice(1), False
-                if batch.num_rows:
-                    yield batch
-        except pa.ArrowInvalid as error:
-            if "straddl" in str(error):  # "straddling object straddles two block boundaries"
-                raise _RecordTooLong from None
-            raise DataError(f"could not parse the file: {error}", path=self.path) from None
-        finally:
-            if reader is not None and isinstance(source, io.BufferedReader):
-                _finish(reader, source)
-            source.close()
+        header = self.header
+        with pa.OSFile(str(self.copy or self.path)) as source:
+            try:
+                reader = pacsv.open_csv(
+                    source, read_options=read, parse_options=parse, convert_options=convert
+                )
+                for batch in reader:
+                    if header and batch.num_rows:
+                        batch, header = batch.slice(1), False
+                    if batch.num_rows:
+                        yield batch
+            except pa.ArrowInvalid as error:
+                if "straddl" in str(error):  # "straddling object straddles two block boundaries"
+                    raise _RecordTooLong from None
+                raise DataError(f"could not parse the file: {error}", path=self.path) from None
 
     def lines(self, first_row: int, rows: int) -> np.ndarray:
         """The file line of data rows `first_row` .. `first_row + rows - 1`, found by reading the
@@ -311,19 +341,6 @@ class CsvFile:
             )
 
 
-def _finish(reader: Any, source: io.BufferedReader) -> None:
-    """Let pyarrow's reader of a Python stream run to its end before the stream is closed: one
-    left halfway keeps a read pending in pyarrow's threads, which aborts the interpreter at exit
-    ("terminate called without an active exception"). The stream ends at once, so this is quick.
-    """
-    text = source.raw
-    assert isinstance(text, TextStream)
-    text.stop()
-    with contextlib.suppress(Exception):  # the rows cut short may not parse
-        for _ in reader:
-            pass
-
-
 class ParquetFile:
     """A Parquet file read in row batches (column types kept, as `read_parquet` keeps them)."""
 
@@ -343,13 +360,16 @@ class ParquetFile:
         except (pa.ArrowException, OSError) as error:
             raise DataError(f"not a readable Parquet file: {error}", path=self.path) from None
 
-    def scan(self) -> None:
+    def scan(self, folder: Path | None = None) -> None:
         self.check_exists()
         handle = self._open()
         self.columns = list(handle.schema_arrow.names)
         self.rows = int(handle.metadata.num_rows)
         if self.rows == 0:
             raise DataError("the file has no rows", path=self.path)
+
+    def close(self) -> None:
+        pass
 
     def type_of(self, column: str) -> pa.DataType:
         return self._open().schema_arrow.field(column).type

@@ -1,4 +1,4 @@
-"""The bytes of a delimited text file as pyarrow's CSV reader is given them, checked on the way.
+"""The bytes of a delimited text file as pyarrow's CSV reader is to parse them, checked.
 
 `TextStream` is a file object that reads a text file block by block and hands on UTF-8 bytes,
 doing what `dnis.data.readers.read_csv` does to a whole file before parsing it:
@@ -11,6 +11,9 @@ doing what `dnis.data.readers.read_csv` does to a whole file before parsing it:
 - a multi-character delimiter (MovieLens-1M's "::") is replaced by the byte 0x1f, which pyarrow
   takes as its one-character delimiter, and a file that already holds 0x1f is refused. Bytes are
   handed on up to the last newline read, so a delimiter is never cut in two.
+
+`dnis.data.streaming.sources` reads it in Python (line checks, the csv module) and writes it out
+for pyarrow when the file is not UTF-8 already; pyarrow itself always reads a file.
 """
 
 from __future__ import annotations
@@ -53,10 +56,6 @@ class TextStream(io.RawIOBase):
         buffer[:n] = self.out[self.at : self.at + n]
         self.at += n
         return n
-
-    def stop(self) -> None:
-        """End the stream here: every later read finds the end of the file."""
-        self.out, self.at, self.done = b"", 0, True
 
     def close(self) -> None:
         self.handle.close()
