@@ -130,7 +130,7 @@ def read_csv(
     """
     path = Path(path)
     encoding = text_codec(encoding, path)
-    raw = _read_bytes(path, encoding)
+    raw = read_bytes(path, encoding)
     _check_encoding(raw, path, encoding)
     sep = delimiter.encode(encoding)
     if len(sep) != 1:
@@ -208,7 +208,7 @@ def read_libfm(path: str | Path, *, encoding: str = "utf-8") -> pd.DataFrame:
     """
     path = Path(path)
     encoding = _codec(encoding, path)
-    raw = _read_bytes(path, encoding)
+    raw = read_bytes(path, encoding)
     _check_encoding(raw, path, encoding)
     text = pd.Series(raw.decode(encoding).splitlines(), dtype=object)
     lines = np.flatnonzero(text.str.strip().str.len().to_numpy() > 0) + 1
@@ -331,13 +331,16 @@ def without_bom(raw: bytes, path: Path, encoding: str) -> bytes:
     return raw
 
 
-def _read_bytes(path: Path, encoding: str) -> bytes:
+def read_bytes(path: Path, encoding: str) -> bytes:
     """The file's bytes, decompressed and without a UTF-8 byte-order mark."""
     check_file(path)
     raw = without_bom(_decompressed(path.read_bytes(), path), path, encoding)
     if not raw.strip():
         raise DataError("the file is empty", path=path, fix="check the path and the file")
     return raw
+
+
+_read_bytes = read_bytes  # the name `dnis.data.lightgcn` imports
 
 
 def compression(raw: bytes) -> str | None:

@@ -15,6 +15,7 @@ Parquet files are read in row batches.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import logging
@@ -252,8 +253,8 @@ class CsvFile:
         """Where `scan` writes the file as pyarrow is to parse it (nothing if it already is so:
         UTF-8, whose byte-order mark pyarrow drops, with a one-byte delimiter)."""
         self.close()
-        if self.encoding == "utf-8" and not self.multi:
-            return contextlib.nullcontext()
+        if codecs.lookup(self.encoding).name in ("utf-8", "ascii") and not self.multi:
+            return contextlib.nullcontext()  # ASCII checked is UTF-8 already
         if folder is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="dnis-")
             folder = Path(self._tmp.name)
