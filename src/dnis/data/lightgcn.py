@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from dnis.data.dataset import EncodedDataset, build_dataset
-from dnis.data.readers import _read_bytes
+from dnis.data.readers import read_bytes
 from dnis.data.registry import DatasetInfo, register
 from dnis.data.schema import FeatureSpec, Schema
 from dnis.errors import ConfigError, DataError
@@ -75,7 +75,7 @@ def read_lightgcn(path: str | Path) -> Interactions:
     naming the file and line of the first malformed token, or the file when it has no interaction.
     """
     path = Path(path)
-    data = np.frombuffer(_read_bytes(path, "utf-8"), dtype=np.uint8)
+    data = np.frombuffer(read_bytes(path, "utf-8"), dtype=np.uint8)
     digit = (data >= _ZERO) & (data <= _NINE)
     bad = ~digit & ~np.isin(data, _SPACES)
     newlines = np.flatnonzero(data == _NEWLINE)

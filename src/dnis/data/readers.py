@@ -281,7 +281,7 @@ def check_times(frame: pd.DataFrame, column: str) -> pd.Series:
 
 def _codec(encoding: str, path: Path) -> str:
     """`encoding`, checked; any spelling of UTF-8 (utf-8-sig too) becomes "utf-8", since
-    `_read_bytes` drops the byte-order mark."""
+    `read_bytes` drops the byte-order mark."""
     try:
         name = codecs.lookup(encoding).name
         "\n".encode(encoding)  # refuses codecs that are not text encodings, such as rot13
@@ -338,9 +338,6 @@ def read_bytes(path: Path, encoding: str) -> bytes:
     if not raw.strip():
         raise DataError("the file is empty", path=path, fix="check the path and the file")
     return raw
-
-
-_read_bytes = read_bytes  # the name `dnis.data.lightgcn` imports
 
 
 def compression(raw: bytes) -> str | None:

@@ -65,7 +65,8 @@ def _required(frame: pd.DataFrame, column: str | None, role: str, method: str) -
     return frame[column].to_numpy()
 
 
-def _cuts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int]:
+def split_cuts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int]:
+    """Where a split of `n` rows by `ratios` cuts: rows [0, a) train, [a, b) valid, [b, n) test."""
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
         raise ConfigError(
             f"split ratios must be three non-negative numbers summing to 1, got {ratios}"
@@ -77,14 +78,14 @@ def _cuts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int]:
 
 def random_split(n: int, ratios: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
-    a, b = _cuts(n, ratios)
+    a, b = split_cuts(n, ratios)
     return {"train": order[:a], "valid": order[a:b], "test": order[b:]}
 
 
 def temporal_split(times: np.ndarray, ratios: tuple[float, float, float]) -> dict[str, np.ndarray]:
     """Oldest rows train, newest test (stable sort keeps file order among equal times)."""
     order = np.argsort(times, kind="stable")
-    a, b = _cuts(len(order), ratios)
+    a, b = split_cuts(len(order), ratios)
     return {"train": order[:a], "valid": order[a:b], "test": order[b:]}
 
 
@@ -112,7 +113,7 @@ def fewest_rows() -> int:
     ratio) rows on none is, and rounding can empty one below that."""
     bound = math.ceil(2 / min(RATIOS))
     for m in range(bound - 1, 0, -1):
-        a, b = _cuts(m, RATIOS)
+        a, b = split_cuts(m, RATIOS)
         if min(a, b - a, m - b) == 0:
             return m + 1
     return 1

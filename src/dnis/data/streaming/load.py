@@ -12,7 +12,7 @@ from dnis.data.dataset import EncodedDataset
 from dnis.data.encode import Encoder
 from dnis.data.readers import TableFiles
 from dnis.data.schema import Schema
-from dnis.data.split import RATIOS, _cuts
+from dnis.data.split import RATIOS, split_cuts
 from dnis.data.streaming.builder import Builder
 from dnis.data.streaming.options import StreamingOptions, check_streamable
 from dnis.data.streaming.sources import CsvFile, ParquetFile
@@ -38,7 +38,7 @@ def load_streaming(
     check_streamable(files.format, task, split, one_file="all" in paths)
     if schema.label is None:
         raise ConfigError(f"task {task!r} needs a `label` column in the schema")
-    _cuts(0, ratios)  # refuse bad ratios before any work
+    split_cuts(0, ratios)  # refuse bad ratios before any work
     sep = files.separator
     sources = {
         key: ParquetFile(file, options.chunk_rows)

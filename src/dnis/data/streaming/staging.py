@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dnis.data.cache import SPLIT_NAMES
-from dnis.data.split import _cuts
+from dnis.data.split import split_cuts
 
 
 class Assignment:
@@ -24,7 +24,7 @@ class Assignment:
         self.inverse: Path | None = None
         if "all" in rows:
             n = rows["all"]
-            a, b = _cuts(n, ratios)
+            a, b = split_cuts(n, ratios)
             # the permutation of `random_split` (numpy draws the same one for an int32 arange)
             self.dtype = np.dtype(np.int32 if n < 2**31 else np.int64)
             order = np.arange(n, dtype=self.dtype)
