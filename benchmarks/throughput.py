@@ -4,7 +4,7 @@ Data: the synthetic CTR generator with 26 categorical fields (20 signal + 6 nois
 numeric fields (bucketised into ids by our encoder), Criteo-shaped. Both sides train on the very
 same id/label tensors, width 16, batch 4096, MLP 400-400-400, linear terms + FM + MLP, Adam.
 
-- ours: `Trainer._train_epoch` (our `batches` loader, `CTRTask.loss`, the trainer's optimizer and
+- ours: `Trainer.train_epoch` (our `batches` loader, `CTRTask.loss`, the trainer's optimizer and
   per-batch checks), i.e. exactly what `Trainer.fit` runs per epoch, minus validation.
 - handwritten: one `nn.Embedding` over all fields with per-field offsets, a width-1 one for the
   linear terms, the FM term and the MLP, a randperm shuffle and `torch.optim.Adam`.
@@ -121,7 +121,7 @@ def main() -> None:
 
     def run_ours(epoch: int) -> float:
         t0 = time.perf_counter()
-        trainer._train_epoch(epoch)  # the exact per-epoch path of Trainer.fit
+        trainer.train_epoch(epoch)  # the exact per-epoch path of Trainer.fit
         return n / (time.perf_counter() - t0)
 
     def run_hand() -> float:

@@ -199,7 +199,7 @@ def test_learns_a_planted_signal(variant: str, planted: EncodedDataset) -> None:
     assert auc > 0.6, f"{variant}: test AUC {auc:.3f}"
 
 
-SEARCH = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=1)
+SEARCH = DnisConfig(num_blocks=2, warmup_epochs=0, search_epochs=1, schedule="static")  # any budget
 QUICK = TrainConfig(epochs=1, batch_size=512)
 
 

@@ -171,7 +171,7 @@ def test_adagrad_sparse_equals_adagrad_dense(fm_data: EncodedDataset) -> None:
         for module in model.modules():
             if isinstance(module, FusedEmbedding):
                 module.sparse = sparse
-        trainer._train_epoch(1)
+        trainer.train_epoch(1)
         weights.append(model.state_dict())
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
@@ -194,7 +194,7 @@ def test_embeddings_without_sparse_lookups_fall_back_to_adam(fm_data: EncodedDat
         dense = {id(p) for g in trainer.optimizer.dense.param_groups for p in g["params"]}
         assert embedding_ids <= dense
         trainer.optimizer.step()
-        trainer._train_epoch(1)
+        trainer.train_epoch(1)
 
 
 def test_resume_with_both_optimizer_states(fm_data: EncodedDataset, tmp_path: Path) -> None:

@@ -445,6 +445,11 @@ class Trainer:
             state["best_epoch"], valid, state["history"], state["seconds"], capped=capped
         )
 
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch of training steps (randomness from (seed, epoch)), without validation or
+        checkpoint: the step loop of `fit`, which benchmarks time. Returns the mean loss."""
+        return self._train_epoch(self._context(epoch))
+
     def _context(self, epoch: int) -> EpochContext:
         """The epoch's randomness, drawn from (seed, epoch) alone."""
         seed = epoch_seed(self.config.seed, self.seed_offset + epoch)
