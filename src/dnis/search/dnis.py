@@ -70,7 +70,7 @@ from dnis.search.training import ModelFactory, block_report, endless_valid_batch
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress, SilentProgress
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, TrainResult
 
 CONVERGE = "converge"  # search.warmup_epochs: train to early stopping before the search
 SCHEDULES = ("auto", "gradual", "static")
@@ -456,28 +456,28 @@ def search(
         )
         warmup.fit(resume=resume and _exists(warmup.checkpoint_path))
         del warmup  # its DistributedDataParallel (under torchrun) must not outlive the warm-up
+
+    def phase(hook: AlphaSearch, epochs: int, patience: int, **options: Any) -> TrainResult:
+        """One Trainer run with DNIS's alpha steps (`hook`); a resumed run counts the epochs of
+        earlier processes in `seconds`, not the reloading."""
+        nonlocal seconds
+        settings = TrainConfig(**{**vars(train), "epochs": epochs, "patience": patience})
+        trainer = Trainer(
+            model, task, settings, progress=progress, config_hash=config_hash, hooks=[hook],
+            exclude=[embedding.alpha], **options,
+        )  # fmt: skip
+        started = time.perf_counter()
+        fit = trainer.fit(resume=resume and _exists(trainer.checkpoint_path))
+        seconds += fit.train_seconds - (time.perf_counter() - started)
+        return fit  # the trainer (its DistributedDataParallel under torchrun) ends here
+
+    seconds = 0.0
     hook = AlphaSearch(model, embedding, task, config, train)
-    bilevel = TrainConfig(
-        **{**vars(train), "epochs": config.search_epochs, "patience": config.patience}
-    )
-    trainer = Trainer(
-        model,
-        task,
-        bilevel,
-        run_dir=folder,
-        progress=progress,
-        config_hash=config_hash,
-        hooks=[hook],
-        exclude=[embedding.alpha],
-        phase="search epoch",
+    fit = phase(
+        hook, config.search_epochs, config.patience, run_dir=folder, phase="search epoch",
         seed_offset=1000,
-    )
-    fit_started = time.perf_counter()
-    fit = trainer.fit(resume=searching)
-    # a resumed search counts the epochs of earlier processes too, not the reloading
-    earlier = fit.train_seconds - (time.perf_counter() - fit_started)
+    )  # fmt: skip
     history = fit.history
-    del trainer
     if hook.mean_alpha is not None and config.alpha_from == "last_epoch_mean":
         with torch.no_grad():
             embedding.alpha.copy_(hook.mean_alpha)
@@ -485,25 +485,13 @@ def search(
     snapshots: dict[float, Snapshot] = {}
     if gradual(config):
         pruning = AlphaSearch(model, embedding, task, config, train, budgets)
-        trainer = Trainer(
-            model,
-            task,
-            TrainConfig(**{**vars(train), "epochs": len(budgets), "patience": 0}),
-            run_dir=None if folder is None else folder / "prune",
-            progress=progress,
-            config_hash=config_hash,
-            hooks=[pruning],
-            exclude=[embedding.alpha],
-            phase="pruning epoch",
-            seed_offset=1500,
+        pruned = phase(
+            pruning, len(budgets), 0, run_dir=None if folder is None else folder / "prune",
+            phase="pruning epoch", seed_offset=1500,
             restore_best=False,  # each epoch's end is a budget's snapshot
-        )
-        fit_started = time.perf_counter()
-        pruned = trainer.fit(resume=resume and _exists(trainer.checkpoint_path))
-        earlier += pruned.train_seconds - (time.perf_counter() - fit_started)
+        )  # fmt: skip
         history = history + pruned.history
         snapshots = pruning.snapshots
-        del trainer
     return SearchState(
         model,
         embedding,
@@ -511,7 +499,7 @@ def search(
         task,
         before,
         history,
-        time.perf_counter() - started + earlier,
+        time.perf_counter() - started + seconds,
         snapshots,
     )
 
