@@ -162,10 +162,11 @@ class TopKTask(Task):
         seen = self.seen[split]
         first, last = distributed.eval_range(len(held.users), chunk)  # this rank's users
         items = self._item_factors(model, data[:1]) if len(held.users) else None
-        values = [
-            self._user_metrics(model, data, held, slice(s, min(s + chunk, last)), seen, items)
-            for s in range(first, last, chunk)
-        ]
+        values = []
+        for start in range(first, last, chunk):
+            part = slice(start, min(start + chunk, last))
+            _, hit = self._top(model, data, held, part, seen, items)
+            values.append(per_user_ranking_metrics(hit.cpu(), held.relevant[part], KS))
         model.train(was_training)
         local = torch.cat(values) if values else torch.zeros(0, 2 * len(KS), dtype=torch.float64)
         return held.users, distributed.gather(local)
@@ -229,16 +230,3 @@ class TopKTask(Task):
         else:
             hit = torch.zeros_like(top, dtype=torch.bool)
         return top, hit & (values != float("-inf"))  # a masked item never counts
-
-    def _user_metrics(
-        self,
-        model: Model,
-        data: torch.Tensor,
-        held: HeldOut,
-        part: slice,
-        seen: History,
-        items: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """[U, 2 * len(KS)] float64 per-user (recall@K, ndcg@K) for K in KS, on the CPU."""
-        _, hit = self._top(model, data, held, part, seen, items)
-        return per_user_ranking_metrics(hit.cpu(), held.relevant[part], KS)
