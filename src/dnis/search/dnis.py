@@ -354,14 +354,15 @@ class AlphaSearch(TrainHook):
         dims stay dropped: their alpha is held at 0)."""
         if self._kept_params() <= target:
             return
-        alpha = self.embedding.alpha.detach()
         table = self.embedding.selected_weight().detach()
         saliency = block_saliency(table, self.embedding.blocks)
         if self.random_score is not None:
-            score = self.random_score.clone()
+            score = self.random_score
         else:
-            score = saliency if self.config.rank == "saliency" else alpha.cpu()
-        score[~self.keep] = -1.0  # below every kept entry (scores are >= 0)
+            score = saliency if self.config.rank == "saliency" else self.embedding.alpha.cpu()
+        # a new tensor (never written into alpha or the tie-break): dropped entries rank below
+        # every kept one (scores are >= 0)
+        score = torch.where(self.keep, score.detach(), -1.0)
         keep = prune_blocks(score, self.embedding.blocks, target, tiebreak=saliency)
         self.keep &= keep
         self._apply_keep()
