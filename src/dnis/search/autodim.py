@@ -81,11 +81,10 @@ from dnis.search.training import (
     ModelFactory,
     endless_valid_batches,
     phase_config,
-    valid_metrics,
 )
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, valid_metrics
 
 BASE_CANDIDATES = (2, 8, 16, 24, 32)
 

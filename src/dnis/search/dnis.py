@@ -66,11 +66,18 @@ from dnis.search.prune import (
     prune_elements,
 )
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, block_report, endless_valid_batches
+from dnis.search.training import ModelFactory, block_report, endless_valid_batches, phase_config
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress, SilentProgress
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, TrainResult
+from dnis.train.trainer import (
+    EpochContext,
+    TrainConfig,
+    Trainer,
+    TrainHook,
+    TrainResult,
+    valid_metrics,
+)
 
 CONVERGE = "converge"  # search.warmup_epochs: train to early stopping before the search
 SCHEDULES = ("auto", "gradual", "static")
@@ -320,9 +327,11 @@ class AlphaSearch(TrainHook):
             record["phase"] = "prune"  # its own group in logs and trackers
             record["kept_params"] = self._kept_params()
             budget = self.budgets[context.epoch - 1]
-            valid = {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
             self.snapshots[budget] = Snapshot(
-                self.keep.clone(), copy.deepcopy(self.model.state_dict()), context.epoch, valid
+                self.keep.clone(),
+                copy.deepcopy(self.model.state_dict()),
+                context.epoch,
+                valid_metrics(record),
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -444,8 +453,9 @@ def search(
     embedding.alpha.requires_grad_(False)  # it takes gradients only in the alpha steps
     searching = folder is not None and resume and _exists(folder / "checkpoint.pt")
     if not searching and config.warmup_epochs:  # a search checkpoint supersedes the warm-up
-        fixed = {"epochs": config.warmup_epochs, "patience": 0}
-        warm = TrainConfig(**{**vars(train), **({} if config.warmup_epochs == CONVERGE else fixed)})
+        # converge: the run's own early stopping; a number: exactly that many epochs
+        converge = config.warmup_epochs == CONVERGE
+        warm = train if converge else phase_config(train, config.warmup_epochs)
         warmup = Trainer(
             model,
             task,
@@ -462,7 +472,7 @@ def search(
         """One Trainer run with DNIS's alpha steps (`hook`); a resumed run counts the epochs of
         earlier processes in `seconds`, not the reloading."""
         nonlocal seconds
-        settings = TrainConfig(**{**vars(train), "epochs": epochs, "patience": patience})
+        settings = phase_config(train, epochs, patience)
         trainer = Trainer(
             model, task, settings, progress=progress, config_hash=config_hash, hooks=[hook],
             exclude=[embedding.alpha], **options,

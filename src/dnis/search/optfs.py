@@ -66,11 +66,10 @@ from dnis.search.training import (
     ModelFactory,
     Trained,
     phase_config,
-    valid_metrics,
 )
 from dnis.tasks import make_task
 from dnis.tasks.base import Task, model_device
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook
+from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, valid_metrics
 
 
 @dataclass

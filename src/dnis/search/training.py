@@ -145,11 +145,6 @@ def phase_config(train: TrainConfig, epochs: int, patience: int = 0) -> TrainCon
     return TrainConfig(**{**vars(train), "epochs": epochs, "patience": patience})
 
 
-def valid_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """The validation metrics of an epoch's history record (its `valid_*` entries)."""
-    return {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
-
-
 def block_report(
     widths: Sequence[int], blocks: BlockLayout, names: Sequence[str]
 ) -> dict[str, Any]:

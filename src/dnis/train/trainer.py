@@ -307,6 +307,11 @@ def training_loss(
     return loss
 
 
+def valid_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The validation metrics of an epoch's history record (its `valid_*` entries)."""
+    return {k[len("valid_") :]: v for k, v in record.items() if k.startswith("valid_")}
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is the GPU when one is visible; asking for a GPU that is not there is an error."""
     if name == "auto":
@@ -428,7 +433,7 @@ class Trainer:
         if state["best_state"] is not None and self.restore_best:
             self.model.load_state_dict(state["best_state"])
         best = state["history"][state["best_epoch"] - 1] if state["history"] else {}
-        valid = {k[len("valid_") :]: v for k, v in best.items() if k.startswith("valid_")}
+        valid = valid_metrics(best)
         capped = (
             bool(cfg.patience)
             and state["epoch"] == cfg.epochs
