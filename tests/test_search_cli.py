@@ -84,3 +84,16 @@ def test_demo_prints_dnis_beside_the_uniform_grid_and_the_planted_truth(tmp_path
     assert result.returncode == 0, result.stderr
     assert "DNIS" in result.stdout and "d=2" in result.stdout and "d=8" in result.stdout
     assert "planted truth" in result.stdout and "true rank" in result.stdout
+
+
+def test_search_run_budgets_argument_drives_the_gradual_search(tmp_path):
+    """`search_run(config, budgets=...)` prunes the gradual search to those budgets, not to the
+    config's (else the retrain of a budget the schedule never reached is refused)."""
+    from dnis.app.config import load_config
+    from dnis.app.search import search_run
+
+    config = load_config(write_config(tmp_path))
+    assert 0.4 not in config.search.budgets
+    _, results = search_run(config, budgets=[0.4])
+    assert [r.budget for r in results] == [0.4]
+    assert results[0].pruned == results[0].before["valid"]  # the snapshot at 0.4 itself

@@ -112,6 +112,7 @@ def search_run(
             run_dir=run_dir / "search",
             resume=resume,
             config_hash=digest,
+            budgets=budgets,  # a gradual search prunes to these (an argument may override)
         )
         write_json(
             run_dir / "search.json",
