@@ -47,10 +47,12 @@ SETTINGS = [  # (dataset, task, model, folder under --data or None)
     ("movielens-latest-small", "ctr", "deepfm", None),
     ("movielens-100k", "rating", "mf", "movielens-100k"),
     ("movielens-100k", "ctr", "deepfm", "movielens-100k"),
+    ("movielens-latest-small", "topk", "bprmf", None),  # the fair grid only (--defaults)
+    ("gowalla", "topk", "bprmf", "gowalla"),  # the fair grid only (--defaults)
 ]
 
 
-SHORT = {"movielens-100k": "ml100k", "movielens-latest-small": "latest-small"}
+SHORT = {"movielens-100k": "ml100k", "movielens-latest-small": "latest-small", "gowalla": "gowalla"}
 
 
 def defaults_config(
@@ -176,7 +178,9 @@ def main() -> None:
     settings = [
         s
         for s in SETTINGS
-        if (not args.only or s[0] in args.only) and (not args.tasks or s[1] in args.tasks)
+        if (not args.only or s[0] in args.only)
+        and (not args.tasks or s[1] in args.tasks)
+        and (args.defaults or s[2] in TRAIN)  # the tuned grid has no top-k settings
     ]
     if args.quick:
         settings, args.seeds = settings[:1], 1
