@@ -142,7 +142,8 @@ def parse_options(
 
 
 def typed(hint: Any, value: Any, where: str) -> Any:
-    """`value` checked against type `hint` (and converted: int -> float, list <-> tuple)."""
+    """`value` checked against type `hint` (and converted: int -> float, list <-> tuple), the
+    items of a list, tuple or dict each against theirs."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -159,6 +160,8 @@ def typed(hint: Any, value: Any, where: str) -> Any:
         if base in (list, tuple) and isinstance(value, list | tuple):
             item = args[0] if args else Any
             return base(typed(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if base is dict and isinstance(value, dict) and args:
+            return {k: typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, base) and not (isinstance(value, bool) and base is not bool):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,9 @@ import yaml
 
 from dnis import distributed
 from dnis.data.schema import check_keys
+from dnis.data.streaming.options import StreamingOptions, check_streamable
 from dnis.errors import ConfigError
+from dnis.registry import typed
 from dnis.search.dnis import DnisConfig
 from dnis.train.trainer import TrainConfig
 
@@ -75,36 +76,21 @@ class DatasetConfig:
             )
         if self.split is None:
             self.split = "leave_last_out" if self.task == "topk" else "random"
-        if self.vocab not in ("two_pass", "count_min"):
-            raise ConfigError(f"dataset.vocab must be two_pass or count_min, got {self.vocab!r}")
-        for key in ("sketch_width", "sketch_depth", "quantile_sample", "shuffle_block"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"dataset.{key} must be >= 1, got {getattr(self, key)}")
+        self._streaming_keys()  # checks vocab and the sizes, streamed or not
         if self.streaming:
-            if self.format not in ("csv", "tsv", "parquet"):
-                raise ConfigError(
-                    "dataset.streaming reads your own csv, tsv or parquet files "
-                    f"(format: {self.format!r}); set streaming: false"
-                )
-            if self.task not in ("rating", "ctr"):
-                raise ConfigError(
-                    f"dataset.streaming supports the tasks rating and ctr, not {self.task!r}"
-                )
-            if not isinstance(self.path, dict) and self.split != "random":
-                raise ConfigError(
-                    f"dataset.streaming splits one file with split: random, not {self.split!r}; "
-                    "give {train, valid, test} files or set streaming: false"
-                )
+            check_streamable(self.format, self.task, self.split, not isinstance(self.path, dict))
 
-    def streaming_options(self, output_dir: str | Path) -> Any:
-        """False, or the `dnis.data.streaming.StreamingOptions` of these keys (`cache_dir`
-        defaulting to `<output_dir>/.cache`): the `streaming` argument of `load_files`."""
+    def streaming_options(self, output_dir: str | Path) -> StreamingOptions | bool:
+        """False, or the `StreamingOptions` of these keys (`cache_dir` defaulting to
+        `<output_dir>/.cache`): the `streaming` argument of `load_files`."""
         if not self.streaming:
             return False
-        from dnis.data.streaming import StreamingOptions
+        default = Path(output_dir) / ".cache"
+        return self._streaming_keys(Path(self.cache_dir) if self.cache_dir else default)
 
+    def _streaming_keys(self, cache_dir: Path = Path(".cache")) -> StreamingOptions:
         return StreamingOptions(
-            cache_dir=Path(self.cache_dir) if self.cache_dir else Path(output_dir) / ".cache",
+            cache_dir=cache_dir,
             vocab=self.vocab,
             sketch_width=self.sketch_width,
             sketch_depth=self.sketch_depth,
@@ -263,41 +249,10 @@ def _join(where: str, key: str) -> str:
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
+    """A config value checked against its field's type; a section is parsed as a dataclass."""
     if dataclasses.is_dataclass(hint):
         return parse(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not a valid {_name(hint)}", key=where)
-    base = origin or hint
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is typing.Any:
-        return value
-    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{where}: expected {_name(hint)}, got {type(value).__name__} {value!r}", key=where
-        )
-    if base is list and typing.get_args(hint):
-        (item,) = typing.get_args(hint)
-        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if base is dict and typing.get_args(hint):
-        _, item = typing.get_args(hint)
-        return {k: _convert(item, v, _join(where, str(k))) for k, v in value.items()}
-    return value
-
-
-def _name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return typed(hint, value, where)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -81,7 +81,7 @@ class HeldOut:
 
 class TopKTask(Task):
     name = "topk"
-    metric = "ndcg@10"
+    metric = "ndcg@20"  # LightGCN's convention (Recall@20, NDCG@20), as the grids report it
     higher_is_better = True
 
     def __init__(self, dataset: EncodedDataset, row_budget: int = 1 << 20) -> None:
