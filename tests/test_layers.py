@@ -3,7 +3,7 @@ round in a circle.
 
 The layers, lowest first (a module may import its own layer and the ones below):
 
-    dnis (the package root), dnis.errors, dnis.io, dnis.distributed, dnis.registry
+    dnis (the package root), dnis.errors, dnis.io, dnis.distributed, dnis.registry, dnis.plugins
     -> dnis.data -> dnis.embeddings -> dnis.models -> dnis.tasks
     -> dnis.train (trainer, progress, checkpoints) -> dnis.search (the methods)
     -> dnis.export
@@ -25,7 +25,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("dnis", "dnis.errors", "dnis.io", "dnis.distributed", "dnis.registry"),
+    ("dnis", "dnis.errors", "dnis.io", "dnis.distributed", "dnis.registry", "dnis.plugins"),
     ("dnis.data",),
     ("dnis.embeddings",),
     ("dnis.models",),

@@ -20,6 +20,7 @@ from rich.table import Table
 from dnis import distributed
 from dnis.app.config import Config, load_config
 from dnis.errors import DnisError
+from dnis.plugins import import_plugin
 from dnis.train.progress import Progress
 
 console = Console(stderr=True)
@@ -98,30 +99,11 @@ def distributed_config(path: Path, overrides: list[str]) -> Config:
     return config
 
 
-def import_plugin(name: str) -> None:
-    """Import a module by name, or a .py file by path (its name: the file's stem)."""
-    import importlib
-    import importlib.util
-
-    if not name.endswith(".py"):
-        importlib.import_module(name)
-        return
-    path = Path(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    if spec is None or spec.loader is None or not path.is_file():
-        raise DnisError(f"--import {name}: no such Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-
-
 def cmd_search(args: argparse.Namespace) -> None:
     from dnis.app.report import metric_table
     from dnis.app.report.search_report import result_rows
     from dnis.app.search import method_run_dir, search_run
 
-    for module in args.imports:
-        import_plugin(module)  # e.g. a file that registers your own method
     overrides = list(args.set) + track_overrides(args)
     budgets = args.budgets or ([args.budget] if args.budget is not None else None)
     if budgets:
@@ -178,6 +160,18 @@ def track_overrides(args: argparse.Namespace) -> list[str]:
 
 
 TRACKERS = ("mlflow", "tensorboard")
+
+
+def add_import(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module or a .py file first, e.g. one that registers your own method, "
+        "model or dataset (repeat for several)",
+    )
 
 
 def add_track(command: argparse.ArgumentParser) -> None:
@@ -335,6 +329,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     add_track(train)
+    add_import(train)
     train.set_defaults(run=cmd_train)
 
     search = sub.add_parser(
@@ -347,14 +342,6 @@ def parser() -> argparse.ArgumentParser:
         help="a registered search method (default dnis); its options: compare.options.<method>",
     )
     search.add_argument(
-        "--import",
-        dest="imports",
-        action="append",
-        default=[],
-        metavar="MODULE_OR_FILE",
-        help="import a module or a .py file first, e.g. one that registers your own method",
-    )
-    search.add_argument(
         "--budget", type=budget_arg, help="fraction of the full embedding, e.g. 0.25"
     )
     search.add_argument("--budgets", type=budget_arg, nargs="+", help="several budgets, one search")
@@ -364,6 +351,7 @@ def parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue a killed search run from its checkpoints"
     )
     add_track(search)
+    add_import(search)
     search.set_defaults(run=cmd_search)
 
     compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
@@ -374,6 +362,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("--jobs", type=int, help="cells run in this many processes at once")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_track(compare)
+    add_import(compare)
     compare.set_defaults(run=cmd_compare)
 
     evaluate = sub.add_parser("evaluate", help="re-evaluate a finished run")
@@ -384,6 +373,7 @@ def parser() -> argparse.ArgumentParser:
         help="which model of the run folder: a search budget (e.g. 0.25) or 'full'; default: "
         "every model the folder holds",
     )
+    add_import(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="train the example configs and print a results table")
@@ -412,6 +402,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--output", type=Path, help="export folder (default: RUN_DIR/export-FORMAT[-BUDGET])"
     )
+    add_import(export)
     export.set_defaults(run=cmd_export)
 
     predict = sub.add_parser("predict", help="score a CSV/Parquet file with a run or an export")
@@ -439,6 +430,7 @@ def parser() -> argparse.ArgumentParser:
         "from a source you trust (ONNX exports and run folders need no flag)",
     )
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_import(predict)
     predict.set_defaults(run=cmd_predict)
     return root
 
@@ -448,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command not in DISTRIBUTED_COMMANDS:
             distributed.require_single(f"dnis {args.command}")
+        for name in getattr(args, "imports", ()):
+            import_plugin(name)  # your own method, model or dataset registers itself
         args.run(args)
     except DnisError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)

@@ -30,6 +30,7 @@ from dnis.app.train import load_dataset, model_factory, start_run
 from dnis.data.dataset import EncodedDataset
 from dnis.errors import BudgetError
 from dnis.io import write_json
+from dnis.plugins import import_plugins, imported
 from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
 from dnis.search.prune import budget_params
@@ -137,7 +138,8 @@ def _grid(
     elif todo:
         # spawn: a forked child must not inherit torch's threads or a CUDA context
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(config.compare.jobs, mp_context=context) as pool:
+        workers = {"initializer": import_plugins, "initargs": (imported(),)}  # --import again
+        with ProcessPoolExecutor(config.compare.jobs, mp_context=context, **workers) as pool:
             futures = {pool.submit(_cell_process, config, *cell): cell for cell in todo}
             for future in as_completed(futures):  # rows come back here: logged by this process
                 _finish(run_dir, *futures[future], *future.result(), on_cell, tracker)

@@ -1,4 +1,7 @@
-"""Models, each built as `Model(schema, embedding, **params)`; `build` looks them up by name."""
+"""Models, each built as `Model(schema, embedding, **params)`; `build` looks them up by name.
+
+Importing the model modules registers them (`@register_model`); a model of your own registers the
+same way, in a module that `dnis ... --import` loads."""
 
 from __future__ import annotations
 
@@ -17,21 +20,8 @@ from dnis.models.fgcnn import FGCNN
 from dnis.models.fm import FM, DeepFM, WideDeep
 from dnis.models.mf import BPRMF, MF
 from dnis.models.neumf import NeuMF
-from dnis.registry import Registry, check_names
-
-
-def model_key(name: str) -> str:
-    """A model's registry key: case, dashes, underscores and "&" folded (Wide&Deep: widedeep)."""
-    return name.lower().replace("-", "").replace("_", "").replace("&", "")
-
-
-MODELS: Registry[type[Model]] = Registry("model", normalize=model_key)
-for _name, _model in (
-    ("mf", MF), ("bprmf", BPRMF), ("neumf", NeuMF), ("fm", FM), ("widedeep", WideDeep),
-    ("deepfm", DeepFM), ("autoint", AutoInt), ("dcnv2", DCNv2), ("fgcnn", FGCNN), ("din", DIN),
-    ("armnet", ARMNet),
-):  # fmt: skip
-    MODELS.register(_name, _model)
+from dnis.models.registry import MODELS, model_key, register_model
+from dnis.registry import check_names
 
 
 def model_class(name: str) -> type[Model]:
@@ -56,5 +46,5 @@ def build(name: str, schema: Schema, embedding: nn.Module, **params: Any) -> Mod
 
 __all__ = [
     "BPRMF", "DIN", "FGCNN", "FM", "MF", "MODELS", "ARMNet", "AutoInt", "DCNv2", "DeepFM", "Model",
-    "NeuMF", "WideDeep", "build",
+    "NeuMF", "WideDeep", "build", "model_key", "register_model",
 ]  # fmt: skip

@@ -42,6 +42,7 @@ from dnis.data.schema import Schema
 from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.models.layers import MLP
+from dnis.models.registry import register_model
 
 
 def _entmax_bisect(x: torch.Tensor, alpha: float, n_iter: int) -> torch.Tensor:
@@ -114,6 +115,7 @@ class SparseRelationAttention(nn.Module):
         return gates * self.values
 
 
+@register_model("armnet")
 class ARMNet(Model):
     """Adaptive Relation Modeling Network: gated exponential neurons, then an MLP.
 

@@ -25,6 +25,7 @@ from dnis.data.schema import Schema
 from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.models.layers import MLP, LinearTerms
+from dnis.models.registry import register_model
 
 
 class InteractingLayer(nn.Module):
@@ -67,6 +68,7 @@ class InteractingLayer(nn.Module):
         return torch.relu(out)
 
 
+@register_model("autoint")
 class AutoInt(Model):
     """AutoInt (and AutoInt+ with `dnn_hidden`): self-attentive feature interactions.
 

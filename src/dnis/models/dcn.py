@@ -23,6 +23,7 @@ from dnis.data.schema import Schema
 from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.models.layers import MLP
+from dnis.models.registry import register_model
 
 STRUCTURES = ("stacked", "parallel")
 
@@ -46,6 +47,7 @@ class CrossNetV2(nn.Module):
         return x
 
 
+@register_model("dcnv2")
 class DCNv2(Model):
     """Deep & Cross Network V2 over the flattened field embeddings.
 

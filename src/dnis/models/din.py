@@ -36,6 +36,7 @@ from torch import nn
 from dnis.data.schema import Schema
 from dnis.errors import ConfigError
 from dnis.models.base import Model
+from dnis.models.registry import register_model
 
 ACTIVATIONS: tuple[str, ...] = ("dice", "prelu", "relu")
 
@@ -94,6 +95,7 @@ def activation_mlp(
     return nn.Sequential(*layers)
 
 
+@register_model("din")
 class DIN(Model):
     """Deep Interest Network: attention of the candidate item over the behaviour sequence.
 

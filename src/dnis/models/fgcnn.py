@@ -32,6 +32,7 @@ from dnis.data.schema import Schema
 from dnis.errors import ConfigError
 from dnis.models.base import Model
 from dnis.models.layers import MLP
+from dnis.models.registry import register_model
 
 
 class FeatureGeneration(nn.Module):
@@ -94,6 +95,7 @@ def pairwise_inner_products(vectors: torch.Tensor, pairs: torch.Tensor) -> torch
     return gram.flatten(1).index_select(1, pairs)
 
 
+@register_model("fgcnn")
 class FGCNN(Model):
     """Feature generation by CNN, then an IPNN classifier over raw + generated features.
 

@@ -10,8 +10,10 @@ from torch import nn
 from dnis.data.schema import Schema
 from dnis.models.base import Model
 from dnis.models.layers import MLP, LinearTerms, fm_interaction
+from dnis.models.registry import register_model
 
 
+@register_model("fm")
 class FM(Model):
     """score = bias + sum_i w_i + sum_{i<j} <e_i, e_j> over all fields."""
 
@@ -23,6 +25,7 @@ class FM(Model):
         return self.linear(ids) + fm_interaction(self.embedding(ids))
 
 
+@register_model("widedeep")
 class WideDeep(Model):
     """score = linear terms (wide, over the ids) + MLP over the concatenated field vectors (deep)."""
 
@@ -42,6 +45,7 @@ class WideDeep(Model):
         return self.linear(ids) + self.mlp(fields.flatten(1)).squeeze(1)
 
 
+@register_model("deepfm")
 class DeepFM(WideDeep):
     """score = linear terms + FM interaction + MLP, all three reading the same field vectors."""
 

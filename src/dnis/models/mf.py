@@ -8,8 +8,10 @@ from torch import nn
 from dnis.data.schema import Schema
 from dnis.models.base import Model
 from dnis.models.layers import LinearTerms
+from dnis.models.registry import register_model
 
 
+@register_model("mf")
 class MF(Model):
     """score = <e_user, e_item> (+ global bias + user bias + item bias when `biased`).
 
@@ -44,6 +46,7 @@ class MF(Model):
         return torch.cat([user, user_bias, ones], 1), torch.cat([item, ones, item_bias], 1)
 
 
+@register_model("bprmf")
 class BPRMF(MF):
     """MF without biases, the classic model trained with the BPR loss for top-k ranking."""
 

@@ -10,8 +10,10 @@ from torch import nn
 from dnis.data.schema import Schema
 from dnis.models.base import Model
 from dnis.models.layers import MLP
+from dnis.models.registry import register_model
 
 
+@register_model("neumf")
 class NeuMF(Model):
     """GMF (element-wise product) and MLP over [user; item], concatenated into one output.
 
