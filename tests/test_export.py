@@ -417,3 +417,24 @@ def test_predict_missing_column_is_a_clear_error(runs, tmp_path, capsys):
         predict_file(load(export.path, trust=True), tmp_path / "ok.csv", out, keep=["nope"])
     assert main(["export", str(tmp_path / "nope"), "--format", "onnx"]) == 2
     assert "is not a folder" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("kept_count", [1, 2, 7, 64, 100])
+def test_the_traceable_kept_rows_search_equals_searchsorted(kept_count):
+    from dnis.embeddings.gated import KeptRowsEmbedding
+    from dnis.embeddings.layout import FieldLayout, interval_of
+    from dnis.export.traceable import TraceableKeptRows
+
+    layout = FieldLayout(names=("a", "b"), cardinalities=(90, 60), slot_fields=(0, 1),
+                         sequence_fields=(False, False), mean_pooled=(False, False))  # fmt: skip
+    generator = torch.Generator().manual_seed(kept_count)
+    keep = torch.zeros(150, dtype=torch.bool)
+    keep[torch.randperm(150, generator=generator)[:kept_count]] = True
+    eager = KeptRowsEmbedding(layout, 4, keep)
+    twin = TraceableKeptRows.from_module(eager)
+    rows = torch.arange(150).view(10, 15)
+    for got, want in zip(twin.positions(rows), eager.positions(rows), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(twin.lookup(rows), eager.lookup(rows))
+    starts = torch.tensor([0, 90])
+    assert torch.equal(interval_of(rows, starts), torch.searchsorted(starts, rows, right=True) - 1)

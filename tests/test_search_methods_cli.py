@@ -9,6 +9,7 @@ The in-process models are those `search_run` returned to the CLI (a spy keeps th
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from dnis.search.methods import METHODS
 from dnis.search.plan import EmbeddingPlan
 
 TOLERANCE = 1e-5
+# ONNX runs where its optional extra is installed (as in the dev environment and CI)
+FORMATS = ("torchscript", "onnx") if importlib.util.find_spec("onnxruntime") else ("torchscript",)
 DATA = {"n_rows": 1500, "ranks": [4, 2], "noise_fields": 1, "vocab": 40, "numeric_fields": 1}
 QUICK = {  # each method's shortest settings
     "autodim": {"warmup_epochs": 0, "search_epochs": 1},
@@ -95,22 +98,23 @@ def test_search_export_predict_equals_the_in_process_model(
     assert plan.params == result.embedding_params
     assert sum(f.rows for f in plan.fields) == sum(kept["dataset"].cardinalities)  # type: ignore[attr-defined]
 
-    export = tmp_path / "export"
-    assert main(["export", str(run_dir), "--format", "torchscript", "--budget", "0.5",
-                 "--output", str(export)]) == 0  # fmt: skip
     frame, _ = make_frame(300, (4, 2), 1, 40, 1, 1.1, "ctr", seed=7)  # fresh raw rows
     frame.loc[0, "signal0"] = "never-seen"
     frame.to_csv(tmp_path / "in.csv", index=False)
-    for source, extra in ((export, ["--trust"]), (run_dir, ["--budget", "0.5"])):
-        out = tmp_path / f"scores-{source.name}.csv"
-        assert main(["predict", str(source), "--input", str(tmp_path / "in.csv"),
-                     "--output", str(out), "--quiet", *extra]) == 0  # fmt: skip
-        scores = pd.read_csv(out)["score"].to_numpy()
-        ids = torch.from_numpy(load(export, trust=True).encode(frame))
-        model = result.model.cpu().eval()
-        with torch.no_grad():
-            expected = torch.sigmoid(model(ids)).numpy()
-        assert np.max(np.abs(scores - expected)) <= TOLERANCE, source
+    model = result.model.cpu().eval()
+    for fmt in FORMATS:
+        export = tmp_path / f"export-{fmt}"
+        assert main(["export", str(run_dir), "--format", fmt, "--budget", "0.5",
+                     "--output", str(export)]) == 0  # fmt: skip
+        for source, extra in ((export, ["--trust"]), (run_dir, ["--budget", "0.5"])):
+            out = tmp_path / f"scores-{source.name}.csv"
+            assert main(["predict", str(source), "--input", str(tmp_path / "in.csv"),
+                         "--output", str(out), "--quiet", *extra]) == 0  # fmt: skip
+            scores = pd.read_csv(out)["score"].to_numpy()
+            ids = torch.from_numpy(load(export, trust=True).encode(frame))
+            with torch.no_grad():
+                expected = torch.sigmoid(model(ids)).numpy()
+            assert np.max(np.abs(scores - expected)) <= TOLERANCE, (fmt, source)
 
 
 def test_a_method_that_keeps_no_checkpoints_refuses_resume(config_path):

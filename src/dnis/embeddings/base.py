@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.layout import FieldLayout, interval_of
 
 
 class FieldPooling(nn.Module):
@@ -63,6 +63,10 @@ class FieldEmbedding(nn.Module):
         # squared norms of the last training batch's looked-up rows (padding excluded), summed and
         # divided by the batch size: the per-batch L2 term that `TrainConfig.embedding_l2` weighs
         self.last_l2 = torch.zeros(())
+
+    def fields_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The field of every global row (same shape)."""
+        return interval_of(rows, self.field_offsets)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Vectors [..., dim] of global rows (any shape)."""

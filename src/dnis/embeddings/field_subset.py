@@ -43,7 +43,7 @@ class FieldSubsetEmbedding(FieldEmbedding):
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         if self.weight.shape[0] == 0:  # every field dropped
             return self.weight.new_zeros(*rows.shape, self.dim)
-        field = torch.searchsorted(self.field_offsets, rows, right=True) - 1
+        field = self.fields_of(rows)
         kept = self.keep[field]
         compact = self.compact_offsets[field] + rows - self.field_offsets[field]
         vectors = nn.functional.embedding(torch.where(kept, compact, 0), self.weight)

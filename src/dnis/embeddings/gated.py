@@ -22,7 +22,7 @@ from torch.nn import functional
 
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.fused import FusedEmbedding
-from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.layout import FieldLayout, interval_of
 
 
 def padding_mask(layout: FieldLayout) -> torch.Tensor:
@@ -125,5 +125,5 @@ class KeptRowsEmbedding(FieldEmbedding):
 
     def rows_per_field(self) -> list[int]:
         """Kept rows of every field."""
-        field = torch.searchsorted(self.field_offsets.cpu(), self.kept.long().cpu(), right=True) - 1
+        field = interval_of(self.kept.long().cpu(), self.field_offsets.cpu())
         return torch.bincount(field, minlength=self.layout.num_fields).tolist()

@@ -80,7 +80,7 @@ class HashedEmbedding(FieldEmbedding):
 
     def buckets(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(field, row within the field's part of the table) of global rows."""
-        field = torch.searchsorted(self.field_offsets, rows, right=True) - 1
+        field = self.fields_of(rows)
         local = rows - self.field_offsets[field]
         hashed = hash_ids(local, self.a[field], self.b[field], self.rows[field])
         return field, torch.where(self.full[field], local, hashed)

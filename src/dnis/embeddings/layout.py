@@ -66,3 +66,10 @@ class FieldLayout:
 
     def index(self, name: str) -> int:
         return self.names.index(name)
+
+
+def interval_of(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Index i with starts[i] <= value < starts[i + 1] of every value (same shape), for a short
+    ascending `starts` beginning at or below every value (field or block starts): a count of the
+    starts at or below each value, which, unlike `searchsorted`, exports to ONNX."""
+    return (values.unsqueeze(-1) >= starts).sum(dim=-1) - 1

@@ -89,9 +89,6 @@ class MultiplexedEmbedding(FieldEmbedding):
     def num_rows(self) -> int:
         return self.weight.shape[0]
 
-    def fields_of(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.searchsorted(self.field_offsets, rows, right=True) - 1
-
     def indices(self, rows: torch.Tensor) -> torch.Tensor:
         """Table rows [..., k] that global rows [...] read, one per probe."""
         if self.identity:

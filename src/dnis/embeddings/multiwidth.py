@@ -158,10 +158,7 @@ class MultiWidthEmbedding(FieldEmbedding):
     def _mixture(self, rows: torch.Tensor, slot_field: torch.Tensor | None = None) -> torch.Tensor:
         """Mixed vectors [*rows.shape, dim]. With `slot_field` [S], `rows` is a batch [B, S] whose
         slot s belongs to field slot_field[s]: projections are then per-slot batched matmuls."""
-        if slot_field is None:
-            field = torch.searchsorted(self.field_offsets, rows, right=True) - 1
-        else:
-            field = slot_field.expand_as(rows)
+        field = self.fields_of(rows) if slot_field is None else slot_field.expand_as(rows)
         # sequence padding (id 0 of a sequence field) is never read by a model: keep it out of
         # the batch statistics and the L2 term
         real = ~(self.sequence_field[field] & (rows == self.field_offsets[field]))

@@ -66,7 +66,7 @@ class QREmbedding(FieldEmbedding):
 
     def indices(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(quotient row, remainder row, composed?) of global rows."""
-        field = torch.searchsorted(self.field_offsets, rows, right=True) - 1
+        field = self.fields_of(rows)
         local = rows - self.field_offsets[field]
         divisor = self.divisor[field]
         composed = self.composed[field]

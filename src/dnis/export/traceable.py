@@ -13,6 +13,9 @@ with the same stored tensors (the artifact's bytes are the compact model's, noth
 - `ProjectedBlockEmbedding` (MDE, AutoDim) runs one matmul per block the batch touches, split by
   block counts read from the data. `TraceableProjected` gathers `max_width` entries and their
   projection rows per row instead, masked past the row's block width.
+- `KeptRowsEmbedding` (OptFS) finds a row among the kept rows with `searchsorted`.
+  `TraceableKeptRows` runs the same lower-bound search as a fixed number of halving steps
+  (log2 of the kept rows, unrolled by the trace), on the same sorted kept-row list.
 - `RaggedEmbedding` sizes its gathers from the data (`repeat_interleave` by row widths), which a
   trace freezes to the example batch. `TraceableRagged` gathers a fixed `max_width` entries per row
   (the widest stored row), masks the ones past the row's end and scatter-adds them into place.
@@ -29,7 +32,8 @@ import torch
 from torch import nn
 
 from dnis.embeddings.base import FieldPooling
-from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.gated import KeptRowsEmbedding
+from dnis.embeddings.layout import FieldLayout, interval_of
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding, ragged_keep
 from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.models.base import Model
@@ -57,7 +61,7 @@ class TraceableBlockMixed(BlockMixedEmbedding):
     """`BlockMixedEmbedding` whose block lookup is a comparison count instead of `searchsorted`."""
 
     def _row_index(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        block = (rows.unsqueeze(-1) >= self.block_start).sum(dim=-1) - 1
+        block = interval_of(rows, self.block_start)
         first = self.base[block] + (rows - self.block_start[block]) * self.widths[block]
         first = first.clamp_max(max(self.values.numel() - 1, 0)).int()
         return first.unsqueeze(-1) + self.position[block], self.keep_weight[block]
@@ -118,7 +122,7 @@ class TraceableProjected(ProjectedBlockEmbedding):
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)
-        block = (flat.unsqueeze(-1) >= self.block_start).sum(dim=-1) - 1
+        block = interval_of(flat, self.block_start)
         width = self.widths[block].unsqueeze(-1)
         slot = torch.arange(self.max_width, device=flat.device)
         valid = slot < width  # [N, W]
@@ -136,6 +140,38 @@ class TraceableProjected(ProjectedBlockEmbedding):
         return twin
 
 
+class TraceableKeptRows(KeptRowsEmbedding):
+    """`KeptRowsEmbedding` whose position search is a branchless binary search: ceil(log2 K)
+    gather-and-compare steps over the K sorted kept rows, the same result as `searchsorted`."""
+
+    def __init__(self, layout: FieldLayout, dim: int, keep: torch.Tensor) -> None:
+        super().__init__(layout, dim, keep)
+        self.count = int(self.kept.numel())  # a Python int: the trace unrolls the steps by it
+
+    def positions(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.count
+        if count == 0:
+            return torch.zeros_like(rows), torch.zeros_like(rows, dtype=torch.bool)
+        query = rows.to(torch.int32)
+        below = torch.zeros_like(rows)  # how many kept rows are < query, found bit by bit
+        step = 1 << (count.bit_length() - 1)
+        while step:
+            candidate = below + step
+            probe = self.kept[(candidate - 1).clamp(max=count - 1)]
+            below = torch.where((candidate <= count) & (probe < query), candidate, below)
+            step >>= 1
+        position = below.clamp(max=count - 1)
+        return position, self.kept[position] == query
+
+    @classmethod
+    def from_module(cls, module: KeptRowsEmbedding) -> TraceableKeptRows:
+        keep = torch.zeros(module.layout.total_rows, dtype=torch.bool)
+        keep[module.kept.long().cpu()] = True
+        twin = cls(module.layout, module.dim, keep)
+        twin.load_state_dict(module.state_dict())
+        return twin
+
+
 def traceable(model: Model) -> Model:
     """A CPU copy of `model` in eval mode with every non-exportable input-layer piece swapped."""
     model = copy.deepcopy(model).cpu().eval()
@@ -148,6 +184,8 @@ def traceable(model: Model) -> Model:
         model.embedding = TraceableRagged.from_module(embedding)
     elif type(embedding) is ProjectedBlockEmbedding:
         model.embedding = TraceableProjected.from_module(embedding)
+    elif type(embedding) is KeptRowsEmbedding:
+        model.embedding = TraceableKeptRows.from_module(embedding)
     for name, module in list(model.named_modules()):
         if type(module) is FieldPooling:
             parent_name, _, attribute = name.rpartition(".")
