@@ -5,7 +5,9 @@ search run (`dnis search`, any method) holds per budget `model-<budget>.pt`, the
 compact embedding the method trained, and `plan-<budget>.json`, its `EmbeddingPlan`: the kind of
 embedding and its structure (`dnis.search.plan`). Both hold `config.yaml` and `encoder.json`. The
 compact embedding is rebuilt from the plan (and, for per-row structures such as CSR indices, the
-buffers saved with the weights), never guessed from state-dict keys, so no data is read. Of `config.yaml` (the
+buffers saved with the weights), never guessed from state-dict keys, so no data is read. A nested
+run (`dnis.search.nested`) also serves a budget it has no files for: its compact model and plan
+are cut from the full nested model (`nested.pt`, `order.json`). Of `config.yaml` (the
 resolved config the run saved) only what rebuilds the model is read, as a `RunSpec`: the export
 layer sits below the application layer that owns the config.
 """
@@ -26,6 +28,7 @@ from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.embeddings.base import FieldEmbedding
 from dnis.errors import DnisError
 from dnis.models.base import Model
+from dnis.search.nested import NESTED_WEIGHTS, ORDER_FILE, NestedOrder, cut_state
 from dnis.search.plan import EmbeddingPlan, build, plan_of
 from dnis.search.result import budget_file
 from dnis.train.checkpoint import UnsafeFileError, read_checkpoint, safe_load
@@ -146,6 +149,18 @@ def pick_weights(run_dir: Path, budget: float | str | None) -> tuple[str, float 
     return "search", match[0], budgets[match[0]]
 
 
+def nested_budget(run_dir: Path, budget: float | str | None) -> float | None:
+    """`budget` when a nested run (`dnis.search.nested`) serves it by truncation, none being
+    saved for it; None otherwise."""
+    budget = parse_budget(budget)
+    if not isinstance(budget, int | float) or not (run_dir / ORDER_FILE).is_file():
+        return None
+    saved = budgets_of(run_dir)
+    if any(math.isclose(b, budget, rel_tol=1e-9, abs_tol=1e-12) for b in saved):
+        return None
+    return float(budget)
+
+
 def read_run_yaml(run_dir: Path) -> dict[str, Any]:
     """The mapping of a run's config.yaml, or a DnisError saying why not."""
     path = run_dir / "config.yaml"
@@ -255,12 +270,19 @@ def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel
     for required in ("config.yaml", "encoder.json"):
         if not (run_dir / required).is_file():
             raise DnisError(f"{run_dir} is not a dnis run: {required} is missing; {RUN_FIX}")
-    kind, budget, weights = pick_weights(run_dir, budget)
+    cut = nested_budget(run_dir, budget)
+    kind, budget, weights = (
+        pick_weights(run_dir, budget) if cut is None else ("search", cut, run_dir / NESTED_WEIGHTS)
+    )
     spec = read_run_spec(run_dir)
     encoder = read_encoder(run_dir / "encoder.json")
     layout = FieldLayout.from_schema(encoder.schema, encoder.cardinalities)
     state = read_state(weights)
-    plan = run_plan(run_dir, kind, budget, layout, spec.dim)
+    if cut is None:
+        plan = run_plan(run_dir, kind, budget, layout, spec.dim)
+    else:  # a nested run's unsearched budget: its compact model is cut from the full one
+        order = NestedOrder.read(run_dir / ORDER_FILE)
+        state, plan = cut_state(order, state, layout, cut)
     embedding = compact_embedding(state, layout, plan, weights)
     model = models.build(spec.model, encoder.schema, embedding, **spec.model_params)
     try:

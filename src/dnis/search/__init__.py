@@ -11,6 +11,7 @@ from dnis.search import (  # noqa: F401  (imported to register the built-in meth
     hashing,
     mde,
     methods,
+    nested,
     optfs,
     outrank,
     pep,
