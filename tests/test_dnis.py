@@ -483,3 +483,39 @@ def test_a_gradual_search_refuses_what_its_schedule_cannot_serve(ctr_data):
             train=TrainConfig(epochs=1, batch_size=512),
         )  # fmt: skip
         compact_model(state, None, 0.3, config=DnisConfig(schedule="gradual"), train=TrainConfig())
+
+
+def test_holdout_alpha_data_keeps_validation_out_of_the_search(ctr_data, monkeypatch):
+    """`alpha_data: holdout`: the alpha steps read a seeded tenth of the training rows, the model
+    steps of the search the other nine tenths, and no search step reads the validation split."""
+    from dnis.data.dataset import hold_out
+
+    dnis_module = importlib.import_module("dnis.search.dnis")  # the package exports its function
+    trainer_module = importlib.import_module("dnis.train.trainer")
+
+    rest, held = hold_out(ctr_data, 0.1, seed=3)
+    assert len(held) == round(0.1 * len(ctr_data.train))
+    assert len(rest.train) + len(held) == len(ctr_data.train)
+    assert rest.valid is ctr_data.valid and rest.test is ctr_data.test
+    rows = torch.cat([rest.train.ids, held.ids]).tolist()
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, ctr_data.train.ids.tolist()))
+    assert torch.equal(hold_out(ctr_data, 0.1, seed=3)[1].ids, held.ids)  # seeded
+
+    alpha_rows, trained = [], []
+    real_endless, real_batches = dnis_module.endless_batches, trainer_module.batches
+    monkeypatch.setattr(
+        dnis_module,
+        "endless_batches",
+        lambda split, *a: alpha_rows.append(len(split)) or real_endless(split, *a),
+    )
+    monkeypatch.setattr(trainer_module, "batches",
+                        lambda split, *a, **k: trained.append(len(split)) or real_batches(split, *a, **k))  # fmt: skip
+    results = _gradual(ctr_data, alpha_data="holdout")
+    held_rows = round(0.1 * len(ctr_data.train))
+    assert alpha_rows and set(alpha_rows) == {held_rows}
+    # warm-up, search and pruning epochs train on the rest; the retrains on every training row
+    assert set(trained) == {len(ctr_data.train) - held_rows, len(ctr_data.train)}
+    assert len(ctr_data.valid) not in alpha_rows
+    assert [r.budget for r in results] == [0.2, 0.5]
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        DnisConfig(alpha_data="holdout", holdout_fraction=1.0)

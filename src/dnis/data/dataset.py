@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,3 +137,24 @@ def line_of(frame: pd.DataFrame, row: int) -> int | None:
     """File line of a row position, when the reader recorded where rows start (see readers)."""
     lines = file_lines(frame)
     return None if lines is None else int(lines[row])
+
+
+def hold_out(dataset: EncodedDataset, fraction: float, seed: int) -> tuple[EncodedDataset, Split]:
+    """(the dataset with a seeded `fraction` of its training rows removed, those rows): data for a
+    search's architecture steps that neither the model's steps nor validation ever see."""
+    train = dataset.train
+    if type(train) is not Split:
+        raise ConfigError(
+            "search.alpha_data: holdout takes rows out of an in-memory training split, and this "
+            "one is streamed from disk; use alpha_data: valid"
+        )
+    count = round(len(train) * fraction)
+    if not 0 < count < len(train):
+        raise ConfigError(
+            f"search.holdout_fraction {fraction} of {len(train)} training rows holds out "
+            f"{count}; give a fraction that leaves rows on both sides"
+        )
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count].sort().values, order[count:].sort().values
+    rest = dataclasses.replace(dataset, train=Split(train.ids[kept], train.labels[kept]))
+    return rest, Split(train.ids[held], train.labels[held])

@@ -79,7 +79,7 @@ from dnis.search.training import (
     INIT_STD,
     Job,
     ModelFactory,
-    endless_valid_batches,
+    endless_batches,
     phase_config,
 )
 from dnis.tasks import make_task
@@ -193,8 +193,11 @@ class ArchitectureSteps(TrainHook):
         self.seen = 0  # training examples of the running epoch's steps so far
 
     def epoch_start(self, context: EpochContext) -> None:
-        self.valid = endless_valid_batches(
-            self.task.dataset, self.batch_size, context.generator, "AutoDim's architecture steps"
+        self.valid = endless_batches(
+            self.task.dataset.valid,
+            self.batch_size,
+            context.generator,
+            "AutoDim's architecture steps",
         )
         self.examples += self.seen
         self.seen = 0

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from dnis import distributed
-from dnis.data.dataset import EncodedDataset
+from dnis.data.dataset import EncodedDataset, Split, hold_out
 from dnis.data.loader import num_batches
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BLOCK_MODES, BlockLayout, dataset_blocks
@@ -66,7 +66,7 @@ from dnis.search.prune import (
     prune_elements,
 )
 from dnis.search.result import SearchResult
-from dnis.search.training import ModelFactory, block_report, endless_valid_batches, phase_config
+from dnis.search.training import ModelFactory, block_report, endless_batches, phase_config
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress, SilentProgress
@@ -129,6 +129,15 @@ class DnisConfig:
     granularity: str = "block"  # block | element
     retrain: str = "finetune"  # finetune: start from the searched weights; scratch: re-initialise
     budgets: list[float] = field(default_factory=lambda: [0.25])  # fractions of the full table
+    # where the alpha steps' batches come from: valid (the paper) or holdout, a seeded
+    # `holdout_fraction` of the training rows that the model does not train on during the search
+    # (the retrain uses them all), so the validation split stays unseen by the search that its
+    # early stopping, snapshots and the choice of defaults read
+    alpha_data: str = "valid"  # valid | holdout
+    # a floor under the gradual pruning: every block keeps at least this fraction of the width a
+    # uniform structure of the same budget would give it (0: the search alone decides)
+    min_width: float = 0.0
+    holdout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.block_mode, str) and self.block_mode not in BLOCK_MODES:
@@ -160,6 +169,16 @@ class DnisConfig:
             raise ConfigError(
                 "search.alpha_from must be 'best_epoch' or 'last_epoch_mean', got "
                 f"{self.alpha_from!r}"
+            )
+        if self.alpha_data not in ("valid", "holdout"):
+            raise ConfigError(
+                f"search.alpha_data must be 'valid' or 'holdout', got {self.alpha_data!r}"
+            )
+        if not 0 <= self.min_width <= 1:
+            raise ConfigError(f"search.min_width must be in [0, 1], got {self.min_width}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(
+                f"search.holdout_fraction must be in (0, 1), got {self.holdout_fraction}"
             )
         if self.rank not in ("alpha", "saliency"):
             raise ConfigError(f"search.rank must be 'alpha' or 'saliency', got {self.rank!r}")
@@ -263,8 +282,11 @@ class AlphaSearch(TrainHook):
         config: DnisConfig,
         train: TrainConfig,
         budgets: Sequence[float] = (),
+        alpha_rows: Split | None = None,
     ) -> None:
+        """`alpha_rows`: the alpha steps' data (default: the task's validation split)."""
         self.model, self.embedding, self.task = model, embedding, task
+        self.alpha_rows = task.dataset.valid if alpha_rows is None else alpha_rows
         self.config, self.train = config, train
         alpha = embedding.alpha
         self.optimizer: torch.optim.Optimizer = (
@@ -295,8 +317,8 @@ class AlphaSearch(TrainHook):
                 self.random_score = torch.rand(alpha.shape, generator=seeded)
 
     def epoch_start(self, context: EpochContext) -> None:
-        self.valid = endless_valid_batches(
-            self.task.dataset, self.train.batch_size, context.generator, "DNIS's alpha steps"
+        self.valid = endless_batches(
+            self.alpha_rows, self.train.batch_size, context.generator, "DNIS's alpha steps"
         )
         self.alpha_sum.zero_()
         self.steps = 0
@@ -372,6 +394,10 @@ class AlphaSearch(TrainHook):
         # a new tensor (never written into alpha or the tie-break): dropped entries rank below
         # every kept one (scores are >= 0)
         score = torch.where(self.keep, score.detach(), -1.0)
+        floor = int(self.config.min_width * target / sum(self.embedding.blocks.size))
+        if floor:  # every block keeps its `floor` best-ranked dims still kept
+            rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+            score = torch.where((rank < floor) & self.keep, float("inf"), score)
         keep = prune_blocks(score, self.embedding.blocks, target, tiebreak=saliency)
         self.keep &= keep
         self._apply_keep()
@@ -449,7 +475,11 @@ def search(
     torch.manual_seed(train.seed)
     embedding = SoftSelectionEmbedding(FieldLayout.from_dataset(dataset), dim, blocks, init_std)
     model = make_model(embedding)
-    task = make_task(dataset)
+    task = search_task = make_task(dataset)  # the retrain's: every training row
+    alpha_rows = None
+    if config.alpha_data == "holdout":  # the search's model steps train on the other rows
+        search_data, alpha_rows = hold_out(dataset, config.holdout_fraction, train.seed)
+        search_task = make_task(search_data)
     embedding.alpha.requires_grad_(False)  # it takes gradients only in the alpha steps
     searching = folder is not None and resume and _exists(folder / "checkpoint.pt")
     if not searching and config.warmup_epochs:  # a search checkpoint supersedes the warm-up
@@ -458,7 +488,7 @@ def search(
         warm = train if converge else phase_config(train, config.warmup_epochs)
         warmup = Trainer(
             model,
-            task,
+            search_task,
             warm,
             run_dir=None if folder is None else folder / "warmup",
             progress=progress,
@@ -474,7 +504,7 @@ def search(
         nonlocal seconds
         settings = phase_config(train, epochs, patience)
         trainer = Trainer(
-            model, task, settings, progress=progress, config_hash=config_hash, hooks=[hook],
+            model, search_task, settings, progress=progress, config_hash=config_hash, hooks=[hook],
             exclude=[embedding.alpha], **options,
         )  # fmt: skip
         started = time.perf_counter()
@@ -483,7 +513,7 @@ def search(
         return fit  # the trainer (its DistributedDataParallel under torchrun) ends here
 
     seconds = 0.0
-    hook = AlphaSearch(model, embedding, task, config, train)
+    hook = AlphaSearch(model, embedding, search_task, config, train, alpha_rows=alpha_rows)
     fit = phase(
         hook, config.search_epochs, config.patience, run_dir=folder, phase="search epoch",
         seed_offset=1000,
@@ -495,7 +525,7 @@ def search(
     before = {s: task.evaluate(model, s, train.eval_batch_size) for s in ("valid", "test")}
     snapshots: dict[float, Snapshot] = {}
     if gradual(config):
-        pruning = AlphaSearch(model, embedding, task, config, train, budgets)
+        pruning = AlphaSearch(model, embedding, search_task, config, train, budgets, alpha_rows)
         pruned = phase(
             pruning, len(budgets), 0, run_dir=None if folder is None else folder / "prune",
             phase="pruning epoch", seed_offset=1500,

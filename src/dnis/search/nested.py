@@ -7,7 +7,8 @@ budget is served by truncation, without retraining. Two methods:
 - `dnis-nested`: the DNIS search (static: the nested training replaces its gradual pruning phase)
   ranks the (block, dim) entries by alpha, ties broken by saliency (`search.rank` as in DNIS);
   each block's dims are ordered by that same ranking, so every prefix of the global ranking is a
-  prefix of every block. The searched weights (alpha folded in) are then trained nested.
+  prefix of every block. The searched weights (alpha folded in) are then trained nested
+  (`retrain: finetune`; `scratch` trains a new model, the search only ordering the dims).
 - `matryoshka`: no search; every field (one block each) keeps its first w dims, the same w for
   every field (Kusupati et al., "Matryoshka Representation Learning", NeurIPS 2022).
 
@@ -160,8 +161,8 @@ class NestedOptions(DnisConfig, MatryoshkaOptions):
         MatryoshkaOptions.__post_init__(self)
 
 
-# DNIS options `dnis-nested` sets itself: a static block search, no retrain of its own
-NESTED_FIXED = ("budgets", "schedule", "granularity", "retrain", "structure", "min_width")
+# DNIS options `dnis-nested` sets itself: a static search at block granularity
+NESTED_FIXED = ("budgets", "schedule", "granularity", "structure", "min_width")
 
 
 class OrderedDropout(TrainHook):
@@ -363,13 +364,18 @@ def nested_results(job: Job, trained: Trained, **extra: Any) -> list[SearchResul
     return results
 
 
+def fresh_model(job: Job, blocks: BlockLayout, init_std: float) -> Model:
+    """The job's model around a new full-width soft-selection table (alpha: the mask)."""
+    torch.manual_seed(job.train.seed)
+    return job.make_model(SoftSelectionEmbedding(job.layout, job.dim, blocks, init_std))
+
+
 @register_method("matryoshka", MatryoshkaOptions)
 def matryoshka(job: Job, options: MatryoshkaOptions) -> list[SearchResult]:
     """Nested training with the same prefix width for every field, no search; every budget is
     the one model truncated (the widest uniform width that fits it)."""
     blocks = dataset_blocks(job.dataset, num_blocks=1)
-    torch.manual_seed(job.train.seed)
-    model = job.make_model(SoftSelectionEmbedding(job.layout, job.dim, blocks, options.init_std))
+    model = fresh_model(job, blocks, options.init_std)
     return nested_results(job, train_nested(job, model, uniform_order(blocks, job.dim), options))
 
 
@@ -383,10 +389,13 @@ def dnis_nested(job: Job, options: NestedOptions) -> list[SearchResult]:
         job.make_model, job.dataset, dim=job.dim, config=config, train=job.train,
         init_std=options.init_std, budgets=job.budgets,
     )  # fmt: skip
-    embedding = state.embedding
+    embedding, model = state.embedding, state.model
     order = searched_order(embedding, config.rank)
-    with torch.no_grad():  # alpha folded into the weights; from here alpha is the mask
-        embedding.weight.copy_(embedding.selected_weight())
-        embedding.alpha.fill_(1.0)
-    trained = train_nested(job, state.model, order, options)
+    if options.retrain == "scratch":
+        model = fresh_model(job, state.blocks, options.init_std)
+    else:
+        with torch.no_grad():  # alpha folded into the weights; from here alpha is the mask
+            embedding.weight.copy_(embedding.selected_weight())
+            embedding.alpha.fill_(1.0)
+    trained = train_nested(job, model, order, options)
     return nested_results(job, trained, search_seconds=state.seconds, history=state.history)

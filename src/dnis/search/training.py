@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from dnis.data.dataset import EncodedDataset
+from dnis.data.dataset import EncodedDataset, Split
 from dnis.data.loader import batches
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
@@ -158,16 +158,17 @@ def block_report(
     }
 
 
-def endless_valid_batches(
-    dataset: EncodedDataset, batch_size: int, generator: torch.Generator, steps: str
+def endless_batches(
+    split: Split, batch_size: int, generator: torch.Generator, steps: str
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled validation batches without end, for a bilevel method's architecture steps
-    (`steps` names them in the error). An empty validation split would make the loop spin
-    forever without yielding, so it is refused; runs refuse it earlier, in `dnis.data.checks.check_splits`."""
-    if len(dataset.valid) == 0:
+    """Shuffled batches of `split` (the validation split, or rows held out of training) without
+    end, for a bilevel method's architecture steps (`steps` names them in the error). An empty
+    split would make the loop spin forever without yielding, so it is refused; runs refuse an
+    empty validation split earlier, in `dnis.data.checks.check_splits`."""
+    if len(split) == 0:
         raise DnisError(
             f"{steps} take validation batches, but the validation split is empty; give it rows "
             "(more data, or your own valid file)"
         )
     while True:
-        yield from batches(dataset.valid, batch_size, shuffle=True, generator=generator)
+        yield from batches(split, batch_size, shuffle=True, generator=generator)

@@ -1,0 +1,174 @@
+"""Nested embeddings (`dnis-nested`, `matryoshka`): the prefix map, exact truncation, the nested
+training's masks, and a run folder that serves a budget it never searched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import dnis.app.search as app_search
+from dnis import models
+from dnis.app.config import load_config
+from dnis.embeddings.blocks import BlockLayout, frequency_blocks
+from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.soft_selection import SoftSelectionEmbedding
+from dnis.errors import BudgetError
+from dnis.export import load_run
+from dnis.search import nested
+from dnis.search.methods import method
+from dnis.search.nested import (
+    NestedResult,
+    OrderedDropout,
+    searched_order,
+    truncate,
+    uniform_order,
+)
+from dnis.search.plan import plan_of
+from dnis.tasks.base import predict
+from dnis.train import TrainConfig
+
+TRAIN = TrainConfig(epochs=2, batch_size=256, lr=0.01, patience=0)
+DIM = 8
+SEARCH = {"num_blocks": 3, "warmup_epochs": 1, "search_epochs": 1}
+
+
+def soft_table() -> SoftSelectionEmbedding:
+    """A searched-looking table: alpha with ties at 0 and 1 and values between."""
+    layout = FieldLayout(("a", "b"), (40, 25), (0, 1), (False, False), (False, False))
+    freqs = [np.r_[0, np.arange(39, 0, -1)], np.r_[0, np.arange(24, 0, -1)]]
+    torch.manual_seed(0)
+    table = SoftSelectionEmbedding(layout, DIM, frequency_blocks(layout, freqs, num_blocks=3))
+    with torch.no_grad():
+        table.alpha.copy_(torch.rand(table.alpha.shape).round(decimals=1))
+    return table
+
+
+def test_the_prefix_map_is_monotone_fits_the_budget_and_keeps_block_prefixes():
+    table = soft_table()
+    order = searched_order(table, "alpha")
+    sizes = torch.tensor(order.blocks.size).unsqueeze(1)
+    previous = torch.zeros_like(order.rank, dtype=torch.bool)
+    full = table.weight.numel()
+    for target in [*range(0, full, 7), full]:
+        keep = order.keep(target)
+        spent = int((keep * sizes).sum())
+        assert spent <= target and spent > target - max(order.blocks.size)
+        assert bool((keep | ~previous).all()), "a larger budget dropped a kept entry"
+        kept_rank = torch.where(keep, order.rank, -1).amax(1)
+        dropped_rank = torch.where(keep, order.rank.numel(), order.rank).amin(1)
+        assert bool((kept_rank < dropped_rank).all()), "a block kept more than a prefix"
+        previous = keep
+    assert bool(previous.all())
+
+
+def test_the_order_follows_alpha_then_saliency():
+    table = soft_table()
+    order = searched_order(table, "alpha")
+    alpha = table.alpha.detach().reshape(-1)
+    by_rank = alpha[torch.argsort(order.rank.reshape(-1))]
+    assert bool((by_rank[:-1] >= by_rank[1:]).all())
+
+
+def test_the_uniform_order_cuts_every_field_at_the_same_width():
+    blocks = BlockLayout((0, 1), (0, 40), (40, 25), (0, 0))
+    order = uniform_order(blocks, DIM)
+    for target in (65, 100, 130, 300, 520):
+        widths = order.keep(target).sum(1)
+        assert widths.tolist() == [target // 65] * 2
+
+
+@pytest.fixture(scope="module")
+def searched(rating_data) -> list[NestedResult]:
+    def make(embedding):
+        return models.build("mf", rating_data.schema, embedding)
+
+    run = method("dnis-nested")
+    return run(make, rating_data, budgets=[0.2, 0.5], dim=DIM, train=TRAIN, options=SEARCH)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.33, 1.0])
+def test_truncation_equals_the_masked_full_model(searched, rating_data, budget):
+    result = searched[0]
+    full = result.nested
+    compact = truncate(result, budget)
+    embedding = full.model.embedding
+    target = round(budget * embedding.weight.numel())
+    ids = rating_data.test.ids
+    try:
+        with torch.no_grad():
+            embedding.alpha.copy_(full.order.keep(target))
+        expected = predict(full.model, ids)
+    finally:
+        with torch.no_grad():
+            embedding.alpha.fill_(1.0)
+    assert torch.allclose(predict(compact, ids), expected, atol=1e-5)
+    assert plan_of(compact.embedding).params == compact.embedding.num_parameters() <= target
+
+
+def test_every_searched_budget_is_the_one_model_truncated(searched):
+    for result in searched:
+        assert result.nested is searched[0].nested
+        assert result.embedding_params <= round(result.budget * result.full_params)
+        assert result.plan.params == result.embedding_params
+        assert result.plan.kind == "block-mixed"
+    small, large = (r.model.embedding.keep for r in searched)
+    assert bool((large | ~small).all())
+
+
+def test_a_budget_below_the_smallest_prefix_is_refused(searched):
+    with pytest.raises(BudgetError, match="smallest prefix"):
+        truncate(searched[0], 1e-6)  # one parameter
+
+
+def test_matryoshka_trains_many_budgets_and_cuts_uniform_prefixes(rating_data, monkeypatch):
+    seen: list[int] = []
+    real = OrderedDropout.mask
+
+    def spy(self, target):
+        seen.append(target)
+        real(self, target)
+
+    monkeypatch.setattr(OrderedDropout, "mask", spy)
+
+    def make(embedding):
+        return models.build("mf", rating_data.schema, embedding)
+
+    results = method("matryoshka")(
+        make, rating_data, budgets=[0.25, 0.5], dim=DIM, train=TRAIN, options={}
+    )
+    full = results[0].full_params
+    assert full in seen and round(0.25 * full) in seen  # the anchors
+    assert len(set(seen)) >= 5  # and drawn budgets
+    rows = sum(rating_data.cardinalities)
+    for result in results:
+        widths = {b.width for f in result.plan.fields for b in f.blocks}
+        assert widths == {int(result.budget * DIM)}
+        assert result.embedding_params == rows * int(result.budget * DIM)
+
+
+def test_a_nested_run_folder_serves_a_budget_it_never_searched(tmp_path):
+    config = {
+        "name": "nested",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "dataset": {"name": "synthetic", "task": "rating", "options": {"n_rows": 1500}},
+        "model": {"name": "mf"},
+        "embedding": {"dim": DIM},
+        "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "patience": 0},
+        "search": {"budgets": [0.5]},
+        "compare": {"methods": ["matryoshka"], "options": {"matryoshka": {}}},
+    }
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    loaded = load_config(path)
+    dataset, (result,) = app_search.search_run(loaded, method="matryoshka")
+    run_dir = app_search.method_run_dir(loaded, "matryoshka")
+    assert (run_dir / nested.ORDER_FILE).is_file() and (run_dir / nested.NESTED_WEIGHTS).is_file()
+    for budget in (0.5, 0.25):
+        run = load_run(run_dir, budget)
+        expected = truncate(result, budget)
+        ids = dataset.test.ids
+        assert torch.allclose(predict(run.model, ids), predict(expected, ids), atol=1e-5)
+        assert run.budget == budget
