@@ -38,12 +38,13 @@ QUICK = {  # each method's shortest settings
     "random": {"trials": 1, "trial_epochs": 1},
     "mde": {"num_blocks": 2},
     "dnis-nested": {"num_blocks": 2, "warmup_epochs": 0, "search_epochs": 1},
+    "magprune": {"finetune_epochs": 1},
 }
 KINDS = {  # the embedding kind each method's compact model is
     "dnis": "block-mixed", "dnis-random": "block-mixed", "random": "block-mixed",
     "uniform": "full", "hashing": "hashed", "qr": "qr", "unified": "multiplexed",
     "outrank": "field-subset", "mde": "projected", "autodim": "projected",
-    "optfs": "kept-rows", "pep": "ragged", "dsl": "ragged",
+    "optfs": "kept-rows", "pep": "ragged", "dsl": "ragged", "magprune": "ragged",
     "dnis-nested": "block-mixed", "matryoshka": "block-mixed",
 }  # fmt: skip
 

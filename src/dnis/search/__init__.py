@@ -9,6 +9,7 @@ from dnis.search import (  # noqa: F401  (imported to register the built-in meth
     autodim,
     dsl,
     hashing,
+    magprune,
     mde,
     methods,
     nested,
