@@ -3,6 +3,8 @@ training's masks, and a run folder that serves a budget it never searched."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,60 @@ def test_a_nested_run_folder_serves_a_budget_it_never_searched(tmp_path):
         ids = dataset.test.ids
         assert torch.allclose(predict(run.model, ids), predict(expected, ids), atol=1e-5)
         assert run.budget == budget
+
+
+def test_compare_draws_the_budget_curve_of_the_one_nested_training(tmp_path):
+    """`dnis compare` with a nested method: budget_curve.png and a curve table in compare.md; each
+    curve point is the nested model cut to that budget, fitting it, and larger budgets keep more."""
+    from dnis.app.report.budget_curve import curve_frame
+    from dnis.cli import main
+
+    config = {
+        "name": "curve",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "dataset": {"name": "synthetic", "task": "rating", "options": {"n_rows": 1500}},
+        "model": {"name": "mf"},
+        "embedding": {"dim": DIM},
+        "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "patience": 0},
+        "compare": {"methods": ["matryoshka", "uniform"], "budgets": [0.25, 0.5], "seeds": 2},
+    }
+    path = tmp_path / "curve.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["compare", "--config", str(path)]) == 0
+    run_dir = load_config(path).run_dir()
+    assert (run_dir / "budget_curve.png").stat().st_size > 0
+    report = (run_dir / "compare.md").read_text(encoding="utf-8")
+    assert "## Budget curve (budget_curve.png)" in report and "Monotone" in report
+    cells = sorted((run_dir / "cells").glob("matryoshka*"))
+    rows = [row for cell in cells for row in json.loads(cell.read_text(encoding="utf-8"))]
+    frame = curve_frame(rows, "rmse")
+    assert set(frame["seed"]) == {0, 1} and frame["method"].eq("matryoshka").all()
+    full = rows[0]["full_params"]
+    for _, seed in frame.groupby("seed"):
+        seed = seed.sort_values("budget")
+        # 20 log-spaced budgets from 1%; those below one dim per field (1/DIM) are left out
+        assert len(seed) == (np.logspace(-2, 0, 20) >= 1 / DIM).sum()
+        assert seed["budget"].iloc[-1] == 1.0
+        assert (seed["params"] <= seed["budget"] * full + 1e-6).all()
+        assert seed["params"].is_monotonic_increasing
+    # the curve's point at a searched budget is that budget's result (the same cut, evaluated)
+    result = next(r for r in rows if r["seed"] == 0 and r["budget"] == 0.5)
+    cut = next(p for p in result["curve"] if p["params"] == result["embedding_params"])
+    assert cut["test"]["rmse"] == pytest.approx(result["metrics"]["test"]["rmse"], abs=1e-6)
+
+
+def test_a_drop_larger_than_one_std_is_reported():
+    import pandas as pd
+
+    from dnis.app.report.budget_curve import drops
+
+    curves = pd.DataFrame({
+        "method": ["m"] * 4, "budget": [0.02, 0.1, 0.3, 1.0], "params": [2, 10, 30, 100],
+        "mean": [0.99, 0.95, 0.97, 0.94], "std": [0.001, 0.005, 0.005, 0.005], "seeds": [3] * 4,
+    })  # fmt: skip
+    found = drops(curves, "rmse")  # 0.95 -> 0.97 at 10% -> 30% is worse by 0.02 > 0.005
+    assert [(d["from budget"], d["to budget"]) for d in found] == [("0.1", "0.3")]
+    assert drops(curves, "auc") == [  # for AUC, higher is better: 0.97 -> 0.94 drops
+        {"method": "m", "from budget": "0.3", "to budget": "1", "drop": "0.0300", "std": "0.0050"}
+    ]

@@ -261,9 +261,14 @@ class NestedModel:
 
 @dataclass
 class NestedResult(SearchResult):
-    """A budget's result of a nested method, with the nested model it was cut from."""
+    """A budget's result of a nested method, with the nested model it was cut from and the
+    budget curve of that model (`budget_curve`; the same for every budget of one training)."""
 
     nested: NestedModel | None = field(default=None, repr=False)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "curve": self.curve}
 
     def save(self, run_dir: Path, **extra: Any) -> None:
         if self.nested is not None:  # first: the result file, written last, marks a budget done
@@ -334,6 +339,32 @@ def train_nested(job: Job, model: Model, order: NestedOrder, options: Matryoshka
     return Trained(nested, fit.history, capped, time.perf_counter() - started)
 
 
+CURVE_POINTS = 20  # budgets of the curve, log-spaced from CURVE_LOW to the full width
+CURVE_LOW = 0.01
+
+
+def budget_curve(
+    nested: NestedModel, task: Task, batch_size: int, points: int = CURVE_POINTS
+) -> list[dict[str, Any]]:
+    """The nested model cut to `points` budgets from 1% to 100% of the full embedding (log-spaced),
+    each evaluated on valid and test: what a user gets at any budget from the one training. A
+    report, not a choice: nothing is selected on these test metrics. Budgets below the smallest
+    prefix (a block's rows are kept or dropped together) are left out."""
+    device = next(nested.model.parameters()).device
+    curve = []
+    for budget in torch.logspace(math.log10(CURVE_LOW), 0.0, points, dtype=torch.float64).tolist():
+        try:
+            model = truncate(nested, budget).to(device)
+        except BudgetError:
+            continue
+        curve.append({
+            "budget": round(budget, 6), "params": model.embedding.num_parameters(),
+            "valid": task.evaluate(model, "valid", batch_size),
+            "test": task.evaluate(model, "test", batch_size),
+        })  # fmt: skip
+    return curve
+
+
 def nested_results(job: Job, trained: Trained, **extra: Any) -> list[SearchResult]:
     """One result per requested budget: the nested model truncated to it. `extra` goes to every
     result (the search's time and history)."""
@@ -341,6 +372,7 @@ def nested_results(job: Job, trained: Trained, **extra: Any) -> list[SearchResul
     device = next(nested.model.parameters()).device
     full = task.evaluate(nested.model, "valid", batch)
     history = extra.pop("history", []) + trained.history
+    curve = budget_curve(nested, task, batch)
     results: list[SearchResult] = []
     for budget in job.budgets:
         started = time.perf_counter()
@@ -358,7 +390,7 @@ def nested_results(job: Job, trained: Trained, **extra: Any) -> list[SearchResul
                 metrics={"valid": valid, "test": test}, before={"valid": full}, pruned=valid,
                 retrain_seconds=trained.seconds + time.perf_counter() - started,
                 train_epochs=len(trained.history), epoch_cap_hit=trained.capped,
-                history=history, model=model, nested=nested, **extra,
+                history=history, model=model, nested=nested, curve=curve, **extra,
             )
         )  # fmt: skip
     return results

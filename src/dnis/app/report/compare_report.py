@@ -13,10 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dnis.app.report.search_report import metric_table, save_figure  # noqa: E402
+from dnis.app.report.budget_curve import write_budget_curve  # noqa: E402
+from dnis.app.report.search_report import LOWER_IS_BETTER, metric_table, save_figure  # noqa: E402
 from dnis.io import write_text  # noqa: E402
-
-LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
 
 
 def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -189,6 +188,7 @@ def write_compare_report(
         text += "\nNot run (the budget is below the method's smallest structure):\n\n" + "".join(
             f"- {name} at {budget}: {reason}\n" for name, budget, reason in infeasible
         )
+    text += write_budget_curve(rows, table, metric, out / "budget_curve.png")
     write_text(out / "compare.md", text)
     plot_pareto(table, metric, out / "pareto.png")
     return out / "compare.md"

@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 from dnis.io import atomic_write, write_json, write_text  # noqa: E402
 from dnis.search.result import SearchResult  # noqa: E402
 
+LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
+
 
 def save_figure(figure: plt.Figure, path: Path) -> None:
     buffer = io.BytesIO()
