@@ -9,6 +9,7 @@ import torch
 
 import dnis.search.dsl as dsl
 import dnis.search.pep as pep
+import dnis.search.training as training
 from dnis import models
 from dnis.data.synthetic import load_synthetic
 from dnis.embeddings.layout import FieldLayout
@@ -193,13 +194,13 @@ def test_pep_retrain_starts_from_initial_weights_times_mask(small_ctr, monkeypat
     )  # fmt: skip
     seen = {}
 
-    class Recording(pep.Trainer):
+    class Recording(training.Trainer):  # every method's trainings start in `Phases.fit`
         def __init__(self, model, *args, **kwargs):
             seen["weight"] = model.embedding.weight.detach().clone()
             seen["dense"] = dense_state(model)
             super().__init__(model, *args, **kwargs)
 
-    monkeypatch.setattr(pep, "Trainer", Recording)
+    monkeypatch.setattr(training, "Trainer", Recording)
     # another seed for the retrain, so a fresh draw could not pass for the saved table
     other_seed = TrainConfig(**{**vars(TRAIN), "seed": 5})
     result = pep.pep_retrain(search, fm_factory(small_ctr), 0, other_seed)

@@ -22,7 +22,6 @@ import dnis.app.search as app_search
 from dnis.app.config import load_config
 from dnis.cli import main
 from dnis.data.synthetic import make_frame
-from dnis.errors import ConfigError
 from dnis.export import load
 from dnis.search.methods import METHODS
 from dnis.search.plan import EmbeddingPlan
@@ -118,11 +117,6 @@ def test_search_export_predict_equals_the_in_process_model(
             with torch.no_grad():
                 expected = torch.sigmoid(model(ids)).numpy()
             assert np.max(np.abs(scores - expected)) <= TOLERANCE, (fmt, source)
-
-
-def test_a_method_that_keeps_no_checkpoints_refuses_resume(config_path):
-    with pytest.raises(ConfigError, match="--resume: method 'hashing' keeps no checkpoints"):
-        app_search.search_run(load_config(config_path), method="hashing", resume=True)
 
 
 def test_an_unknown_method_is_refused_with_a_suggestion(config_path, capsys):

@@ -19,13 +19,16 @@ hash; see `dnis.search.dnis`) in `search/warmup/`, `search/` and `retrain-<budge
 `resume=True` a killed run continues from them: a finished search is loaded, a finished budget
 (`model-<budget>.pt` and `result-<budget>.json`) is reloaded, not retrained, and the final results
 equal those of an uninterrupted run. Without `resume` (like `dnis train`), the old checkpoints of
-the run folder are removed and the run starts afresh. Only DNIS keeps checkpoints: another
-method refuses `resume`.
+the run folder are removed and the run starts afresh. Another method keeps the checkpoints of
+its trainings in `checkpoints/phase-NN/` (numbered in the order they run; `dnis-nested` also
+`checkpoints/search/`), and `resume=True` runs it again through them: a finished training is
+loaded, the cut one continues from its last epoch (`dnis.search.training.Phases`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -49,9 +52,11 @@ from dnis.search.dnis import (
 )
 from dnis.search.methods import method as registered_method
 from dnis.search.result import SearchResult, budget_file
-from dnis.search.training import ModelFactory
+from dnis.search.training import ModelFactory, Phases
 from dnis.train.checkpoint import UnsafeFileError, safe_load
 from dnis.train.progress import Progress
+
+CHECKPOINTS = "checkpoints"  # a method's (not DNIS's) training checkpoints, in its run folder
 
 
 def model_path(run_dir: Path, budget: float) -> Path:
@@ -181,13 +186,11 @@ def _method_run(
     """A search run of method `name` (not DNIS): the method's results saved per budget."""
     chosen = registered_method(name)  # an unknown name fails here, with a "did you mean"
     options = chosen.parse(method_options(config, name))  # bad options fail before any work
-    if resume:
-        raise ConfigError(
-            f"--resume: method {name!r} keeps no checkpoints, so a killed run cannot continue; "
-            "rerun it without --resume (only the DNIS search resumes)"
-        )
     run_dir = method_run_dir(config, name)
     _clear_budgets(run_dir)
+    checkpoints = run_dir / CHECKPOINTS
+    if not resume and checkpoints.is_dir():
+        shutil.rmtree(checkpoints)  # a fresh run must not inherit an old resume point
     track.check(config.tracking)
     dataset = start_run(config, run_dir)
     with track.open_tracker(config, "search", fresh=True) as tracker:
@@ -198,6 +201,7 @@ def _method_run(
             dim=config.embedding.dim,
             train=config.train,
             options=options,
+            phases=Phases(checkpoints, resume, config.digest()),
         )
         digest = config.digest()
         for result in results:

@@ -79,12 +79,13 @@ from dnis.search.training import (
     INIT_STD,
     Job,
     ModelFactory,
+    Phases,
     endless_batches,
     phase_config,
 )
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, valid_metrics
+from dnis.train.trainer import EpochContext, TrainConfig, TrainHook, valid_metrics
 
 BASE_CANDIDATES = (2, 8, 16, 24, 32)
 
@@ -262,8 +263,11 @@ def search(
     dim: int,
     config: AutoDimConfig,
     train: TrainConfig,
+    phases: Phases | None = None,
 ) -> AutoDimState:
-    """Pre-train the supernet with equal weights, then alternate alpha and weight steps."""
+    """Pre-train the supernet with equal weights, then alternate alpha and weight steps
+    (`phases`: where they keep checkpoints)."""
+    phases = phases or Phases()
     started = time.perf_counter()
     candidates = (
         default_candidates(dim)
@@ -285,10 +289,10 @@ def search(
     if config.warmup_epochs:
         embedding.warmup = True
         warm = phase_config(train, config.warmup_epochs)
-        Trainer(model, task, warm, phase="autodim warm-up epoch").fit()
+        phases.fit(model, task, warm, phase="autodim warm-up epoch")
         embedding.warmup = False
     hook = ArchitectureSteps(model, embedding, task, config, train)
-    fit = Trainer(
+    fit = phases.fit(
         model,
         task,
         phase_config(train, config.search_epochs),
@@ -297,7 +301,7 @@ def search(
         phase="autodim search epoch",
         seed_offset=2000,
         restore_best=False,  # the search's result is where it ends
-    ).fit()
+    )
     return AutoDimState(
         embedding.probabilities().cpu().numpy(),
         candidates,
@@ -342,7 +346,7 @@ def autodim_method(job: Job, config: AutoDimConfig) -> list[SearchResult]:
     targets = [job.target(b) for b in job.budgets]
     for target in targets:  # refuse infeasible budgets before the search, not after it
         check_floor(costs, target)
-    state = search(make_model, dataset, dim=dim, config=config, train=job.train)
+    state = search(make_model, dataset, dim=dim, config=config, train=job.train, phases=job.phases)
     build = partial(
         ProjectedBlockEmbedding, layout, dim, field_blocks(dataset), init_std=config.init_std
     )

@@ -70,10 +70,10 @@ from dnis.models.base import Model
 from dnis.search.methods import Options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job, ModelFactory
+from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job, ModelFactory, Phases
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, resolve_device
+from dnis.train.trainer import EpochContext, TrainConfig, TrainHook, resolve_device
 
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
@@ -251,9 +251,11 @@ def train_sparse(
     train: TrainConfig,
     config: DslConfig | None = None,
     on_step: Callable[[int, MaskedEmbedding], None] | None = None,
+    phases: Phases | None = None,
 ) -> DslRun:
     """Train a model whose embedding holds `budget` parameters at every step (`on_step(step,
-    embedding)` is called after each step, e.g. to check that)."""
+    embedding)` is called after each step, e.g. to check that; `phases`: where the training
+    keeps checkpoints)."""
     config = config or DslConfig()
     started = time.perf_counter()
     layout = FieldLayout.from_dataset(dataset)
@@ -270,7 +272,7 @@ def train_sparse(
     hook = MaskSchedule(embedding, readable.to(device), config, t_end, on_step)
     task = make_task(dataset)
     # the best epoch's weights and mask are restored
-    fit = Trainer(model, task, train, hooks=[hook], phase="dsl epoch").fit()
+    fit = (phases or Phases()).fit(model, task, train, hooks=[hook], phase="dsl epoch")
     return DslRun(
         model, embedding, task, target, fit.valid, fit.history, time.perf_counter() - started
     )
@@ -284,7 +286,10 @@ def dsl_method(job: Job, config: DslConfig) -> list[SearchResult]:
     blocks = dataset_blocks(dataset, REPORT_BLOCKS)
     results = []
     for budget in job.budgets:
-        run = train_sparse(make_model, dataset, dim=dim, budget=budget, train=train, config=config)
+        run = train_sparse(
+            make_model, dataset, dim=dim, budget=budget, train=train, config=config,
+            phases=job.phases,
+        )  # fmt: skip
         final: Model = swap_embedding(make_model, run.embedding.to_ragged(), dense_state(run.model))
         test = run.task.evaluate(final, "test", train.eval_batch_size)
         results.append(

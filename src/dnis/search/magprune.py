@@ -62,7 +62,7 @@ from dnis.models.base import Model
 from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
 from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job
-from dnis.train.trainer import Trainer, resolve_device
+from dnis.train.trainer import resolve_device
 
 
 @dataclass
@@ -112,7 +112,7 @@ def train_full(job: Job, config: MagPruneConfig) -> FullWidth:
     torch.manual_seed(job.train.seed)
     embedding = FusedEmbedding(job.layout, job.dim, config.init_std)
     model = job.make_model(embedding)
-    fit = Trainer(model, job.task, job.train, phase="magprune full-width epoch").fit()
+    fit = job.phases.fit(model, job.task, job.train, phase="magprune full-width epoch")
     test = job.task.evaluate(model, "test", job.train.eval_batch_size)
     return FullWidth(
         table=embedding.weight.detach().cpu().clone(),
@@ -156,7 +156,7 @@ def finetune(job: Job, full: FullWidth, mask: torch.Tensor, config: MagPruneConf
             epochs=config.finetune_epochs or train.epochs,
             lr=config.finetune_lr or train.lr,
         )
-        fit = Trainer(model, task, schedule, phase="magprune fine-tune epoch").fit()
+        fit = job.phases.fit(model, task, schedule, phase="magprune fine-tune epoch")
         epochs = len(fit.history)
         if task.better(fit.valid[task.metric], pruned[task.metric]):
             valid, best_epoch, capped = fit.valid, fit.best_epoch, fit.capped

@@ -27,7 +27,7 @@ from dnis.errors import ConfigError
 from dnis.registry import Registry, parse_options
 from dnis.search.dnis import DnisConfig, dnis
 from dnis.search.result import SearchResult
-from dnis.search.training import Job, ModelFactory
+from dnis.search.training import Job, ModelFactory, Phases
 from dnis.train.trainer import TrainConfig
 
 
@@ -86,9 +86,12 @@ class Method:
         dim: int,
         train: TrainConfig,
         options: Mapping[str, Any] | Any,
+        phases: Phases | None = None,
     ) -> list[SearchResult]:
+        """`phases`: where the method's trainings keep checkpoints (default: none)."""
         typed = self.parse(options)
-        return self.run(Job(self.name, make_model, dataset, list(budgets), dim, train), typed)
+        job = Job(self.name, make_model, dataset, list(budgets), dim, train, phases or Phases())
+        return self.run(job, typed)
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}, options {self.options.__name__}>"

@@ -58,7 +58,7 @@ from dnis.search.prune import block_saliency, budget_params
 from dnis.search.result import SearchResult
 from dnis.search.training import INIT_STD, Job, ModelFactory, block_report, phase_config
 from dnis.tasks.base import Task
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, epoch_seed
+from dnis.train.trainer import EpochContext, TrainConfig, TrainHook, epoch_seed
 
 ORDER_FILE = "order.json"  # the order of a nested run (beside its budgets' files)
 NESTED_WEIGHTS = "nested.pt"  # the full nested model's state dict
@@ -195,6 +195,13 @@ class OrderedDropout(TrainHook):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stale = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("step", "best", "best_state", "stale")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
     def mask(self, target: int) -> None:
         with torch.no_grad():
             self.alpha.copy_(self.order.keep(target).to(self.alpha))
@@ -330,7 +337,7 @@ def train_nested(job: Job, model: Model, order: NestedOrder, options: Matryoshka
     model.embedding.alpha.requires_grad_(False)
     hook = OrderedDropout(model, order, job.task, job.budgets, options, job.train)
     settings = phase_config(job.train, job.train.epochs)  # the hook stops early, on all budgets
-    fit = Trainer(model, job.task, settings, hooks=[hook], restore_best=False).fit()
+    fit = job.phases.fit(model, job.task, settings, hooks=[hook], restore_best=False)
     assert hook.best_state is not None
     model.load_state_dict(hook.best_state)
     patience = job.train.patience
@@ -417,9 +424,12 @@ def dnis_nested(job: Job, options: NestedOptions) -> list[SearchResult]:
     every budget is the one model truncated."""
     dnis = {f.name: getattr(options, f.name) for f in fields(DnisConfig)}
     config = DnisConfig(**{**dnis, "schedule": "static", "budgets": list(job.budgets)})
+    root = job.phases.root
     state = search(
         job.make_model, job.dataset, dim=job.dim, config=config, train=job.train,
         init_std=options.init_std, budgets=job.budgets,
+        run_dir=None if root is None else root / "search", resume=job.phases.resume,
+        config_hash=job.phases.config_hash,
     )  # fmt: skip
     embedding, model = state.embedding, state.model
     order = searched_order(embedding, config.rank)

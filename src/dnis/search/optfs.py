@@ -64,12 +64,13 @@ from dnis.search.training import (
     INIT_STD,
     Job,
     ModelFactory,
+    Phases,
     Trained,
     phase_config,
 )
 from dnis.tasks import make_task
 from dnis.tasks.base import Task, model_device
-from dnis.train.trainer import EpochContext, TrainConfig, Trainer, TrainHook, valid_metrics
+from dnis.train.trainer import EpochContext, TrainConfig, TrainHook, valid_metrics
 
 
 @dataclass
@@ -179,8 +180,10 @@ def search(
     dim: int,
     config: OptFSConfig,
     train: TrainConfig,
+    phases: Phases | None = None,
 ) -> OptFSState:
-    """Train table, gates and model jointly with the gate L1, hardening the gates every epoch."""
+    """Train table, gates and model jointly with the gate L1, hardening the gates every epoch
+    (`phases`: where the training keeps checkpoints)."""
     started = time.perf_counter()
     layout = FieldLayout.from_dataset(dataset)
     torch.manual_seed(train.seed)
@@ -188,7 +191,7 @@ def search(
     model = make_model(embedding)
     task = make_task(dataset)
     hook = GateSchedule(model, embedding, config)
-    fit = Trainer(
+    fit = (phases or Phases()).fit(
         model,
         task,
         phase_config(train, config.search_epochs),
@@ -196,7 +199,7 @@ def search(
         phase="optfs search epoch",
         seed_offset=2999,  # epoch e (from 1) seeds as the former 0-based loop's epoch e - 1
         restore_best=False,  # the gates are read where the search ends
-    ).fit()
+    )
     return OptFSState(
         embedding.gate.detach().cpu().clone(),
         embedding.open_rows().cpu(),
@@ -228,6 +231,7 @@ def retrain(
     dim: int,
     config: OptFSConfig,
     train: TrainConfig,
+    phases: Phases | None = None,
 ) -> Trained:
     """Build the kept-rows model, rewind (or re-initialise) it, train it, evaluate it."""
     started = time.perf_counter()
@@ -240,7 +244,7 @@ def retrain(
     if config.retrain == "rewind":
         dense = {k: v for k, v in state.rewind.items() if not k.startswith("embedding.")}
         model.load_state_dict(dense, strict=False)
-    fit = Trainer(model, task, train).fit()
+    fit = (phases or Phases()).fit(model, task, train)
     test = task.evaluate(model, "test", train.eval_batch_size)
     return Trained(
         model, compact, fit.valid, test, time.perf_counter() - started,
@@ -259,13 +263,15 @@ def optfs_method(job: Job, config: OptFSConfig) -> list[SearchResult]:
             raise BudgetError(
                 f"optfs: a budget of {target} parameters cannot keep one row of width {dim}"
             )
-    state = search(make_model, dataset, dim=dim, config=config, train=train)
+    state = search(make_model, dataset, dim=dim, config=config, train=train, phases=job.phases)
     task = job.task
     open_counts = _per_field(state.open, layout)
     results = []
     for budget, target in zip(job.budgets, targets, strict=True):
         keep = select_rows(state.gate, state.open, target // dim)
-        trained = retrain(state, make_model, task, keep, dim=dim, config=config, train=train)
+        trained = retrain(
+            state, make_model, task, keep, dim=dim, config=config, train=train, phases=job.phases
+        )
         assert isinstance(trained.embedding, KeptRowsEmbedding)
         kept = trained.embedding.rows_per_field()
         dims = {

@@ -73,14 +73,13 @@ from dnis.models.base import Model
 from dnis.search.methods import Options, register_method
 from dnis.search.prune import budget_params
 from dnis.search.result import SearchResult
-from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job, ModelFactory, phase_config
+from dnis.search.training import INIT_STD, REPORT_BLOCKS, Job, ModelFactory, Phases, phase_config
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.trainer import (
     OPTIMIZERS,
     EpochContext,
     TrainConfig,
-    Trainer,
     TrainHook,
     resolve_device,
 )
@@ -267,8 +266,10 @@ def pep_search(
     dim: int,
     train: TrainConfig,
     config: PepConfig | None = None,
+    phases: Phases | None = None,
 ) -> PepSearch:
-    """Train with soft thresholds and save the pruned mask when each budget is first reached."""
+    """Train with soft thresholds and save the pruned mask when each budget is first reached
+    (`phases`: where the training keeps checkpoints)."""
     config = config or PepConfig()
     started = time.perf_counter()
     layout = FieldLayout.from_dataset(dataset)
@@ -287,7 +288,7 @@ def pep_search(
     hook = ThresholdSchedule(model, embedding, budgets, targets, config, train, search_epochs)
     history: list[dict[str, Any]] = []
     if hook.pending:
-        trainer = Trainer(
+        fit = (phases or Phases()).fit(
             model,
             task,
             phase_config(train, search_epochs + config.extra_epochs),
@@ -296,7 +297,7 @@ def pep_search(
             phase="pep epoch",
             restore_best=False,  # the snapshots are the result
         )
-        history = list(trainer.fit().history)
+        history = list(fit.history)
     epoch = len(history)
     if hook.pending:  # unreached within the bound: magnitude pruning to exactly the budget
         table = embedding.sparse_table()
@@ -328,7 +329,11 @@ def pep_search(
 
 
 def pep_retrain(
-    search: PepSearch, make_model: ModelFactory, index: int, train: TrainConfig
+    search: PepSearch,
+    make_model: ModelFactory,
+    index: int,
+    train: TrainConfig,
+    phases: Phases | None = None,
 ) -> SearchResult:
     """Retrain the snapshot of budget `index` from V_0 * mask, the mask fixed."""
     started = time.perf_counter()
@@ -342,7 +347,7 @@ def pep_retrain(
     torch.manual_seed(train.seed)
     ticket = ticket_embedding(layout, dim, snapshot.mask, search.init_weight)
     model: Model = swap_embedding(make_model, ticket, search.init_dense)
-    fit = Trainer(model, task, train).fit()
+    fit = (phases or Phases()).fit(model, task, train)
     masked = model.embedding
     assert isinstance(masked, MaskedEmbedding)
     final: Model = swap_embedding(make_model, masked.to_ragged(), dense_state(model))
@@ -379,5 +384,9 @@ def pep_method(job: Job, config: PepConfig) -> list[SearchResult]:
         dim=job.dim,
         train=job.train,
         config=config,
+        phases=job.phases,
     )
-    return [pep_retrain(search, job.make_model, i, job.train) for i in range(len(job.budgets))]
+    return [
+        pep_retrain(search, job.make_model, i, job.train, job.phases)
+        for i in range(len(job.budgets))
+    ]

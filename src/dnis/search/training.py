@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -22,7 +23,7 @@ from dnis.search.result import SearchResult
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
 from dnis.train.progress import Progress
-from dnis.train.trainer import TrainConfig, Trainer
+from dnis.train.trainer import TrainConfig, Trainer, TrainResult
 
 ModelFactory = Callable[[FieldEmbedding], Model]
 Structure = TypeVar("Structure")
@@ -44,6 +45,31 @@ class Trained:
     capped: bool = False  # stopped by train.epochs while validation still improved
 
 
+@dataclass
+class Phases:
+    """Checkpoint folders for a method's trainings, numbered in the order they run
+    (`root/phase-01`, ...): a killed run, started again with the same config and `resume`, finds
+    each one's checkpoint; a finished training returns at once with its weights (and the global
+    RNG) restored, the one that was cut continues from its last epoch, later ones start fresh.
+    Without a `root`, trainings keep no checkpoints. `config_hash` (the run's digest) must match
+    the checkpoints' to resume."""
+
+    root: Path | None = None
+    resume: bool = False
+    config_hash: str | None = None
+    count: int = field(default=0, init=False)
+
+    def fit(self, model: Model, task: Task, train: TrainConfig, **options: Any) -> TrainResult:
+        """`Trainer(model, task, train, **options).fit()` in the next phase folder."""
+        self.count += 1
+        folder = None if self.root is None else self.root / f"phase-{self.count:02d}"
+        trainer = Trainer(
+            model, task, train, run_dir=folder, config_hash=self.config_hash, **options
+        )
+        found = folder is not None and (folder / "checkpoint.pt").is_file()
+        return trainer.fit(resume=self.resume and found)
+
+
 def train_compact(
     make_model: ModelFactory,
     build_embedding: Callable[[], FieldEmbedding],
@@ -52,13 +78,14 @@ def train_compact(
     *,
     test: bool = True,
     progress: Progress | None = None,
+    phases: Phases | None = None,
 ) -> Trained:
     """Seed, build the embedding and the model around it, train, and evaluate (test optional)."""
     started = time.perf_counter()
     torch.manual_seed(train.seed)
     embedding = build_embedding()
     model = make_model(embedding)
-    fit = Trainer(model, task, train, progress=progress).fit()
+    fit = (phases or Phases()).fit(model, task, train, progress=progress)
     metrics = task.evaluate(model, "test", train.eval_batch_size) if test else None
     return Trained(
         model, embedding, fit.valid, metrics, time.perf_counter() - started,
@@ -79,6 +106,7 @@ class Job:
     budgets: list[float]
     dim: int
     train: TrainConfig
+    phases: Phases = field(default_factory=Phases)  # where its trainings keep checkpoints
 
     @cached_property
     def layout(self) -> FieldLayout:
@@ -106,8 +134,9 @@ class Job:
     ) -> Trained:
         """`train_compact` for this job (its own `train` config for a short trial)."""
         return train_compact(
-            self.make_model, build_embedding, self.task, train or self.train, test=test
-        )
+            self.make_model, build_embedding, self.task, train or self.train, test=test,
+            phases=self.phases,
+        )  # fmt: skip
 
     def result(
         self, budget: float, trained: Trained, dims: dict[str, Any], **extra: Any

@@ -512,6 +512,9 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "config": asdict(self.config),
                 "hooks": [hook.state_dict() for hook in self.hooks],
+                # the global RNG after the epoch (dropout used it): what runs after a phase that
+                # a resumed run finds finished draws what it would have drawn without the break
+                "rng": torch.get_rng_state(),
                 **state,
             },
             self.config_hash,
@@ -540,4 +543,7 @@ class Trainer:
         for hook, hook_state in zip(self.hooks, hooks, strict=True):
             hook.load_state_dict(hook_state)
         saved.pop("config")
+        rng = saved.pop("rng", None)  # absent in checkpoints of dnis before 0.x: not restored
+        if rng is not None:
+            torch.set_rng_state(rng)
         return saved
