@@ -219,6 +219,11 @@ def main() -> None:
         shutil.copyfile(report.parent / "pareto.png", plot)
         body = report.read_text(encoding="utf-8").split("\n", 1)[1]
         lines += [f"\n## {title}\n", body, f"\n![Pareto plot]({plot.name})\n"]
+        curve = report.parent / "budget_curve.png"
+        if curve.is_file():  # a nested method was in the grid
+            copy = args.output.parent / f"{report.parent.name}-budget-curve.png"
+            shutil.copyfile(curve, copy)
+            lines.append(f"\n![Budget curve]({copy.name})\n")
     text = "\n".join(lines)
     write_section(args.output, key, text)
     print(text)
