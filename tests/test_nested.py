@@ -231,3 +231,23 @@ def test_a_drop_larger_than_one_std_is_reported():
     assert drops(curves, "auc") == [  # for AUC, higher is better: 0.97 -> 0.94 drops
         {"method": "m", "from budget": "0.3", "to budget": "1", "drop": "0.0300", "std": "0.0050"}
     ]
+
+
+def test_a_floor_puts_every_blocks_first_dims_ahead_and_stays_nested():
+    order = searched_order(soft_table(), "alpha")
+    floored = nested.with_floor(order, 2)
+    sizes = torch.tensor(order.blocks.size).unsqueeze(1)
+    rows = int(sizes.sum())
+    # two dims of every block, in each block's own searched order, are exactly the first budget
+    keep = floored.keep(2 * rows)
+    place = torch.argsort(torch.argsort(order.rank, dim=1), dim=1)
+    assert torch.equal(keep, place < 2)
+    previous = torch.zeros_like(keep)
+    for target in range(0, rows * DIM + 1, 5):
+        keep = floored.keep(target)
+        assert bool((keep | ~previous).all()), "a larger budget dropped a kept entry"
+        previous = keep
+    # above the floor the searched order is kept
+    rest = floored.rank[place >= 2]
+    assert torch.equal(torch.argsort(rest), torch.argsort(order.rank[place >= 2]))
+    assert nested.with_floor(order, 0) is order

@@ -131,6 +131,19 @@ def searched_order(embedding: SoftSelectionEmbedding, rank_by: str) -> NestedOrd
     return NestedOrder(embedding.blocks, rank.view_as(score))
 
 
+def with_floor(order: NestedOrder, floor: int) -> NestedOrder:
+    """`order` with every block's first `floor` dims (in the block's own order) ahead of every
+    other entry, their relative order kept: budgets up to `floor` dims everywhere grow every block
+    alike, larger ones add dims in the searched order. Still one ranking, so still nested."""
+    if floor <= 0:
+        return order
+    place = torch.argsort(torch.argsort(order.rank, dim=1), dim=1)  # position within its block
+    shifted = torch.where(place < floor, order.rank, order.rank + order.rank.numel())
+    rank = torch.empty(shifted.numel(), dtype=torch.long)
+    rank[torch.argsort(shifted.reshape(-1))] = torch.arange(shifted.numel())
+    return NestedOrder(order.blocks, rank.view_as(order.rank))
+
+
 def uniform_order(blocks: BlockLayout, dim: int) -> NestedOrder:
     """Every block's dim j at level j: a budget keeps the same first w dims everywhere."""
     return NestedOrder(blocks, torch.arange(dim).expand(blocks.num_blocks, dim).clone())
@@ -162,7 +175,7 @@ class NestedOptions(DnisConfig, MatryoshkaOptions):
 
 
 # DNIS options `dnis-nested` sets itself: a static search at block granularity
-NESTED_FIXED = ("budgets", "schedule", "granularity", "structure", "min_width")
+NESTED_FIXED = ("budgets", "schedule", "granularity", "structure")
 
 
 class OrderedDropout(TrainHook):
@@ -432,7 +445,10 @@ def dnis_nested(job: Job, options: NestedOptions) -> list[SearchResult]:
         config_hash=job.phases.config_hash,
     )  # fmt: skip
     embedding, model = state.embedding, state.model
-    order = searched_order(embedding, config.rank)
+    # min_width: every block's first dims up to that fraction of the smallest budget's uniform
+    # width come first (`with_floor`)
+    floor = int(options.min_width * min(job.target(b) for b in job.budgets) / job.layout.total_rows)
+    order = with_floor(searched_order(embedding, config.rank), floor)
     if options.retrain == "scratch":
         model = fresh_model(job, state.blocks, options.init_std)
     else:
