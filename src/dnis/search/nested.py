@@ -144,6 +144,15 @@ def with_floor(order: NestedOrder, floor: int) -> NestedOrder:
     return NestedOrder(order.blocks, rank.view_as(order.rank))
 
 
+def as_prefixes(order: NestedOrder) -> tuple[NestedOrder, torch.Tensor]:
+    """(`order` with every block's dims renumbered so that it keeps a prefix, the permutation):
+    the block's k-th ranked dim becomes its dim k, so every budget keeps the same number of dims
+    per block as `order` does, at positions 0..w-1. `permutation[b, k]` is the old dim that moves
+    to k (for the weights that move with it)."""
+    ranks, permutation = torch.sort(order.rank, dim=1)
+    return NestedOrder(order.blocks, ranks), permutation
+
+
 def uniform_order(blocks: BlockLayout, dim: int) -> NestedOrder:
     """Every block's dim j at level j: a budget keeps the same first w dims everywhere."""
     return NestedOrder(blocks, torch.arange(dim).expand(blocks.num_blocks, dim).clone())
@@ -169,9 +178,18 @@ class MatryoshkaOptions(Options):
 class NestedOptions(DnisConfig, MatryoshkaOptions):
     """`dnis-nested`'s options: DNIS's search options and the nested training's."""
 
+    # where a block's kept dims sit: `prefix`, its first w dims (the search decides w per block
+    # and budget, and every field's dim j meets every other's dim j), or `searched`, the dims
+    # the search ranked highest in that block (blocks of two fields may then keep disjoint dims,
+    # which a dot product between them cannot use)
+    placement: str = "prefix"
+
     def __post_init__(self) -> None:
         DnisConfig.__post_init__(self)
         MatryoshkaOptions.__post_init__(self)
+        self.require(
+            self.placement in ("prefix", "searched"), "placement", "must be prefix or searched"
+        )
 
 
 # DNIS options `dnis-nested` sets itself: a static search at block granularity
@@ -449,11 +467,18 @@ def dnis_nested(job: Job, options: NestedOptions) -> list[SearchResult]:
     # width come first (`with_floor`)
     floor = int(options.min_width * min(job.target(b) for b in job.budgets) / job.layout.total_rows)
     order = with_floor(searched_order(embedding, config.rank), floor)
+    permutation = None
+    if options.placement == "prefix":
+        order, permutation = as_prefixes(order)
     if options.retrain == "scratch":
         model = fresh_model(job, state.blocks, options.init_std)
     else:
         with torch.no_grad():  # alpha folded into the weights; from here alpha is the mask
-            embedding.weight.copy_(embedding.selected_weight())
+            weight = embedding.selected_weight()
+            if permutation is not None:  # every row's dims move with its block's renumbering
+                rows = embedding.blocks.row_block().to(weight.device)
+                weight = weight.gather(1, permutation.to(weight.device)[rows])
+            embedding.weight.copy_(weight)
             embedding.alpha.fill_(1.0)
     trained = train_nested(job, model, order, options)
     return nested_results(job, trained, search_seconds=state.seconds, history=state.history)
