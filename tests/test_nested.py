@@ -251,3 +251,16 @@ def test_a_floor_puts_every_blocks_first_dims_ahead_and_stays_nested():
     rest = floored.rank[place >= 2]
     assert torch.equal(torch.argsort(rest), torch.argsort(order.rank[place >= 2]))
     assert nested.with_floor(order, 0) is order
+
+
+def test_prefix_placement_keeps_the_searched_widths_at_the_first_dims():
+    order = searched_order(soft_table(), "alpha")
+    prefixed, permutation = nested.as_prefixes(order)
+    full = int(torch.tensor(order.blocks.size).sum()) * DIM
+    for target in range(0, full + 1, 11):
+        searched, placed = order.keep(target), prefixed.keep(target)
+        widths = placed.sum(1)
+        assert torch.equal(searched.sum(1), widths)  # the search's width for every block
+        assert torch.equal(placed, torch.arange(DIM) < widths.unsqueeze(1))  # at dims 0..w-1
+    # dim k of a block is the one the search ranked k-th in it
+    assert torch.equal(order.rank.gather(1, permutation), prefixed.rank)

@@ -183,6 +183,9 @@ class NestedOptions(DnisConfig, MatryoshkaOptions):
     # the search ranked highest in that block (blocks of two fields may then keep disjoint dims,
     # which a dot product between them cannot use)
     placement: str = "prefix"
+    # the nested training starts from a new model (the search only gives the order); with prefix
+    # placement it was better on validation than `finetune` (docs/methods.md)
+    retrain: str = "scratch"
 
     def __post_init__(self) -> None:
         DnisConfig.__post_init__(self)
