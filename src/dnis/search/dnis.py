@@ -138,6 +138,10 @@ class DnisConfig:
     # uniform structure of the same budget would give it (0: the search alone decides)
     min_width: float = 0.0
     holdout_fraction: float = 0.1
+    # where a block's kept dims sit in the compact model: `searched` (those the search kept) or
+    # `prefix` (the first w of them, w as searched; the weights move along), so every field's
+    # dim j meets every other's dim j in a dot product (block granularity only)
+    placement: str = "searched"
 
     def __post_init__(self) -> None:
         if isinstance(self.block_mode, str) and self.block_mode not in BLOCK_MODES:
@@ -173,6 +177,10 @@ class DnisConfig:
         if self.alpha_data not in ("valid", "holdout"):
             raise ConfigError(
                 f"search.alpha_data must be 'valid' or 'holdout', got {self.alpha_data!r}"
+            )
+        if self.placement not in ("searched", "prefix"):
+            raise ConfigError(
+                f"search.placement must be 'searched' or 'prefix', got {self.placement!r}"
             )
         if not 0 <= self.min_width <= 1:
             raise ConfigError(f"search.min_width must be in [0, 1], got {self.min_width}")
@@ -563,6 +571,25 @@ def l1_step(config: DnisConfig, task: Task) -> str:
     return "proximal" if task.name == "ctr" else "loss"
 
 
+def block_mixed(
+    soft: SoftSelectionEmbedding,
+    blocks: BlockLayout,
+    keep: torch.Tensor,
+    table: torch.Tensor,
+    placement: str,
+) -> BlockMixedEmbedding:
+    """The compact block embedding keeping `keep` of `table`; under `prefix` placement each
+    block's kept dims move, in order, to its first dims (`keep` becomes a prefix per block)."""
+    if placement == "prefix":
+        # per block, the kept dims first (in their order), then the others
+        permutation = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        table = table.gather(1, permutation.to(table.device)[soft.row_block.to(table.device)])
+        keep = torch.arange(keep.shape[1], device=keep.device) < keep.sum(1, keepdim=True)
+    compact = BlockMixedEmbedding(soft.layout, soft.dim, blocks, keep)
+    compact.load_dense(table)
+    return compact
+
+
 def materialize(
     state: SearchState, budget: float, config: DnisConfig, seed: int = 0
 ) -> FieldEmbedding:
@@ -577,11 +604,7 @@ def materialize(
     if snapshot is not None:
         weight, alpha = snapshot.state["embedding.weight"], snapshot.state["embedding.alpha"]
         table = (weight * alpha[soft.row_block.to(alpha.device)]).detach()
-        compact: FieldEmbedding = BlockMixedEmbedding(
-            soft.layout, soft.dim, state.blocks, snapshot.keep
-        )
-        compact.load_dense(table)
-        return compact
+        return block_mixed(soft, state.blocks, snapshot.keep, table, config.placement)
     target = budget_params(budget, soft.weight.numel())
     table = soft.selected_weight().detach()
     control = config.structure == "random"
@@ -596,7 +619,7 @@ def materialize(
             saliency = block_saliency(table, state.blocks)
             score = saliency if config.rank == "saliency" else soft.alpha
             keep = prune_blocks(score, state.blocks, target, tiebreak=saliency)
-        compact = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
+        return block_mixed(soft, state.blocks, keep, table, config.placement)
     else:
         keep = prune_elements(noise(table.shape) if control else table, soft.layout, target)
         compact = RaggedEmbedding(soft.layout, soft.dim, keep)
