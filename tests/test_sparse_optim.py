@@ -1,8 +1,9 @@
 """Sparse-gradient optimizers: `train.optimizer: sparse_adam | adagrad`.
 
 sparse_adam: the plain id tables (the model's FusedEmbedding and the linear terms' width-1 table)
-look rows up sparsely and are updated by SparseAdam, every other weight by Adam; embeddings that
-cannot make sparse gradients fall back to dense (Adam). Adagrad takes sparse gradients itself.
+look rows up sparsely and are updated by RowwiseAdam (SparseAdam's update; tests/test_rowwise.py
+compares the two), every other weight by Adam; embeddings that cannot make sparse gradients fall
+back to dense (Adam). Adagrad takes sparse gradients itself.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dnis.search.methods import METHODS
 from dnis.tasks import make_task
 from dnis.train import Progress, TrainConfig, Trainer
 from dnis.train.checkpoint import load_checkpoint
+from dnis.train.rowwise import RowwiseAdam
 from dnis.train.trainer import SparseDenseOptimizer, make_optimizer
 
 
@@ -124,7 +126,7 @@ def test_sparse_adam_splits_the_weights_between_two_optimizers(fm_data: EncodedD
     model = model_on(fm_data, "deepfm", hidden=(8,))
     optimizer = make_optimizer(model, TrainConfig(optimizer="sparse_adam"))
     assert isinstance(optimizer, SparseDenseOptimizer)
-    assert isinstance(optimizer.sparse, torch.optim.SparseAdam)
+    assert isinstance(optimizer.sparse, RowwiseAdam)
     assert isinstance(optimizer.dense, torch.optim.Adam)
     sparse = {id(p) for g in optimizer.sparse.param_groups for p in g["params"]}
     dense = {id(p) for g in optimizer.dense.param_groups for p in g["params"]}

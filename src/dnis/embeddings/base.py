@@ -60,9 +60,38 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("slot_offsets", layout.slot_offsets(), persistent=False)
         self.register_buffer("field_offsets", layout.field_offsets(), persistent=False)
         self.pooling = FieldPooling(layout)
-        # squared norms of the last training batch's looked-up rows (padding excluded), summed and
-        # divided by the batch size: the per-batch L2 term that `TrainConfig.embedding_l2` weighs
-        self.last_l2 = torch.zeros(())
+        # what `last_l2` is computed from, on first read: the last training batch's looked-up
+        # vectors, their slot weights, the batch size and the vectors' version (`_batch_l2`)
+        self._l2_of: tuple[torch.Tensor, torch.Tensor | None, int, int] | None = None
+        self._last_l2 = torch.zeros(())
+
+    @property
+    def last_l2(self) -> torch.Tensor:
+        """Squared norms of the last training batch's looked-up rows (padding excluded), summed
+        and divided by the batch size: the per-batch L2 term that `TrainConfig.embedding_l2`
+        weighs (differentiable; read it before that batch's backward).
+
+        It is computed when first read after a training forward, not in the forward itself: a
+        run with `embedding_l2` 0 never reads it and so never pays for it. Subclasses that
+        regularise other tensors (the table rows under a gate, candidate vectors) assign it."""
+        if self._l2_of is not None:
+            vectors, weights, batch, version = self._l2_of
+            self._l2_of = None
+            if vectors._version != version:
+                raise RuntimeError(
+                    "the looked-up vectors were changed in place after the forward, so last_l2 "
+                    "cannot be taken on them; read last_l2 before changing them"
+                )
+            squared = vectors.pow(2).sum(dim=-1)
+            if weights is not None:
+                squared = squared * weights
+            self._last_l2 = squared.sum() / batch
+        return self._last_l2
+
+    @last_l2.setter
+    def last_l2(self, value: torch.Tensor) -> None:
+        self._l2_of = None
+        self._last_l2 = value
 
     def fields_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The field of every global row (same shape)."""
@@ -82,11 +111,8 @@ class FieldEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         vectors = self.lookup(ids + self.slot_offsets)
         weights = self.pooling.slot_weights(ids, vectors.dtype)
-        if self.training:
-            squared = vectors.pow(2).sum(dim=-1)
-            if weights is not None:
-                squared = squared * weights
-            self.last_l2 = squared.sum() / ids.shape[0]
+        if self.training:  # `last_l2` is taken on these when read
+            self._l2_of = (vectors, weights, ids.shape[0], vectors._version)
         return self.pooling(vectors, weights)
 
     def field_rows(self, field: int) -> torch.Tensor:

@@ -14,10 +14,13 @@ class _SparseRowsLookup(torch.autograd.Function):
 
     torch's sparse embedding backward returns one gradient row per looked-up slot (B x slots rows,
     indices repeated), which SparseAdam and Adagrad must then coalesce (sort and sum); with Zipf
-    ids most of those rows repeat. Here the backward sums each distinct row's gradient once
-    (`unique` over int32 + an accumulating `index_put_`), so the optimizer's coalesce only has
-    the distinct rows left to check (autograd drops the coalesced flag when it stores `.grad`).
-    Same forward values, same gradient up to float summation order.
+    ids most of those rows repeat. Here the backward sums each distinct row's gradient once: a
+    stable sort of the rows (over int32) groups each row's slots, and `embedding_bag` (mode sum)
+    over the slots' gradients, one bag per distinct row, adds them up. The gradient is then a
+    sparse tensor with sorted, distinct rows, which `RowwiseAdam` takes as it is (and Adagrad's
+    coalesce only checks; autograd drops the coalesced flag when it stores `.grad`). Same forward
+    values; the same gradient as an accumulating `index_add_`/`index_put_` over the slots in
+    their order (each row's slots are added in slot order), about 3x faster at width 16.
     """
 
     @staticmethod
@@ -33,9 +36,12 @@ class _SparseRowsLookup(torch.autograd.Function):
         flat = rows.reshape(-1)
         if ctx.table_rows < 2**31:
             flat = flat.int()  # sorts about twice as fast as int64
-        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        values = grad.new_zeros(len(unique), dim)
-        values.index_put_((inverse,), grad.reshape(-1, dim), accumulate=True)
+        ordered, order = torch.sort(flat, stable=True)  # stable: a row's slots in slot order
+        unique, counts = torch.unique_consecutive(ordered, return_counts=True)
+        starts = counts.cumsum(0).sub_(counts)  # where each distinct row's slots begin
+        values = nn.functional.embedding_bag(
+            order, grad.reshape(-1, dim).contiguous(), starts, mode="sum"
+        )
         table = torch.sparse_coo_tensor(
             unique.long().unsqueeze(0),
             values,
@@ -50,10 +56,10 @@ class FusedEmbedding(FieldEmbedding):
     """One [sum of cardinalities, dim] table: the uniform-width input layer (the baseline).
 
     `sparse`: the table's gradient is a sparse tensor holding only the rows of the batch, as with
-    `F.embedding(..., sparse=True)` (for `torch.optim.SparseAdam` / `Adagrad` on large tables), with
-    one row per distinct id (`_SparseRowsLookup`), which makes the optimizer's work cheaper. It is set
-    by the trainer from `train.optimizer` (see `dnis.train.trainer.make_optimizer`), never by
-    models; only a table whose lookup is this plain gather can honour it (`supports_sparse_grad`).
+    `F.embedding(..., sparse=True)` (for `sparse_adam`'s `RowwiseAdam` / `Adagrad` on large tables),
+    with one row per distinct id (`_SparseRowsLookup`), which makes the optimizer's work cheaper.
+    It is set by the trainer from `train.optimizer` (see `dnis.train.trainer.make_optimizer`),
+    never by models; only a table whose lookup is this plain gather can honour it (`supports_sparse_grad`).
     """
 
     def __init__(

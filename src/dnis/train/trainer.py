@@ -33,6 +33,7 @@ from dnis.models.base import Model
 from dnis.tasks.base import Task, model_device
 from dnis.train.checkpoint import check_config_hash, read_checkpoint, save_checkpoint
 from dnis.train.progress import Progress, SilentProgress
+from dnis.train.rowwise import RowwiseAdam
 
 OPTIMIZERS = ("adam", "sparse_adam", "adagrad", "sgd")
 # optimizers that take sparse gradients: under them, the id tables that can look rows up sparsely do
@@ -133,8 +134,9 @@ class TrainResult:
 
 
 class SparseDenseOptimizer:
-    """`train.optimizer: sparse_adam`: SparseAdam for the tables whose gradients are sparse, Adam
-    for every other weight, stepped as one optimizer.
+    """`train.optimizer: sparse_adam`: SparseAdam's update (`RowwiseAdam`, which makes it on the
+    gradient's distinct rows directly) for the tables whose gradients are sparse, Adam for every
+    other weight, stepped as one optimizer.
 
     It offers the part of `torch.optim.Optimizer` a training loop uses (`zero_grad`, `step`,
     `state_dict`, `load_state_dict`, `param_groups`, `state`), and its `state_dict` holds both
@@ -242,8 +244,9 @@ def make_optimizer(
 
     Parameters that do not require grad (e.g. a frozen DNIS alpha) or are in `exclude` are left out.
     Under `sparse_adam` and `adagrad` the model's plain id tables are switched to sparse lookups
-    first (`set_sparse_lookups`); `sparse_adam` gives a `SparseDenseOptimizer` (SparseAdam for
-    those tables, Adam for the rest), `adagrad` one Adagrad (it takes sparse gradients itself).
+    first (`set_sparse_lookups`); `sparse_adam` gives a `SparseDenseOptimizer` (`RowwiseAdam`,
+    the same update as `torch.optim.SparseAdam` and the same state, for those tables, Adam for the
+    rest), `adagrad` one Adagrad (it takes sparse gradients itself).
     """
     skip = {id(p) for p in exclude or []}
     sparse_ids = {id(p) for p in set_sparse_lookups(model, config, exclude)}
@@ -262,7 +265,7 @@ def make_optimizer(
     if config.optimizer == "sparse_adam":
         return SparseDenseOptimizer(
             adam(groups, config.lr),
-            torch.optim.SparseAdam(sparse, lr=config.lr) if sparse else None,
+            RowwiseAdam(sparse, lr=config.lr) if sparse else None,
         )
     if config.optimizer == "adam":
         return adam(groups, config.lr)
