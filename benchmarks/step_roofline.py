@@ -20,10 +20,17 @@ samples/s is the median over rounds, by wall clock and by this process's CPU tim
 the bound is the median of the per-round ratios.
 
 The breakdown profiles `--profile-steps` DeepFM steps at `--profile-vocab` ids with
-`torch.profiler`: forward hooks mark the embedding, linear terms and MLP, backward ops are matched
-to the forward op that made them (autograd sequence numbers), and the optimizers' own profiler
-ranges split the update. ms/step are profiled times (the profiler adds some overhead; the
-unprofiled step time is printed next to them).
+`torch.profiler`, `--profile-rounds` times (per part the median): forward hooks mark the
+embedding, linear terms and MLP, backward ops are matched to the forward op that made them
+(autograd sequence numbers), and the optimizers' own profiler ranges split the update. ms/step are
+profiled times (the profiler adds some overhead; the unprofiled step time is printed next to them).
+
+`--before TREE` (a dnis checkout or its src/, e.g. `git archive <commit> src | tar -x -C TREE`)
+times that library beside this one: a worker process (this script, `--worker`, PYTHONPATH set to
+TREE's src) builds the same data and runs DeepFM and FM steps when asked, in the same rounds as the
+other sides (it times itself; this process waits meanwhile), and is profiled alternately with this
+tree. `--auc` (on by default) trains DeepFM one epoch at `--profile-vocab` ids (`Trainer.fit`,
+seed 0) with this tree, and with TREE first when given, and reports validation and test AUC.
 
 `--threads` (on by default; `--no-threads` skips it) times MF (fields 0 and 1 as user and item),
 FM, DeepFM and the bound at 1 and 2 intra-op threads (`torch.set_num_threads`), alternating, at
@@ -36,6 +43,7 @@ Results go to the "step-roofline" section of docs/performance.md (`--output`); `
 small smoke run that writes nothing unless `--output` is given.
 
     .venv/bin/python benchmarks/step_roofline.py [--quick] [--vocab 10000 100000 1000000]
+        [--before TREE --before-label NAME]
 """
 
 from __future__ import annotations
@@ -137,9 +145,10 @@ def with_threads(run: Run, threads: int) -> Run:
     return threaded
 
 
-def interleaved(sides: dict[str, Run], steps: dict[str, int], rounds: int):
+def interleaved(sides: dict[str, Run | Callable[[int], tuple[int, float, float]]], steps, rounds):
     """One warm-up timing of each side, then `rounds` rounds timing each side once, the order
-    rotated every round; {side: [(samples/s by wall, samples/s by CPU time), ...]}."""
+    rotated every round; {side: [(samples/s by wall, samples/s by CPU time), ...]}. A side that
+    runs in another process (`BeforeWorker`) times itself: it returns (rows, wall s, CPU s)."""
     for name, run in sides.items():
         run(steps[name])
     names = list(sides)
@@ -148,10 +157,115 @@ def interleaved(sides: dict[str, Run], steps: dict[str, int], rounds: int):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             clock = Clock()
-            rows = sides[name](steps[name])
+            done = sides[name](steps[name])
             wall, cpu = clock.stop()
+            rows = done if isinstance(done, int) else done[0]
+            if not isinstance(done, int):
+                wall, cpu = done[1], done[2]
             rates[name].append((rows / wall, rows / cpu))
     return rates
+
+
+# ------------------------------------------------------------------ the library before a change
+
+
+class BeforeWorker:
+    """dnis from another source tree (`--before`, e.g. the commit before a change) in a worker
+    process: this script with `--worker`, `PYTHONPATH` set to that tree's `src`, building the
+    same data and answering JSON commands on its stdin (run steps, profile, one epoch's AUC).
+    The parent waits while the worker runs, so the two never share the cores."""
+
+    def __init__(self, src: Path, rows: int, vocab: int, optimizer: str, models: list[str]):
+        import json
+        import subprocess
+        import sys
+
+        self.json = json
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--rows", str(rows)]
+        command += ["--vocab", str(vocab), "--optimizer", optimizer, "--models", *models]
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.library = self.ask({"op": "where"})["library"]
+        if Path(self.library).resolve().is_relative_to(ROOT / "src"):
+            raise SystemExit(
+                f"--before {src}: the worker imported this tree's dnis ({self.library})"
+            )
+
+    def ask(self, command: dict[str, Any]) -> Any:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(self.json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit("the --before worker stopped; see its error above")
+        return self.json.loads(line)
+
+    def side(self, model: str) -> Callable[[int], tuple[int, float, float]]:
+        def run(steps: int) -> tuple[int, float, float]:
+            done = self.ask({"op": "run", "model": model, "steps": steps})
+            return done["rows"], done["wall"], done["cpu"]
+
+        return run
+
+    def close(self) -> None:
+        self.ask({"op": "quit"})
+        self.process.wait(timeout=60)
+
+
+def worker(args) -> None:
+    """The `--worker` loop: commands on stdin, one JSON answer per line on stdout."""
+    import json
+    import sys
+
+    import dnis
+
+    torch.set_num_threads(1)
+    dataset = synthetic(args.rows, args.vocab[0])
+    sides = {m: DnisSide(dataset, m, BATCH, args.optimizer) for m in args.models}
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "quit":
+            answer: Any = {}
+        elif command["op"] == "where":
+            answer = {"library": str(Path(dnis.__file__).parent)}
+        elif command["op"] == "run":
+            clock = Clock()
+            rows = sides[command["model"]](command["steps"])
+            wall, cpu = clock.stop()
+            answer = {"rows": rows, "wall": wall, "cpu": cpu}
+        elif command["op"] == "profile":
+            answer = profile(sides["deepfm"], command["steps"])
+        else:  # auc
+            answer = one_epoch(dataset, args.optimizer)
+        print(json.dumps(answer), flush=True)
+        if command["op"] == "quit":
+            return
+
+
+def one_epoch(dataset, optimizer: str) -> dict[str, float]:
+    """DeepFM trained one epoch (`Trainer.fit`, seed 0, the setting above): its validation and
+    test AUC and log loss, and the epoch's training seconds."""
+    from dnis.embeddings import FieldLayout, FusedEmbedding
+    from dnis.models import build
+    from dnis.tasks import make_task
+    from dnis.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    embedding = FusedEmbedding(FieldLayout.from_dataset(dataset), WIDTH)
+    model = build("deepfm", dataset.schema, embedding, hidden=HIDDEN)
+    config = TrainConfig(epochs=1, batch_size=BATCH, lr=LR, optimizer=optimizer, seed=0)
+    task = make_task(dataset)
+    result = Trainer(model, task, config).fit()
+    test = task.evaluate(model, "test", config.eval_batch_size)
+    return {
+        "valid_auc": result.valid["auc"],
+        "valid_logloss": result.valid["logloss"],
+        "test_auc": test["auc"],
+        "test_logloss": test["logloss"],
+        "seconds": result.train_seconds,
+    }
 
 
 def summary(runs: list[tuple[float, float]], **references: list[tuple[float, float]]):
@@ -188,12 +302,36 @@ FORWARD_LABELS = {
     LOSS: "loss (BCE): forward",
 }
 BACKWARD_LABELS = {
-    LOOKUP: "embedding: backward (unique + index_put per-row gradient sums)",
+    LOOKUP: "embedding: backward (sort of the rows + per-row gradient sums)",
     LINEAR: "linear terms: backward (the same, width 1)",
     FM: "FM interaction + sum of the terms: backward",
     MLP_PART: "MLP: backward",
     LOSS: "loss (BCE): backward",
 }
+# the sparse optimizer's ops by what they do: SparseAdam's and RowwiseAdam's in one row each
+SPARSE_LABELS = {
+    "distinct": "sparse optimizer: distinct rows (SparseAdam: coalesce; RowwiseAdam: order check)",
+    "read": "sparse optimizer: read state rows (SparseAdam: sparse_mask; RowwiseAdam: index_select)",
+    "write": "sparse optimizer: write state and table rows (SparseAdam: sparse add_; RowwiseAdam: "
+    "index_copy_, index_add_)",
+}
+SPARSE_OPS = {  # SparseAdam's add_s are its sparse adds into state and table, but for a few dense
+    # ones on the batch's rows (small next to them); RowwiseAdam's add_s are all row math
+    "SparseAdam": {
+        "aten::coalesce": "distinct",
+        "aten::sparse_mask": "read",
+        "aten::add_": "write",
+    },
+    "RowwiseAdam": {
+        **dict.fromkeys(
+            ("aten::coalesce", "aten::gt", "aten::all", "aten::is_nonzero"), "distinct"
+        ),
+        "aten::index_select": "read",
+        "aten::index_copy_": "write",
+        "aten::index_add_": "write",
+    },
+}
+SPARSE_MATH = "sparse optimizer: row math (sub, pow, sqrt, div ...)"
 ORDER = [
     "batch gathering (shuffle, index ids and labels)",
     FORWARD_LABELS[LOOKUP],
@@ -211,10 +349,8 @@ ORDER = [
     BACKWARD_LABELS[LINEAR],
     "backward: other (AccumulateGrad, grad seed)",
     "dense optimizer step (fused Adam: MLP, biases)",
-    "sparse optimizer: coalesce (sort of the gradient's rows)",
-    "sparse optimizer: read state rows (sparse_mask)",
-    "sparse optimizer: sparse add into state and table (add_)",
-    "sparse optimizer: row math (pow, sqrt, div ...)",
+    *SPARSE_LABELS.values(),
+    SPARSE_MATH,
     "other ops",
     "Python and time between ops",
 ]
@@ -313,24 +449,30 @@ def classify(events, wall_ms: float, steps: int) -> dict[str, float]:
             add("loss check (isfinite) and loss bookkeeping", ms(event))
         elif name.startswith("Optimizer.zero_grad"):
             add("zero_grad", ms(event))
-        elif name.startswith("Optimizer.step#SparseAdam"):
-            rest = ms(event)
+        elif name.startswith(tuple(f"Optimizer.step#{kind}." for kind in SPARSE_OPS)):
+            ops, rest = SPARSE_OPS[name.split("#")[1].split(".")[0]], ms(event)
             for child in event.cpu_children:
-                label = {
-                    "aten::coalesce": "sparse optimizer: coalesce (sort of the gradient's rows)",
-                    "aten::sparse_mask": "sparse optimizer: read state rows (sparse_mask)",
-                    "aten::add_": "sparse optimizer: sparse add into state and table (add_)",
-                }.get(child.name)
-                if label:
-                    add(label, ms(child))
+                if child.name in ops:
+                    add(SPARSE_LABELS[ops[child.name]], ms(child))
                     rest -= ms(child)
-            add("sparse optimizer: row math (pow, sqrt, div ...)", rest)
+            add(SPARSE_MATH, rest)
         elif name.startswith("Optimizer.step#"):
             add("dense optimizer step (fused Adam: MLP, biases)", ms(event))
         else:
             add("other ops", ms(event))
     add("Python and time between ops", wall_ms - sum(ms(e) for e in top))
     return {label: total[label] / steps for label in ORDER if label in total}
+
+
+def median_profile(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per part, the median ms/step over several profiles of the same side (0 where absent)."""
+    labels = [label for label in ORDER if any(label in f["parts"] for f in found)]
+    return {
+        "parts": {k: statistics.median(f["parts"].get(k, 0.0) for f in found) for k in labels},
+        "plain_ms": statistics.median(f["plain_ms"] for f in found),
+        "steps": found[0]["steps"],
+        "rounds": len(found),
+    }
 
 
 def profile(side: DnisSide, steps: int) -> dict[str, Any]:
@@ -386,23 +528,90 @@ MLP_LABELS = (
 )
 
 
-def breakdown_lines(found: dict[str, Any]) -> list[str]:
+def breakdown_lines(found: dict[str, Any], before: dict[str, Any] | None = None) -> list[str]:
+    """The profiled parts of a step; with `before`, the earlier library's beside them."""
     parts, step = found["parts"], sum(found["parts"].values())
-    lines = ["| part | ms/step | share |", "|---|---:|---:|"]
-    lines += [f"| {label} | {v:.2f} | {100 * v / step:.1f}% |" for label, v in parts.items()]
-    lines.append(f"| **profiled step** | **{step:.2f}** | 100% |")
+    if before is None:
+        lines = ["| part | ms/step | share |", "|---|---:|---:|"]
+        lines += [f"| {label} | {v:.2f} | {100 * v / step:.1f}% |" for label, v in parts.items()]
+        lines.append(f"| **profiled step** | **{step:.2f}** | 100% |")
+    else:
+        old, old_step = before["parts"], sum(before["parts"].values())
+        lines = [
+            "| part | before: ms/step | after: ms/step | after - before | after: share |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label in [label for label in ORDER if label in parts or label in old]:
+            a, b = old.get(label), parts.get(label)
+            cells = [f"{a:.2f}" if a is not None else "-", f"{b:.2f}" if b is not None else "-"]
+            cells.append(f"{(b or 0.0) - (a or 0.0):+.2f}")
+            cells.append(f"{100 * (b or 0.0) / step:.1f}%")
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+        lines.append(
+            f"| **profiled step** | **{old_step:.2f}** | **{step:.2f}** | "
+            f"**{step - old_step:+.2f}** | 100% |"
+        )
     mlp = sum(parts.get(label, 0.0) for label in MLP_LABELS)
-    lines += [
-        "",
+    text = (
         f"Unprofiled, {found['steps']} steps of the same run took {found['plain_ms']:.1f} ms a "
-        "step just before (the profiler's overhead and changes in load make the difference). "
+        "step just before each profile (median; the profiler's overhead and changes in load "
+        "make the difference). "
         "The MLP's forward, "
         f"backward and Adam take {mlp:.1f} ms ({100 * mlp / step:.0f}%) of the profiled step, "
-        f"the rest {step - mlp:.1f} ms ({100 * (step - mlp) / step:.0f}%). In the timed rounds "
-        f"of the same run the MLP-only bound's step took {found['bound_ms']:.1f} ms, "
-        f"{found['grad_ms']:.1f} ms with the input gradient, dnis's DeepFM step "
-        f"{found['dnis_ms']:.1f} ms.",
+        f"the rest {step - mlp:.1f} ms ({100 * (step - mlp) / step:.0f}%)"
+    )
+    if before is not None:
+        old_mlp = sum(before["parts"].get(label, 0.0) for label in MLP_LABELS)
+        text += (
+            f" (before: {old_mlp:.1f} ms and {old_step - old_mlp:.1f} ms of {old_step:.1f} ms; "
+            f"{before['plain_ms']:.1f} ms a step unprofiled)"
+        )
+    text += (
+        f". In the timed rounds of the same run the MLP-only bound's step took "
+        f"{found['bound_ms']:.1f} ms, {found['grad_ms']:.1f} ms with the input gradient, dnis's "
+        f"DeepFM step {found['dnis_ms']:.1f} ms"
+    )
+    if "before_ms" in found:
+        text += f" ({found['before_ms']:.1f} ms before)"
+    return [*lines, "", text + "."]
+
+
+def before_lines(results: list[dict[str, Any]], models: list[str], label: str) -> list[str]:
+    lines = [
+        "| ids per field | model | before: / bound | after: / bound | after / before (wall) | "
+        "after / before (CPU) |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
+    for config in results:
+        for model in models:
+            after, old = (
+                config["sides"][f"dnis {model}"],
+                config["sides"][f"dnis {model} ({label})"],
+            )
+            lines.append(
+                f"| {config['vocab']:,} | {model} | {old['bound']:.2f}x | {after['bound']:.2f}x | "
+                f"{after['before']:.2f}x | {after['before_cpu']:.2f}x |"
+            )
+    return lines
+
+
+def auc_lines(aucs: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| library | valid AUC | test AUC | valid logloss | test logloss | epoch seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in aucs.items():
+        lines.append(
+            f"| {name} | {r['valid_auc']:.5f} | {r['test_auc']:.5f} | {r['valid_logloss']:.5f} | "
+            f"{r['test_logloss']:.5f} | {r['seconds']:.0f} |"
+        )
+    if len(aucs) == 2:
+        (_, a), (_, b) = aucs.items()
+        lines += [
+            "",
+            f"AUC after - before: valid {b['valid_auc'] - a['valid_auc']:+.6f}, test "
+            f"{b['test_auc'] - a['test_auc']:+.6f}.",
+        ]
     return lines
 
 
@@ -463,6 +672,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds over the sides")
     parser.add_argument("--profile-vocab", type=int, default=100_000)
     parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument(
+        "--profile-rounds", type=int, default=3, help="profiles (alternating with --before's)"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="another dnis source tree (a checkout, or its src/) to time beside this one, in a "
+        "worker process: e.g. `git archive <commit> src | tar -x -C /tmp/before`",
+    )
+    parser.add_argument("--before-label", default="before", help="how the report names --before")
+    parser.add_argument(
+        "--auc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train DeepFM one epoch at --profile-vocab (and under --before) and report its AUC",
+    )
     parser.add_argument("--threads", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--thread-vocab", type=int, default=100_000)
     parser.add_argument("--thread-batches", type=int, nargs="+", default=[BATCH, 256])
@@ -470,23 +695,39 @@ def main() -> None:
     parser.add_argument("--thread-rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, help="default docs/performance.md (not --quick)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
     if args.quick:
         args.rows, args.vocab, args.steps, args.rounds = 20_000, [2_000, 10_000], 2, 2
         args.profile_vocab, args.profile_steps, args.thread_vocab = 10_000, 2, 10_000
+        args.profile_rounds = 1
         args.thread_rows, args.thread_rounds = 2 * BATCH, 1
     output = args.output or (None if args.quick else ROOT / "docs" / "performance.md")
+    before_src = None
+    if args.before is not None:
+        before_src = args.before / "src" if (args.before / "src" / "dnis").is_dir() else args.before
+        if not (before_src / "dnis").is_dir():
+            parser.error(f"--before {args.before}: no dnis package there (nor under src/)")
+    label = args.before_label
     torch.set_num_threads(1)
     loads = [load_now()]
 
     results: list[dict[str, Any]] = []
     breakdown: dict[str, Any] | None = None
+    old_breakdown: dict[str, Any] | None = None
+    aucs: dict[str, dict[str, float]] = {}
     threads: list[dict[str, Any]] = []
     thread_load = (0.0, 0.0)
     profile_vocab = args.profile_vocab if args.profile_vocab in args.vocab else max(args.vocab)
     thread_vocab = args.thread_vocab if args.thread_vocab in args.vocab else max(args.vocab)
     for vocab in args.vocab:
         clock = Clock()
+        old = None
+        if before_src is not None:  # it builds its data while this process builds its own
+            old = BeforeWorker(before_src, args.rows, vocab, args.optimizer, args.models)
         dataset = synthetic(args.rows, vocab)
         fields = len(dataset.schema.features)
         print(
@@ -494,12 +735,14 @@ def main() -> None:
             f"{len(dataset.train):,} training rows, {fields} fields ({clock.stop()[0]:.0f} s)",
             flush=True,
         )
-        sides: dict[str, Run] = {
+        sides: dict[str, Any] = {
             BOUND: bound_side(fields, BATCH),
             BOUND_GRAD: bound_side(fields, BATCH, input_grad=True),
         }
         models = {f"dnis {m}": DnisSide(dataset, m, BATCH, args.optimizer) for m in args.models}
         sides.update(models)
+        if old is not None:
+            sides.update({f"dnis {m} ({label})": old.side(m) for m in args.models})
         rates = interleaved(sides, dict.fromkeys(sides, args.steps), args.rounds)
         config = {
             "vocab": vocab,
@@ -511,23 +754,42 @@ def main() -> None:
             references = {"bound": rates[BOUND]}
             if name != BOUND_GRAD:
                 references["grad"] = rates[BOUND_GRAD]
+            if old is not None and name in models:
+                references["before"] = rates[f"{name} ({label})"]
             config["sides"][name] = summary(rates[name], **references)
         results.append(config)
         for name, r in config["sides"].items():
             ratio = f", {r['bound']:.2f}x the bound" if "bound" in r else ""
-            print(f"  {name:26s} {r['wall']:9,.0f} samples/s ({r['cpu']:,.0f} by CPU){ratio}")
+            ratio += f", {r['before']:.2f}x {label}" if "before" in r else ""
+            print(f"  {name:30s} {r['wall']:9,.0f} samples/s ({r['cpu']:,.0f} by CPU){ratio}")
         loads.append(load_now())
         if vocab == profile_vocab and "dnis deepfm" in models:
-            breakdown = profile(models["dnis deepfm"], args.profile_steps)
+            found, found_old = [], []
+            for _ in range(args.profile_rounds):  # alternating, so load changes hit both
+                found.append(profile(models["dnis deepfm"], args.profile_steps))
+                if old is not None:
+                    found_old.append(old.ask({"op": "profile", "steps": args.profile_steps}))
+            breakdown = median_profile(found)
+            old_breakdown = median_profile(found_old) if found_old else None
             breakdown["vocab"] = vocab
             for key, name in (
                 ("bound_ms", BOUND),
                 ("grad_ms", BOUND_GRAD),
                 ("dnis_ms", "dnis deepfm"),
+                ("before_ms", f"dnis deepfm ({label})"),
             ):
-                breakdown[key] = 1000 * BATCH / config["sides"][name]["wall"]
-            print("\n".join(breakdown_lines(breakdown)), flush=True)
+                if name in config["sides"]:
+                    breakdown[key] = 1000 * BATCH / config["sides"][name]["wall"]
+            print("\n".join(breakdown_lines(breakdown, old_breakdown)), flush=True)
         del models, sides
+        if args.auc and vocab == profile_vocab:
+            if old is not None:
+                aucs[label] = old.ask({"op": "auc"})
+            aucs["this tree"] = one_epoch(dataset, args.optimizer)
+            print("\n".join(auc_lines(aucs)), flush=True)
+            loads.append(load_now())
+        if old is not None:
+            old.close()
         if args.threads and vocab == thread_vocab:
             before = load_now()
             threads = measure_threads(dataset, args)
@@ -536,7 +798,13 @@ def main() -> None:
             loads.append(thread_load[1])
         del dataset
 
-    text = report(args, results, breakdown, threads, max(loads), thread_load)
+    extra = {
+        "breakdown_before": old_breakdown,
+        "aucs": aucs,
+        "label": label,
+        "min_load": min(loads),
+    }
+    text = report(args, results, breakdown, threads, max(loads), thread_load, extra)
     print()
     print(text)
     if output is not None and not args.no_write:
@@ -571,8 +839,9 @@ def measure_threads(dataset, args) -> list[dict[str, Any]]:
     return rows
 
 
-def report(args, results, breakdown, threads, load: float, thread_load) -> str:
+def report(args, results, breakdown, threads, load: float, thread_load, extra) -> str:
     fields = results[0]["fields"]
+    label, old = extra["label"], extra["breakdown_before"]
     lines = [
         "# Step roofline: the whole training step against the MLP alone",
         "",
@@ -604,17 +873,51 @@ def report(args, results, breakdown, threads, load: float, thread_load) -> str:
         "",
         "FM has no MLP; its ratio says how its whole step compares with DeepFM's MLP alone.",
     ]
+    if args.before is not None:
+        lines += [
+            "",
+            f"## Before and after: this tree vs {label}",
+            "",
+            f'The rows "({label})" above are the library of another source tree '
+            f"(`--before`: {label}), run by this script in a worker process that builds the same "
+            "data and times its own steps (wall and CPU) when this process asks; this process "
+            "waits meanwhile, so the two never share the cores, and the worker's timings take "
+            "their turn in the same rounds as the others. Per model, the ratio of each side to "
+            "the bound, and this tree's samples/s over the earlier tree's (median of the "
+            "per-round ratios):",
+            "",
+            *before_lines(results, args.models, label),
+        ]
     if breakdown is not None:
         lines += [
             "",
             f"## Where a DeepFM step goes ({breakdown['vocab']:,} ids per field, profiler)",
             "",
             f"`torch.profiler` over {breakdown['steps']} steps of `Trainer.train_epoch` (1 "
-            "thread). Forward hooks mark the embedding, the linear terms and the MLP; backward ops "
+            f"thread) in each of {breakdown['rounds']} profile(s); per part the median ms/step "
+            "(the profiled step is their sum). Forward hooks mark the embedding, the linear terms and the MLP; backward ops "
             "are charged to the part whose forward op made them (autograd sequence numbers); the "
-            "sparse optimizer's time is split by its ops.",
+            "sparse optimizer's time is split by its ops."
+            + (
+                f' The "before" column is {label}, profiled the same way in its worker '
+                "process, each of its profiles right after one of this tree's."
+                if old is not None
+                else ""
+            ),
             "",
-            *breakdown_lines(breakdown),
+            *breakdown_lines(breakdown, old),
+        ]
+    if extra["aucs"]:
+        lines += [
+            "",
+            f"## AUC after one epoch ({args.profile_vocab:,} ids per field)",
+            "",
+            "DeepFM as above trained one epoch with `Trainer.fit` (seed 0, the same data, "
+            f"`train.optimizer` {args.optimizer}), then evaluated on the validation and test "
+            "splits"
+            + (f", by {label} (its worker) and by this tree, one after the other." if old else "."),
+            "",
+            *auc_lines(extra["aucs"]),
         ]
     if threads:
         lines += [
