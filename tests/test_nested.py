@@ -4,6 +4,7 @@ training's masks, and a run folder that serves a budget it never searched."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,20 +151,28 @@ def test_matryoshka_trains_many_budgets_and_cuts_uniform_prefixes(rating_data, m
         assert result.embedding_params == rows * int(result.budget * DIM)
 
 
-def test_a_nested_run_folder_serves_a_budget_it_never_searched(tmp_path):
+def write_config(folder, name: str, **sections) -> Path:
+    """A run config on small synthetic rating data (MF, one epoch) with `sections` added."""
     config = {
-        "name": "nested",
+        "name": name,
         "seed": 0,
-        "output_dir": str(tmp_path / "runs"),
+        "output_dir": str(folder / "runs"),
         "dataset": {"name": "synthetic", "task": "rating", "options": {"n_rows": 1500}},
         "model": {"name": "mf"},
         "embedding": {"dim": DIM},
         "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "patience": 0},
-        "search": {"budgets": [0.5]},
-        "compare": {"methods": ["matryoshka"], "options": {"matryoshka": {}}},
+        **sections,
     }
-    path = tmp_path / "nested.yaml"
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_a_nested_run_folder_serves_a_budget_it_never_searched(tmp_path):
+    path = write_config(
+        tmp_path, "nested", search={"budgets": [0.5]},
+        compare={"methods": ["matryoshka"], "options": {"matryoshka": {}}},
+    )  # fmt: skip
     loaded = load_config(path)
     dataset, (result,) = app_search.search_run(loaded, method="matryoshka")
     run_dir = app_search.method_run_dir(loaded, "matryoshka")
@@ -182,18 +191,8 @@ def test_compare_draws_the_budget_curve_of_the_one_nested_training(tmp_path):
     from dnis.app.report.budget_curve import curve_frame
     from dnis.cli import main
 
-    config = {
-        "name": "curve",
-        "seed": 0,
-        "output_dir": str(tmp_path / "runs"),
-        "dataset": {"name": "synthetic", "task": "rating", "options": {"n_rows": 1500}},
-        "model": {"name": "mf"},
-        "embedding": {"dim": DIM},
-        "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "patience": 0},
-        "compare": {"methods": ["matryoshka", "uniform"], "budgets": [0.25, 0.5], "seeds": 2},
-    }
-    path = tmp_path / "curve.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    grid = {"methods": ["matryoshka", "uniform"], "budgets": [0.25, 0.5], "seeds": 2}
+    path = write_config(tmp_path, "curve", compare=grid)
     assert main(["compare", "--config", str(path)]) == 0
     run_dir = load_config(path).run_dir()
     assert (run_dir / "budget_curve.png").stat().st_size > 0

@@ -14,7 +14,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dnis.app.report.search_report import LOWER_IS_BETTER, metric_table, save_figure  # noqa: E402
+from dnis.app.report.search_report import (
+    LOWER_IS_BETTER,
+    finish_axes,
+    metric_table,
+    save_figure,
+)  # noqa: E402
 
 MONOTONE_ABOVE = 0.05  # the curve is checked for drops between consecutive budgets above this
 
@@ -83,9 +88,7 @@ def curve_figure(curves: pd.DataFrame, points: pd.DataFrame | None, metric: str)
             )  # fmt: skip
     axis.set_xscale("log")
     axis.set_xlabel("embedding parameters (log scale)")
-    axis.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    finish_axes(axis, metric)
     return figure
 
 

@@ -14,7 +14,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dnis.app.report.budget_curve import write_budget_curve  # noqa: E402
-from dnis.app.report.search_report import LOWER_IS_BETTER, metric_table, save_figure  # noqa: E402
+from dnis.app.report.search_report import (
+    LOWER_IS_BETTER,
+    finish_axes,
+    metric_table,
+    save_figure,
+)  # noqa: E402
 from dnis.io import write_text  # noqa: E402
 
 
@@ -139,9 +144,7 @@ def pareto_figure(table: pd.DataFrame, metric: str) -> plt.Figure:
     else:
         axis.set_xscale("log")
         axis.set_xlabel("embedding parameters (log scale)")
-    axis.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    finish_axes(axis, metric)
     return figure
 
 

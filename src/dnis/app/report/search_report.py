@@ -19,6 +19,13 @@ from dnis.search.result import SearchResult  # noqa: E402
 LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
 
 
+def finish_axes(axis: plt.Axes, metric: str) -> None:
+    """The y label (the direction of the metric), grid and legend every metric plot shares."""
+    axis.set_ylabel(f"test {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
 def save_figure(figure: plt.Figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
