@@ -159,3 +159,112 @@ def test_gradients_reach_only_looked_up_rows() -> None:
 def test_rejects_non_positive_dim() -> None:
     with pytest.raises(ValueError, match="dim"):
         FusedEmbedding(layout(), dim=0)
+
+
+# BlockMixedEmbedding's windowed lookup (issue 20) against a plain reference: a dense table times
+# the keep mask of each row's block.
+
+
+def _random_blocks(total: int, count: int, seed: int):
+    from dnis.embeddings.blocks import BlockLayout
+
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted((torch.randperm(total - 1, generator=g)[: count - 1] + 1).tolist())
+    starts = [0, *cuts]
+    sizes = [end - start for start, end in zip(starts, [*cuts, total], strict=True)]
+    return BlockLayout((0,) * count, tuple(starts), tuple(sizes), (1,) * count)
+
+
+def _block_mixed_case(seed: int, dim: int, count: int, p: float, shape: str):
+    from dnis.embeddings.mixed import BlockMixedEmbedding
+
+    lay = layout()
+    blocks = _random_blocks(lay.total_rows, count, seed)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(count, dim, generator=g) < p
+    if shape == "widest first":
+        keep[0] = True
+    elif shape == "widest last":
+        keep[-1] = True
+    elif shape == "empty blocks":
+        keep[1::2] = False
+    table = torch.randn(lay.total_rows, dim, generator=g)
+    compact = BlockMixedEmbedding(lay, dim, blocks, keep)
+    compact.load_dense(table)
+    masked = table * keep[blocks.row_block()]
+    dense = FusedEmbedding(lay, dim)
+    with torch.no_grad():
+        dense.weight.copy_(masked)
+    return compact, dense, keep
+
+
+CASES = [
+    (seed, dim, count, p, shape)
+    for seed, (dim, count, p) in enumerate([(8, 4, 0.5), (16, 7, 0.25), (5, 33, 0.6), (3, 1, 0.9)])
+    for shape in ("random", "widest first", "widest last", "empty blocks")
+]
+
+
+@pytest.mark.parametrize(("seed", "dim", "count", "p", "shape"), CASES)
+def test_block_mixed_lookup_equals_dense_times_keep_mask(
+    seed: int, dim: int, count: int, p: float, shape: str
+) -> None:
+    compact, dense, _ = _block_mixed_case(seed, dim, count, p, shape)
+    rows = torch.randint(0, layout().total_rows, (5, 9), generator=torch.Generator().manual_seed(1))
+    rows[0, :] = torch.arange(9)
+    rows[-1, :] = torch.arange(layout().total_rows - 9, layout().total_rows)
+    expected = dense.weight.detach()[rows]
+    ids = random_ids(40, seed=seed)
+    for chunk in (compact.chunk, 3):  # one chunk, and chunks that split the batch
+        compact.chunk = chunk
+        with torch.no_grad():  # the eager inference path (strided windows, chunks)
+            assert torch.equal(compact.lookup(rows), expected)
+            torch.testing.assert_close(compact(ids), dense(ids), rtol=0, atol=1e-6)
+    assert torch.equal(compact.lookup(rows), expected)  # the autograd path
+    torch.testing.assert_close(compact(ids), dense(ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("seed", "dim", "count", "p", "shape"), CASES[::3])
+def test_block_mixed_gradients_reach_only_kept_entries_as_the_masked_dense_ones(
+    seed: int, dim: int, count: int, p: float, shape: str
+) -> None:
+    compact, dense, keep = _block_mixed_case(seed, dim, count, p, shape)
+    ids = random_ids(40, seed=seed)
+    upstream = torch.randn(40, layout().num_fields, dim)
+    (compact(ids) * upstream).sum().backward()
+    (dense(ids) * upstream).sum().backward()
+    index, weight = compact._row_index(torch.arange(layout().total_rows))
+    kept = weight.bool()
+    expected = torch.zeros_like(compact.values)
+    expected[index[kept].long()] = dense.weight.grad[kept]  # pruned entries have no gradient
+    torch.testing.assert_close(compact.values.grad, expected, rtol=0, atol=1e-6)
+
+
+def test_block_mixed_storage_and_state_keys_are_the_saved_format() -> None:
+    """values: every block's [rows, kept dims] table in block order, kept dims ascending; the
+    state holds values and keep only, so files of earlier versions load unchanged."""
+    from dnis.embeddings.mixed import BlockMixedEmbedding
+
+    compact, dense, keep = _block_mixed_case(3, 6, 5, 0.5, "random")
+    blocks = compact.blocks
+    table = dense.weight.detach()
+    parts = [
+        table[start : start + size][:, keep[b]].reshape(-1)
+        for b, (start, size) in enumerate(zip(blocks.start, blocks.size, strict=True))
+    ]
+    assert torch.equal(compact.values.detach(), torch.cat(parts))
+    assert set(compact.state_dict()) == {"values", "keep"}
+    reloaded = BlockMixedEmbedding(layout(), 6, blocks, keep)
+    reloaded.load_state_dict(compact.state_dict())
+    rows = torch.arange(layout().total_rows)
+    with torch.no_grad():
+        assert torch.equal(reloaded.lookup(rows), compact.lookup(rows))
+
+
+def test_block_mixed_without_kept_dims_looks_up_zeros() -> None:
+    from dnis.embeddings.mixed import BlockMixedEmbedding
+
+    blocks = _random_blocks(layout().total_rows, 3, 0)
+    compact = BlockMixedEmbedding(layout(), 4, blocks, torch.zeros(3, 4, dtype=torch.bool))
+    assert compact.num_parameters() == 0
+    assert torch.equal(compact(random_ids(5)), torch.zeros(5, layout().num_fields, 4))

@@ -7,7 +7,8 @@
 
 Both return vectors padded to the full width d, zeros at pruned dims, so any model built for
 width d reads them unchanged, and predictions equal the masked soft-selected model's. A lookup is
-a fixed number of vectorised gathers per batch, never a Python loop over fields or blocks.
+a fixed number of vectorised gathers per batch (per chunk of rows, for BlockMixedEmbedding's
+inference on the CPU), never a Python loop over fields or blocks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,33 @@ from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
 from dnis.embeddings.layout import FieldLayout
 
+# A row's block is read from a coarse table (one int32 entry per 2**shift rows) and moved past the
+# block starts inside its bucket by `steps` compare-and-step passes: the bucket is the widest whose
+# buckets hold at most _MAX_STEPS interior starts, but not so narrow that the table outgrows
+# 1/_TABLE_SHARE of the stored values (or _TABLE_FLOOR bytes, for small tables).
+_MAX_STEPS = 1
+_TABLE_SHARE = 16
+_TABLE_FLOOR = 2**16
+_CHUNK_BYTES = 2**20  # output bytes per chunk of an eager lookup: a chunk's work stays in cache
+
 
 class BlockMixedEmbedding(FieldEmbedding):
+    """Saved: `values` (every block's [n_k, |D_k|] table in block order, a row's kept dims
+    ascending) and `keep`; the lookup's tables are derived from them at construction.
+
+    Lookup: a row's stored values are read as one window of V consecutive values (V: the widest
+    block's width); all windows are the rows of one overlapping [positions, V] view of `values`,
+    so N rows take one gather of N rows. One `scatter_` puts them at their dims in the zeroed
+    [N, dim] output, the dims coming from a [blocks, V] table: work in N * V, nothing stored per
+    row. Window slots past a row's width hold a neighbour's values; they go to one pruned dim of
+    the row's block (`dump`), which a fill of N zeros then clears. A block whose last windows
+    would pass the end of `values` reads windows that end where its rows end (the widest block,
+    V values or more, lies before it). On the CPU rows go in chunks of _CHUNK_BYTES of output, so
+    each chunk's work stays in cache. With autograd, and under export, the same runs out of
+    place: windows gathered through a flat index (the strided view has no cheap gradient and no
+    ONNX form), the extra slots sent to a spare column that is cut off.
+    """
+
     def __init__(
         self, layout: FieldLayout, dim: int, blocks: BlockLayout, keep: torch.Tensor
     ) -> None:
@@ -31,17 +57,63 @@ class BlockMixedEmbedding(FieldEmbedding):
             raise ValueError(f"keep must be [{blocks.num_blocks}, {dim}], got {list(keep.shape)}")
         self.blocks = blocks
         widths = keep.sum(dim=1)
-        sizes = torch.tensor(blocks.size)
+        sizes = torch.tensor(blocks.size, dtype=torch.long)
         base = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), sizes * widths]), 0)
         self.values = nn.Parameter(torch.zeros(int(base[-1])))
         self.register_buffer("keep", keep)  # the structure: saved with the values
-        # Derived lookup tables (not saved): where dim j of a block-k row sits inside the row (0 when
-        # pruned; `keep_weight` zeroes it), in int32 to halve the memory traffic of the gather.
+        # Derived tables (not saved). For `_row_index` (every dim of a row, as load_dense needs):
+        # where dim j of a block-k row sits inside the row (0 when pruned; `keep_weight` zeroes it).
         position = torch.where(keep, torch.cumsum(keep.long(), dim=1) - 1, 0)
+        starts = torch.tensor(blocks.start, dtype=torch.long)
         derived = {"position": position.int(), "keep_weight": keep.float(), "widths": widths,
-                   "base": base[:-1], "block_start": torch.tensor(blocks.start)}  # fmt: skip
+                   "base": base[:-1], "block_start": starts}  # fmt: skip
+        derived.update(self._lookup_tables(keep, sizes, base, starts))
         for name, tensor in derived.items():
             self.register_buffer(name, tensor, persistent=False)
+
+    def _lookup_tables(
+        self, keep: torch.Tensor, sizes: torch.Tensor, base: torch.Tensor, starts: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The lookup's tables and Python constants (which a trace keeps), built once."""
+        num_blocks, dim = keep.shape
+        widths = keep.sum(dim=1) * (sizes > 0)  # a block without rows is never read
+        stored = int(base[-1])
+        self.window = window = int(widths.max()) if num_blocks else 0
+        self.last_window = stored - window  # where the last window starts
+        self.full_blocks = bool((widths == dim).any())  # blocks without a pruned dim
+        self.chunk = max(1, _CHUNK_BYTES // (4 * dim))  # rows per chunk of an eager lookup
+        total = int(sizes.sum())
+        table_bytes = max(4 * stored // _TABLE_SHARE, _TABLE_FLOOR)
+        narrowest = (4 * total // table_bytes).bit_length()  # 4 * (total >> it) <= table_bytes
+        for shift in range(max(total.bit_length(), narrowest), narrowest - 1, -1):
+            inside = starts[starts % (1 << shift) != 0] >> shift
+            self.steps = int(torch.bincount(inside).max()) if len(inside) else 0
+            if self.steps <= _MAX_STEPS:
+                break
+        self.shift = shift
+        buckets = torch.arange(0, max(total, 1), 1 << shift)
+        coarse = (torch.searchsorted(starts, buckets, right=True) - 1).clamp(min=0)
+        following = torch.cat([starts[1:], torch.tensor([torch.iinfo(torch.long).max])])
+        # a row's window starts at row * width + offset: at the row's first value, or `lead`
+        # slots before it when fewer than `window - width` values are stored after the block
+        end_aligned = stored - base[1:] < window - widths
+        lead = torch.where(end_aligned, window - widths, 0)
+        offset = torch.where(widths > 0, base[:-1] - starts * widths - lead, 0)
+        # the dim of every window slot; the extra slots go to the block's first pruned dim
+        # (`dump`; a block without one has no extra slots) or to the spare column `dim`
+        targets = torch.zeros(num_blocks, max(window, 1), dtype=torch.long)
+        spare_targets = torch.full_like(targets, dim)
+        dump = torch.full((num_blocks,), torch.iinfo(torch.long).max // 2)  # past any output
+        for k in range(num_blocks):
+            kept, pruned = keep[k].nonzero().flatten(), (~keep[k]).nonzero().flatten()
+            if len(pruned):
+                targets[k] = dump[k] = pruned[0]
+            if widths[k] > 0:
+                slots = slice(int(lead[k]), int(lead[k]) + len(kept))
+                targets[k, slots] = spare_targets[k, slots] = kept
+        return {"coarse": coarse.int(), "following": following, "row_width": widths,
+                "row_offset": offset, "targets": targets, "spare_targets": spare_targets,
+                "dump": dump, "slots": torch.arange(max(window, 1))}  # fmt: skip
 
     def _row_index(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat value index [..., dim] of every dim of every row, and the 0/1 keep weights."""
@@ -52,11 +124,42 @@ class BlockMixedEmbedding(FieldEmbedding):
         ).int()  # width-0 rows point anywhere
         return first.unsqueeze(-1) + self.position[block], self.keep_weight[block]
 
+    def _locate(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block of every row and the position in `values` where its window starts."""
+        block = self.coarse.index_select(0, flat >> self.shift)
+        for _ in range(self.steps):
+            block += flat >= self.following.index_select(0, block)
+        start = flat * self.row_width.index_select(0, block)
+        return block, start.add_(self.row_offset.index_select(0, block))
+
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         if self.values.numel() == 0:
             return torch.zeros(*rows.shape, self.dim, device=rows.device)
-        index, weight = self._row_index(rows)
-        return self.values.index_select(0, index.reshape(-1)).view(index.shape) * weight
+        flat = rows.reshape(-1)
+        block, start = self._locate(flat)
+        values, dim, window = self.values, self.dim, self.window
+        grad = values.requires_grad and torch.is_grad_enabled()
+        if grad or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            index = (start.unsqueeze(1) + self.slots).reshape(-1)
+            stored = values.index_select(0, index).view(-1, window)
+            out = stored.new_zeros(stored.shape[0], dim + 1)
+            out = out.scatter(1, self.spare_targets.index_select(0, block), stored)
+            return out[:, :dim].contiguous().view(*rows.shape, dim)
+        windows = values.as_strided((self.last_window + 1, window), (1, 1))
+        count = flat.shape[0] * dim
+        dump = torch.arange(0, count, dim, device=flat.device)  # flat position of each dump dim
+        dump += self.dump.index_select(0, block)
+        if self.full_blocks:
+            dump.clamp_max_(count)  # onto the spare value after the output
+        buffer = values.new_empty(count + 1)
+        out, targets = buffer[:-1].view(-1, dim), self.targets
+        chunk = self.chunk if flat.device.type == "cpu" else max(flat.shape[0], 1)
+        parts = (t.split(chunk) for t in (out, block, start, dump))
+        for part, part_block, part_start, part_dump in zip(*parts, strict=True):
+            stored = windows.index_select(0, part_start)
+            part.zero_().scatter_(1, targets.index_select(0, part_block), stored)
+            buffer.index_fill_(0, part_dump, 0.0)
+        return out.view(*rows.shape, dim)
 
     @torch.no_grad()
     def load_dense(self, table: torch.Tensor) -> None:
