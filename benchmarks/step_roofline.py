@@ -682,6 +682,7 @@ def main() -> None:
         "worker process: e.g. `git archive <commit> src | tar -x -C /tmp/before`",
     )
     parser.add_argument("--before-label", default="before", help="how the report names --before")
+    parser.add_argument("--before-note", default="", help="a sentence on --before for the report")
     parser.add_argument(
         "--auc",
         action=argparse.BooleanOptionalAction,
@@ -845,7 +846,8 @@ def report(args, results, breakdown, threads, load: float, thread_load, extra) -
     lines = [
         "# Step roofline: the whole training step against the MLP alone",
         "",
-        f"One process, 1 torch thread, the synthetic Criteo-shaped CTR data of "
+        f"One process{' (and a worker process for the earlier library below)' if args.before else ''}"
+        ", 1 torch thread, the synthetic Criteo-shaped CTR data of "
         f"`throughput_peers.py` ({args.rows:,} rows, 80% train; 26 categorical Zipf fields of the "
         f"given ids each + 13 bucketised numeric fields = {fields} fields). The bound is the MLP "
         f"alone (the library's `MLP`, {fields * WIDTH} -> {' -> '.join(map(str, HIDDEN))} -> 1, "
@@ -864,7 +866,8 @@ def report(args, results, breakdown, threads, load: float, thread_load, extra) -
         + (" (--quick: a smoke run, too short to read)." if args.quick else "."),
         "",
         f"Machine: {machine()}; shared with other jobs (a benchmark grid and the test suite): "
-        f"1-minute load average up to {load:.1f} on {os.cpu_count()} CPUs during the run, so "
+        f"1-minute load average {extra['min_load']:.1f} to {load:.1f} on {os.cpu_count()} CPUs "
+        "during the run, so "
         "wall-clock rates are stretched; the ratios, measured side by side, are what to read.",
         "",
         "## Whole step vs the MLP-only bound",
@@ -879,7 +882,8 @@ def report(args, results, breakdown, threads, load: float, thread_load, extra) -
             f"## Before and after: this tree vs {label}",
             "",
             f'The rows "({label})" above are the library of another source tree '
-            f"(`--before`: {label}), run by this script in a worker process that builds the same "
+            f"(`--before`{': ' + args.before_note if args.before_note else ''}), run by this "
+            "script in a worker process that builds the same "
             "data and times its own steps (wall and CPU) when this process asks; this process "
             "waits meanwhile, so the two never share the cores, and the worker's timings take "
             "their turn in the same rounds as the others. Per model, the ratio of each side to "

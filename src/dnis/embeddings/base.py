@@ -60,8 +60,8 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("slot_offsets", layout.slot_offsets(), persistent=False)
         self.register_buffer("field_offsets", layout.field_offsets(), persistent=False)
         self.pooling = FieldPooling(layout)
-        # what `last_l2` is computed from, on first read: the last training batch's looked-up
-        # vectors, their slot weights, the batch size and the vectors' version (`_batch_l2`)
+        # what `last_l2` is computed from when first read: the last training batch's looked-up
+        # vectors, their slot weights, the batch size and the vectors' version counter
         self._l2_of: tuple[torch.Tensor, torch.Tensor | None, int, int] | None = None
         self._last_l2 = torch.zeros(())
 

@@ -5,9 +5,10 @@ moments' rows through `sparse_mask` (another pass matching indices) and writes t
 table with sparse `add_`s. Here the gradient's rows are gathered once (`index_select`), updated
 with the same float operations in the same order, and written back (`index_copy_`, `index_add_`):
 the result equals SparseAdam's to float rounding (the tests compare them over several steps with
-repeated ids, through a checkpoint and a resume), at about half its time.
+repeated ids, through a checkpoint and a resume; in practice they agree to the bit) in a third to
+a half of its time (docs/performance.md, "Step roofline").
 
-What it keeps of SparseAdam (torch 2.x, `torch.optim._functional.sparse_adam`):
+What it keeps of SparseAdam (as of torch 2.13, `torch.optim._functional.sparse_adam`):
 - a parameter's state is `step` (an int), `exp_avg` and `exp_avg_sq` (dense, the table's shape);
   its `state_dict` is SparseAdam's, so either optimizer loads the other's state (and
   `torch.load(weights_only=True)` reads it);
