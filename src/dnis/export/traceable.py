@@ -58,13 +58,8 @@ class ExportPooling(FieldPooling):
 
 
 class TraceableBlockMixed(BlockMixedEmbedding):
-    """`BlockMixedEmbedding` whose block lookup is a comparison count instead of `searchsorted`."""
-
-    def _row_index(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        block = interval_of(rows, self.block_start)
-        first = self.base[block] + (rows - self.block_start[block]) * self.widths[block]
-        first = first.clamp_max(max(self.values.numel() - 1, 0)).int()
-        return first.unsqueeze(-1) + self.position[block], self.keep_weight[block]
+    """`BlockMixedEmbedding` (its lookup already traces: compare steps, no `searchsorted`) whose
+    empty table gives zeros of the traced batch's shape."""
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         if self.values.numel() == 0:  # nothing survived the budget: every vector is zero
