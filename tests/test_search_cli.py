@@ -97,3 +97,63 @@ def test_search_run_budgets_argument_drives_the_gradual_search(tmp_path):
     _, results = search_run(config, budgets=[0.4])
     assert [r.budget for r in results] == [0.4]
     assert results[0].pruned == results[0].before["valid"]  # the snapshot at 0.4 itself
+
+
+def test_min_width_and_prefix_placement_through_the_config(tmp_path):
+    """`search.min_width` and `search.placement: prefix` in a config run by `dnis search`: the
+    defaults leave blocks without dims at dims the search chose; with a floor of half the
+    uniform width (1 of 2 dims at 25% of d=8) every block keeps a dim, at its first dims."""
+    import torch
+
+    from dnis.app.config import load_config
+    from dnis.cli import main
+    from dnis.export import load_run
+
+    def compact(name: str, **search):
+        config = dict(TINY, name=name, output_dir=str(tmp_path / "runs"))
+        config["search"] = {**TINY["search"], "budgets": [0.25], **search}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        assert main(["search", "--config", str(path), "--quiet"]) == 0
+        return load_run(load_config(path).run_dir(), 0.25).model.embedding
+
+    def is_prefix(keep: torch.Tensor) -> bool:
+        return bool((keep == (torch.arange(keep.shape[1]) < keep.sum(1, keepdim=True))).all())
+
+    default = compact("default").keep
+    assert (default.sum(1) == 0).any() and not is_prefix(default)
+    floored = compact("floored", min_width=0.5, placement="prefix")
+    assert (floored.keep.sum(1) >= 1).all() and is_prefix(floored.keep)
+    assert floored.num_parameters() <= round(0.25 * floored.layout.total_rows * 8)  # the budget
+
+
+def test_holdout_alpha_data_through_the_config(tmp_path, monkeypatch):
+    """`search.alpha_data: holdout` in a config run by `dnis search`: the alpha steps read the
+    held-out fifth of the training rows, the search's model steps the rest, the retrain them all."""
+    import importlib
+
+    from dnis.cli import main
+
+    dnis_module = importlib.import_module("dnis.search.dnis")
+    trainer_module = importlib.import_module("dnis.train.trainer")
+    alpha_rows, trained = set(), set()
+    real_endless, real_batches = dnis_module.endless_batches, trainer_module.batches
+
+    def endless(split, *args):
+        alpha_rows.add(len(split))
+        return real_endless(split, *args)
+
+    def batches(split, *args, **kwargs):
+        trained.add(len(split))
+        return real_batches(split, *args, **kwargs)
+
+    monkeypatch.setattr(dnis_module, "endless_batches", endless)
+    monkeypatch.setattr(trainer_module, "batches", batches)
+    config = dict(TINY, output_dir=str(tmp_path / "runs"))
+    config["search"] = {**TINY["search"], "alpha_data": "holdout", "holdout_fraction": 0.2}
+    path = tmp_path / "holdout.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["search", "--config", str(path), "--quiet"]) == 0
+    (held,) = alpha_rows
+    rest, full = sorted(trained)
+    assert held == round(0.2 * full) and rest + held == full
