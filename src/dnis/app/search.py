@@ -193,6 +193,7 @@ def _method_run(
         shutil.rmtree(checkpoints)  # a fresh run must not inherit an old resume point
     track.check(config.tracking)
     dataset = start_run(config, run_dir)
+    digest = config.digest()
     with track.open_tracker(config, "search", fresh=True) as tracker:
         results = chosen(
             model_factory(config, dataset),
@@ -201,9 +202,8 @@ def _method_run(
             dim=config.embedding.dim,
             train=config.train,
             options=options,
-            phases=Phases(checkpoints, resume, config.digest()),
+            phases=Phases(checkpoints, resume, digest),
         )
-        digest = config.digest()
         for result in results:
             result.save(run_dir, config_hash=digest, method_options=asdict(options))
             tracker.log_metrics(

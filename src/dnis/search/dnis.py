@@ -402,7 +402,7 @@ class AlphaSearch(TrainHook):
         # a new tensor (never written into alpha or the tie-break): dropped entries rank below
         # every kept one (scores are >= 0)
         score = torch.where(self.keep, score.detach(), -1.0)
-        floor = int(self.config.min_width * target / sum(self.embedding.blocks.size))
+        floor = int(self.config.min_width * target / self.embedding.layout.total_rows)
         if floor:  # every block keeps its `floor` best-ranked dims still kept
             rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
             score = torch.where((rank < floor) & self.keep, float("inf"), score)

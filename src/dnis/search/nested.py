@@ -7,8 +7,11 @@ budget is served by truncation, without retraining. Two methods:
 - `dnis-nested`: the DNIS search (static: the nested training replaces its gradual pruning phase)
   ranks the (block, dim) entries by alpha, ties broken by saliency (`search.rank` as in DNIS);
   each block's dims are ordered by that same ranking, so every prefix of the global ranking is a
-  prefix of every block. The searched weights (alpha folded in) are then trained nested
-  (`retrain: finetune`; `scratch` trains a new model, the search only ordering the dims).
+  prefix of every block. With `placement: prefix` (the default) each block's dims are then
+  renumbered so that it keeps its first w dims, w as that ranking gives it, so every field's dim
+  j meets every other field's dim j. A new model is trained nested (`retrain: scratch`, the
+  default: the search only orders the dims), or the searched weights, alpha folded in and moved
+  with the renumbering (`finetune`).
 - `matryoshka`: no search; every field (one block each) keeps its first w dims, the same w for
   every field (Kusupati et al., "Matryoshka Representation Learning", NeurIPS 2022).
 
@@ -479,7 +482,7 @@ def dnis_nested(job: Job, options: NestedOptions) -> list[SearchResult]:
         with torch.no_grad():  # alpha folded into the weights; from here alpha is the mask
             weight = embedding.selected_weight()
             if permutation is not None:  # every row's dims move with its block's renumbering
-                rows = embedding.blocks.row_block().to(weight.device)
+                rows = embedding.row_block.to(weight.device)
                 weight = weight.gather(1, permutation.to(weight.device)[rows])
             embedding.weight.copy_(weight)
             embedding.alpha.fill_(1.0)

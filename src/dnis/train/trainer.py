@@ -546,7 +546,7 @@ class Trainer:
         for hook, hook_state in zip(self.hooks, hooks, strict=True):
             hook.load_state_dict(hook_state)
         saved.pop("config")
-        rng = saved.pop("rng", None)  # absent in checkpoints of dnis before 0.x: not restored
+        rng = saved.pop("rng", None)  # absent from checkpoints written before it was saved
         if rng is not None:
             torch.set_rng_state(rng)
         return saved
