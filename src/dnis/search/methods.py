@@ -6,7 +6,10 @@ returns one `SearchResult` per budget (in order). `budgets` are fractions of the
 config (`compare.options.<method>`): a mapping, checked against the method's options dataclass
 (unknown keys refused with a "did you mean", values of the wrong type or out of range refused)
 before anything trains. A method that can serve many budgets from one search (DNIS) does so; the
-others run once per budget.
+others run once per budget. A method registered with `unit="bytes"` (the quantized baselines)
+spends a budget as bytes, 4 a parameter (a fraction of the fp32 full-width table's bytes), and
+keeps its stored bytes, scales and indices included, within it; `compare` runs it only when its
+grid counts bytes (`compare.budget_unit: bytes`).
 
 Writing one: a function `fn(job, options) -> list[SearchResult]` (`job` a `training.Job`, the
 call's arguments with the layout, task and full parameter count derived from them; `options` an
@@ -29,6 +32,8 @@ from dnis.search.dnis import DnisConfig, dnis
 from dnis.search.result import SearchResult
 from dnis.search.training import Job, ModelFactory, Phases
 from dnis.train.trainer import TrainConfig
+
+BUDGET_UNITS: tuple[str, ...] = ("params", "bytes")
 
 
 class Options:
@@ -65,11 +70,15 @@ class Method:
         run: Callable[[Job, Any], list[SearchResult]],
         options: type,
         fixed: Collection[str] = (),
+        unit: str = "params",
     ) -> None:
+        if unit not in BUDGET_UNITS:
+            raise ValueError(f"unit must be one of {BUDGET_UNITS}, got {unit!r}")
         self.name = name
         self.run = run
         self.options = options
         self.fixed = fixed  # fields of `options` the method sets itself, never a user
+        self.unit = unit  # what the method keeps within a budget: parameters, or stored bytes
         functools.update_wrapper(self, run)  # its __module__, __name__ and __doc__
 
     def parse(self, options: Mapping[str, Any] | Any) -> Any:
@@ -101,13 +110,13 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(
-    name: str, options: type = NoOptions, *, fixed: Collection[str] = ()
+    name: str, options: type = NoOptions, *, fixed: Collection[str] = (), unit: str = "params"
 ) -> Callable[[Callable[[Job, Any], list[SearchResult]]], Method]:
     """Decorator: register `fn(job, options) -> list[SearchResult]` as method `name`, taking the
-    options of dataclass `options`."""
+    options of dataclass `options` and keeping its results within the budget's `unit`."""
 
     def decorate(fn: Callable[[Job, Any], list[SearchResult]]) -> Method:
-        return METHODS.register(name, Method(name, fn, options, fixed))
+        return METHODS.register(name, Method(name, fn, options, fixed, unit))
 
     return decorate
 

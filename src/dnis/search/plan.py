@@ -21,6 +21,8 @@ own parameters (and a field's `options` the field's):
     kept-rows     KeptRowsEmbedding        per field: kept rows; which rows is stored with the
                                            weights (buffer kept)
     field-subset  FieldSubsetEmbedding     per field: kept (full width) or dropped
+    quantized     QuantizedEmbedding       the storage `precision` (fp16, int8, int4; row-wise
+                                           scale and bias stored with the weights)
 
 `plan_of(embedding)` describes a trained embedding; `build(plan, layout, state)` rebuilds the
 module that `state` (its saved state dict, keys without the `embedding.` prefix) loads into. An
@@ -50,6 +52,7 @@ from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding, ragged_k
 from dnis.embeddings.multiplexed import MultiplexedEmbedding
 from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.embeddings.qr import QREmbedding, qr_rows
+from dnis.embeddings.quantized import QuantizedEmbedding
 from dnis.errors import DnisError
 from dnis.io import write_json
 from dnis.registry import Registry
@@ -380,6 +383,14 @@ def _build_field_subset(plan: EmbeddingPlan, layout: FieldLayout, state: State) 
     return FieldSubsetEmbedding(layout, plan.dim, [bool(f.options["kept"]) for f in plan.fields])
 
 
+def _quantized(e: QuantizedEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
+    return same_fields(e.layout, e.dim, lambda f, rows: rows), {"precision": e.precision}
+
+
+def _build_quantized(plan: EmbeddingPlan, layout: FieldLayout, state: State) -> FieldEmbedding:
+    return QuantizedEmbedding(layout, plan.dim, str(plan.options["precision"]))
+
+
 register_kind("full", FusedEmbedding, _full, lambda p, layout, s: FusedEmbedding(layout, p.dim))
 register_kind("block-mixed", BlockMixedEmbedding, _block_mixed, _build_block_mixed)
 register_kind("ragged", RaggedEmbedding, _ragged, _build_ragged)
@@ -390,3 +401,4 @@ register_kind("multiplexed", MultiplexedEmbedding, _multiplexed, _build_multiple
 register_kind("projected", ProjectedBlockEmbedding, _projected, _build_projected)
 register_kind("kept-rows", KeptRowsEmbedding, _kept_rows, _build_kept_rows)
 register_kind("field-subset", FieldSubsetEmbedding, _field_subset, _build_field_subset)
+register_kind("quantized", QuantizedEmbedding, _quantized, _build_quantized)

@@ -1,0 +1,91 @@
+"""`int8` and `int4`: post-training quantization of the uniform model, the byte-budget baselines.
+
+A budget here is a share of the full-width fp32 embedding's bytes (`budget` of 4 * rows * dim
+bytes, or a count > 1 of parameters, 4 bytes each): the bytes a deployment stores, which is the
+unit these methods compete in (`compare.budget_unit: bytes`). Per budget:
+
+1. Width. The widest uniform width w <= dim whose quantized row, codes plus its fp16 scale and
+   bias (`row_bytes`: int8 w + 4 bytes, int4 ceil(w / 2) + 4), fits the budget's bytes per row.
+   Every row of every field gets w, as the uniform baseline gives every field the same width.
+2. Train. The model around a fp32 `FusedEmbedding` of width w, under the job's train config:
+   early-stopped on validation like every method.
+3. Quantize. Its table, row by row, to the precision (`QuantizedEmbedding.from_table`); the dense
+   layers stay fp32. No fine-tuning (that would be quantization-aware training, not PTQ). The
+   quantized model is evaluated on valid and test once.
+
+A result's `before` holds the fp32 model's valid and test metrics (what quantization cost),
+`dims[field]` its width and precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from dnis.embeddings.fused import FusedEmbedding
+from dnis.embeddings.masked import dense_state, swap_embedding
+from dnis.embeddings.quantized import QuantizedEmbedding, row_bytes, widest_row
+from dnis.errors import BudgetError
+from dnis.search.methods import Options, register_method
+from dnis.search.result import SearchResult
+from dnis.search.training import INIT_STD, Job
+
+FP32_BYTES = 4
+
+
+@dataclass
+class PtqOptions(Options):
+    """The options of `int8` and `int4` (`compare.options.<method>`)."""
+
+    init_std: float = INIT_STD
+
+    def __post_init__(self) -> None:
+        self.require(self.init_std > 0, "init_std", "must be > 0")
+
+
+def budget_bytes(job: Job, budget: float) -> int:
+    """A budget as bytes: its parameter count (`Job.target`) at 4 bytes each."""
+    return FP32_BYTES * job.target(budget)
+
+
+def ptq_width(job: Job, budget: float, precision: str) -> int:
+    """The widest uniform width whose quantized rows fit the budget's bytes."""
+    per_row = budget_bytes(job, budget) / job.layout.total_rows
+    width = widest_row(per_row, precision, job.dim)
+    if width < 1:
+        raise BudgetError(
+            f"{precision} needs {row_bytes(1, precision)} bytes a row for width 1 (scale and bias "
+            f"included), the budget {budget} gives {per_row:.2f}"
+        )
+    return width
+
+
+def post_training_quantized(job: Job, options: PtqOptions, precision: str) -> list[SearchResult]:
+    """Per budget: the uniform model at the widest width that fits, trained, then quantized."""
+    results = []
+    for budget in job.budgets:
+        width = ptq_width(job, budget, precision)
+        trained = job.fit(partial(FusedEmbedding, job.layout, width, options.init_std))
+        fp32 = {"valid": trained.valid, "test": trained.test or {}}
+        table = trained.embedding.weight
+        quantized = QuantizedEmbedding.from_table(job.layout, table, precision)
+        model = swap_embedding(job.make_model, quantized, dense_state(trained.model))
+        task, batch = job.task, job.train.eval_batch_size
+        valid, test = task.evaluate(model, "valid", batch), task.evaluate(model, "test", batch)
+        trained.model, trained.embedding = model, quantized
+        trained.valid, trained.test = valid, test
+        dims = {name: {"block_dims": [width], "precision": precision} for name in job.layout.names}
+        results.append(job.result(budget, trained, dims, before=fp32))
+    return results
+
+
+@register_method("int8", PtqOptions, unit="bytes")
+def int8_method(job: Job, options: PtqOptions) -> list[SearchResult]:
+    """The uniform model, quantized to int8 rows (fp16 scale and bias) after training."""
+    return post_training_quantized(job, options, "int8")
+
+
+@register_method("int4", PtqOptions, unit="bytes")
+def int4_method(job: Job, options: PtqOptions) -> list[SearchResult]:
+    """The uniform model, quantized to packed int4 rows (fp16 scale and bias) after training."""
+    return post_training_quantized(job, options, "int4")
