@@ -1,0 +1,112 @@
+"""Budgets in bytes: `compare.budget_unit: bytes`, byte sizes as budgets, and the int8/int4
+post-training-quantization baselines competing in bytes (through `dnis compare --config`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dnis.cli import main
+from dnis.embeddings.quantized import row_bytes
+from dnis.search.prune import parse_byte_size
+
+DIM = 16
+TOTAL_ROWS = 3 * 41  # three fields of 40 ids plus the OOV id each
+FULL_BYTES = 4 * TOTAL_ROWS * DIM
+
+GRID = {
+    "name": "bytes",
+    "seed": 0,
+    "dataset": {
+        "name": "synthetic",
+        "task": "ctr",
+        "options": {"n_rows": 3000, "ranks": [4, 2], "noise_fields": 1, "vocab": 40},
+    },
+    "model": {"name": "fm"},
+    "embedding": {"dim": DIM},
+    "train": {"epochs": 2, "batch_size": 512, "lr": 0.003},
+    "compare": {
+        "methods": ["uniform", "int8", "int4"],
+        "budget_unit": "bytes",
+        "budgets": [0.125, f"{FULL_BYTES // 16}B"],
+        "seeds": 1,
+    },
+}
+
+
+def write(tmp_path: Path, **compare) -> Path:
+    config = {**GRID, "output_dir": str(tmp_path / "runs")}
+    config["compare"] = {**GRID["compare"], **compare}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def run_dir(tmp_path: Path) -> Path:
+    (found,) = (tmp_path / "runs").iterdir()
+    return found
+
+
+def test_quantized_baselines_fill_the_byte_budget_and_the_report_ranks_by_bytes(tmp_path, capsys):
+    assert main(["compare", "--config", str(write(tmp_path))]) == 0
+    frame = pd.read_csv(run_dir(tmp_path) / "compare.csv")
+    assert set(frame["budget_unit"]) == {"bytes"}
+    eighth, sixteenth = sorted(frame["budget"].unique(), reverse=True)
+    assert eighth == 0.125 and sixteenth == pytest.approx(1 / 16)
+    for _, row in frame.iterrows():
+        budget = row["budget_bytes"]
+        assert budget == pytest.approx(row["budget"] * FULL_BYTES, abs=4)
+        assert row["memory_bytes"] <= budget  # every stored byte, scales and biases included
+    # the widest width whose quantized row fits: 1/8 of 64 bytes a row is 8 bytes, so int8 keeps
+    # width 4 (4 + 4 bytes) and int4 width 8 (4 + 4); at 1/16 (4 bytes a row) neither fits a row
+    by = {(r.method, r.budget): r for r in frame.itertuples()}
+    assert by[("int8", 0.125)].memory_bytes == TOTAL_ROWS * row_bytes(4, "int8")
+    assert by[("int4", 0.125)].memory_bytes == TOTAL_ROWS * row_bytes(8, "int4")
+    assert by[("int4", 0.125)].embedding_params == TOTAL_ROWS * 8  # twice uniform's values
+    assert by[("uniform", 0.125)].embedding_params == TOTAL_ROWS * 2
+    report = (run_dir(tmp_path) / "compare.md").read_text(encoding="utf-8")
+    assert "as few bytes stored" in report and "fraction of the full-width fp32" in report
+    assert "int8 at 0.0625" in report and "int4 at 0.0625" in report  # infeasible, named
+
+
+def test_a_quantized_method_in_a_parameter_grid_is_refused_before_any_work(tmp_path, capsys):
+    path = write(tmp_path, budget_unit="params", budgets=[0.25])
+    assert main(["compare", "--config", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "int8 spends its budgets as stored bytes" in err and "budget_unit: bytes" in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("cells/*"))
+
+
+@pytest.mark.parametrize(
+    ("compare", "says"),
+    [
+        ({"budget_unit": "params", "budgets": ["2MB"], "methods": ["uniform"]},
+         "is a byte size; set compare.budget_unit: bytes"),
+        ({"budgets": ["2 parsecs"]}, "is not a byte size"),
+        ({"budget_unit": "words"}, "compare.budget_unit must be one of"),
+        ({"budgets": ["1GB"]}, "more than the full-width fp32 embedding"),
+    ],
+)  # fmt: skip
+def test_bad_byte_budgets_are_clear_errors(tmp_path, capsys, compare, says):
+    assert main(["compare", "--config", str(write(tmp_path, **compare))]) != 0
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("2MB", 2_000_000), ("1.5 MiB", 1_572_864), ("300kB", 300_000), ("4096B", 4096),
+     ("1GiB", 2**30)],
+)  # fmt: skip
+def test_byte_sizes_parse_in_decimal_and_binary_units(text, size):
+    assert parse_byte_size(text) == size
+
+
+def test_cells_record_the_unit(tmp_path):
+    assert main(["compare", "--config", str(write(tmp_path, methods=["int4"]))]) == 0
+    (cell,) = (run_dir(tmp_path) / "cells").glob("*.json")
+    rows = json.loads(cell.read_text(encoding="utf-8"))
+    assert {r["budget_unit"] for r in rows} == {"bytes"}
