@@ -10,6 +10,12 @@ With `compare.jobs` > 1, cells run in that many fresh processes (each loads the 
 16-core machine or one GPU shared by several processes runs the grid at once; latencies measured
 then share the machine with the other cells. A budget below a method's structural floor (e.g. one
 row per field for hashing) gives an `infeasible` row with the reason, not a stopped grid.
+
+`compare.budget_unit: bytes` counts budgets in stored bytes: a fraction is of the full-width fp32
+table's bytes (4 * rows * dim), and a budget may be a byte size ("2MB"). The quantized methods
+(int8, int4) keep their stored bytes (codes, scales and biases) within it; the others keep
+`fraction * rows * dim` parameters, 4 bytes each, and report their index structures on top.
+The report then ranks and plots cells by bytes.
 """
 
 from __future__ import annotations
@@ -24,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from dnis.app import track
-from dnis.app.config import Config
+from dnis.app.config import CompareConfig, Config
 from dnis.app.track import Tracker
 from dnis.app.train import load_dataset, model_factory, start_run
 from dnis.data.dataset import EncodedDataset
-from dnis.errors import BudgetError
+from dnis.errors import BudgetError, ConfigError
 from dnis.io import write_json
 from dnis.plugins import import_plugins, imported
 from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
-from dnis.search.prune import budget_params
+from dnis.search.prune import FP32_BYTES, budget_params, bytes_fraction, parse_byte_size
 from dnis.search.result import SearchResult
 
 
@@ -58,27 +64,59 @@ def run_cell(
         )
 
     rows: list[dict[str, Any]] = []
+    full = sum(dataset.cardinalities) * config.embedding.dim
+    budgets = grid_budgets(compare, full)
     try:
-        results = run(compare.budgets)
+        results = run(budgets)
     except BudgetError:  # some budget is below the method's floor: run the budgets one by one
         results = []
-        for budget in compare.budgets:
+        for budget in budgets:
             try:
                 results += run([budget])
             except BudgetError as error:
                 rows.append({"method": method_name, "budget": budget, "seed": seed,
+                             "budget_unit": compare.budget_unit,
                              "infeasible": str(error)})  # fmt: skip
-    full = sum(dataset.cardinalities) * config.embedding.dim
+    unit = method(method_name).unit
     for result in results:
-        if result.embedding_params > budget_params(result.budget, full):
+        allowed = budget_params(result.budget, full)
+        spent = result.embedding_params
+        if unit == "bytes":
+            allowed, spent = FP32_BYTES * allowed, result.memory_bytes
+        if spent > allowed:
             raise AssertionError(f"{method_name} broke its budget {result.budget}")  # a method bug
-        row = {**result.to_dict(), "seed": seed}
+        row = {**result.to_dict(), "seed": seed, "budget_unit": compare.budget_unit}
+        if compare.budget_unit == "bytes":
+            row["budget_bytes"] = FP32_BYTES * budget_params(result.budget, full)
         if measure_inference and result.model is not None:
             ids, model = dataset.test.ids, result.model.cpu()  # serving cost is measured on CPU
             row["latency_ms"] = batch_latency_ms(model, ids, compare.inference_batch)
             row["peak_memory_mb"] = peak_memory_mb(model, ids, compare.inference_batch)
         rows.append(row)
     return rows
+
+
+def grid_budgets(compare: CompareConfig, full_params: int) -> list[float]:
+    """The grid's budgets as fractions of the full-width embedding (of its fp32 bytes, when the
+    grid counts bytes): byte sizes ("2MB") are divided by those bytes."""
+    return [
+        bytes_fraction(parse_byte_size(b, f"compare.budgets[{i}]"), full_params,
+                       f"compare.budgets[{i}]") if isinstance(b, str) else b
+        for i, b in enumerate(compare.budgets)
+    ]  # fmt: skip
+
+
+def check_units(compare: CompareConfig) -> None:
+    """Refuse a method that keeps bytes within its budgets (int8, int4) in a grid that counts
+    parameters: its cells would not be comparable."""
+    for name in compare.methods:
+        if method(name).unit == "bytes" and compare.budget_unit != "bytes":
+            raise ConfigError(
+                f"{name} spends its budgets as stored bytes, but compare.budget_unit is "
+                f"{compare.budget_unit!r}; set compare.budget_unit: bytes (every method's budget "
+                "then counts bytes, 4 a parameter at fp32)",
+                key="compare.budget_unit",
+            )
 
 
 def method_options(config: Config, method_name: str) -> dict[str, Any]:
@@ -105,9 +143,11 @@ def compare(
     run_dir = config.run_dir()
     if tracker is None:
         track.check(config.tracking)  # a missing tracker package fails before any work
+    check_units(config.compare)
     dataset = start_run(config, run_dir)
     for name in config.compare.methods:
         method(name).parse(method_options(config, name))  # unknown names, bad options fail here
+    grid_budgets(config.compare, sum(dataset.cardinalities) * config.embedding.dim)
     if tracker is not None:
         return _grid(config, dataset, on_cell, tracker)
     with track.open_tracker(config, "compare") as tracker:

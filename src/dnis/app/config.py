@@ -22,6 +22,8 @@ from dnis.data.streaming.options import StreamingOptions, check_streamable
 from dnis.errors import ConfigError
 from dnis.registry import typed
 from dnis.search.dnis import DnisConfig
+from dnis.search.methods import BUDGET_UNITS
+from dnis.search.prune import parse_byte_size
 from dnis.train.trainer import TrainConfig
 
 STREAMING_KEYS: tuple[str, ...] = (
@@ -120,7 +122,11 @@ class CompareConfig:
     """The `compare:` section: the grid of `dnis compare`."""
 
     methods: list[str] = field(default_factory=lambda: ["dnis", "uniform"])
-    budgets: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    # fractions of the full-width embedding; with budget_unit bytes also byte sizes ("2MB")
+    budgets: list[float | str] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    # params: a budget counts parameters; bytes: it counts stored bytes (a fraction of the fp32
+    # full-width table's bytes), which the quantized methods (int8, int4) compete in
+    budget_unit: str = "params"
     seeds: int = 3  # training seeds per cell
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method hyper-parameters
     inference_batch: int = 4096
@@ -131,9 +137,26 @@ class CompareConfig:
             raise ConfigError(f"compare.jobs must be >= 1, got {self.jobs}")
         if self.seeds < 1:
             raise ConfigError(f"compare.seeds must be >= 1, got {self.seeds}")
-        for budget in self.budgets:
-            if not 0 < budget <= 1:
-                raise ConfigError(f"compare.budgets are fractions in (0, 1], got {budget}")
+        if self.budget_unit not in BUDGET_UNITS:
+            raise ConfigError(
+                f"compare.budget_unit must be one of {BUDGET_UNITS}, got {self.budget_unit!r}",
+                key="compare.budget_unit",
+            )
+        for i, budget in enumerate(self.budgets):
+            where = f"compare.budgets[{i}]"
+            if isinstance(budget, str):
+                if self.budget_unit != "bytes":
+                    raise ConfigError(
+                        f"{where} {budget!r} is a byte size; set compare.budget_unit: bytes to "
+                        "count budgets in bytes",
+                        key="compare.budget_unit",
+                    )
+                parse_byte_size(budget, where)
+            elif not 0 < budget <= 1:
+                raise ConfigError(
+                    f"{where}: budgets are fractions in (0, 1] (or byte sizes such as 2MB with "
+                    f"budget_unit: bytes), got {budget}"
+                )
         unknown = set(self.options) - set(self.methods)
         if unknown:
             raise ConfigError(

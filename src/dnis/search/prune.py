@@ -13,6 +13,7 @@ Padding rows of sequence fields are never read by a model, so they get no dims.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -41,6 +42,37 @@ def budget_params(budget: float, full_params: int) -> int:
             f"budget {budget} is neither a fraction in (0, 1] nor a parameter count <= {full_params}"
         )
     return int(budget)
+
+
+# byte sizes a budget may be written in: decimal (kB = 1000) and binary (KiB = 1024) units
+BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
+FP32_BYTES = 4  # bytes of a parameter stored at full precision
+
+
+def parse_byte_size(value: str, where: str = "budget") -> int:
+    """`"2MB"`, `"1.5 MiB"`, `"300kB"`, `"4096B"` as a byte count (ConfigError when not one)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", value)
+    unit = match and BYTE_UNITS.get(match.group(2).lower())
+    if match is None or unit is None:
+        raise ConfigError(
+            f"{where} {value!r} is not a byte size: write a number and a unit, e.g. 2MB or "
+            f"1.5MiB (units: {', '.join(['B', 'kB', 'MB', 'GB', 'KiB', 'MiB', 'GiB'])})"
+        )
+    size = int(float(match.group(1)) * unit)
+    if size < 1:
+        raise ConfigError(f"{where} {value!r} is less than one byte")
+    return size
+
+
+def bytes_fraction(size: int, full_params: int, where: str = "budget") -> float:
+    """A byte budget as the fraction of the full-width fp32 table's bytes it is."""
+    full = FP32_BYTES * full_params
+    if size > full:
+        raise ConfigError(
+            f"{where}: {size:,} bytes is more than the full-width fp32 embedding ({full:,} bytes)"
+        )
+    return size / full
 
 
 def padding_rows(layout: FieldLayout) -> torch.Tensor:

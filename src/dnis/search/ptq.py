@@ -27,10 +27,9 @@ from dnis.embeddings.masked import dense_state, swap_embedding
 from dnis.embeddings.quantized import QuantizedEmbedding, row_bytes, widest_row
 from dnis.errors import BudgetError
 from dnis.search.methods import Options, register_method
+from dnis.search.prune import FP32_BYTES
 from dnis.search.result import SearchResult
 from dnis.search.training import INIT_STD, Job
-
-FP32_BYTES = 4
 
 
 @dataclass

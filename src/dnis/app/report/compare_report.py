@@ -35,6 +35,7 @@ def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "search_seconds": r["search_seconds"], "retrain_seconds": r["retrain_seconds"],
             "train_epochs": r.get("train_epochs"), "epoch_cap_hit": r.get("epoch_cap_hit"),
             "latency_ms": r.get("latency_ms"), "peak_memory_mb": r.get("peak_memory_mb"),
+            "budget_unit": r.get("budget_unit", "params"), "budget_bytes": r.get("budget_bytes"),
         })  # fmt: skip
     return pd.DataFrame(flat)
 
@@ -49,11 +50,20 @@ def grid_metric(rows: list[dict[str, Any]]) -> str:
     return feasible(rows)[0]["metric"]
 
 
+def budget_unit(frame: pd.DataFrame) -> str:
+    """What the grid's budgets count: "params", or "bytes" (cells of older runs: params)."""
+    if "budget_unit" not in frame.columns or frame.empty:
+        return "params"
+    return str(frame["budget_unit"].iloc[0])
+
+
 def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean and std per (method, budget), with a `pareto` flag on the non-dominated cells."""
+    """Mean and std per (method, budget), with a `pareto` flag on the non-dominated cells: by
+    parameters, or by stored bytes where the grid's budgets count bytes (`size` is that axis)."""
     column = f"test_{metric}"
-    for missing in {"train_epochs", "epoch_cap_hit"} - set(frame.columns):  # cells of older runs
-        frame = frame.assign(**{missing: float("nan")})
+    for missing in {"train_epochs", "epoch_cap_hit", "budget_bytes"} - set(frame.columns):
+        frame = frame.assign(**{missing: float("nan")})  # cells of older runs
+    size = "memory_bytes" if budget_unit(frame) == "bytes" else "params"
     grouped = frame.groupby(["method", "budget"], sort=True)
     table = grouped.agg(
         params=("embedding_params", "mean"),
@@ -67,14 +77,17 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         capped=("epoch_cap_hit", "sum"),
         latency_ms=("latency_ms", "first"),
         peak_memory_mb=("peak_memory_mb", "first"),
+        budget_bytes=("budget_bytes", "first"),
     ).reset_index()
     table["std"] = table["std"].fillna(0.0)
+    table["size"] = table[size]
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     score = sign * table["mean"]
     table["pareto"] = [
-        not ((table["params"] <= p) & (score >= s) & ((table["params"] < p) | (score > s))).any()
-        for p, s in zip(table["params"], score, strict=True)
+        not ((table["size"] <= p) & (score >= s) & ((table["size"] < p) | (score > s))).any()
+        for p, s in zip(table["size"], score, strict=True)
     ]
+    table.attrs["unit"] = budget_unit(frame)
     return table
 
 
@@ -118,32 +131,34 @@ def dnis_standing(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
 
 
 def pareto_figure(table: pd.DataFrame, metric: str) -> plt.Figure:
-    """Metric against parameters, one line per method. The x axis is symlog, linear below the
-    smallest non-zero count, so a cell that keeps no embedding (OutRank dropping every field)
-    is drawn at 0 rather than vanishing from a log axis while the table still lists it."""
+    """Metric against parameters (stored bytes, where the grid counts bytes), one line per
+    method. The x axis is symlog, linear below the smallest non-zero count, so a cell that keeps
+    no embedding (OutRank dropping every field) is drawn at 0 rather than vanishing from a log
+    axis while the table still lists it."""
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: every method its own
     markers = "osD^vP*Xh<>p"
+    unit = "embedding bytes" if table.attrs.get("unit") == "bytes" else "embedding parameters"
     for i, (name, group) in enumerate(table.groupby("method")):
-        group = group.sort_values("params")
+        group = group.sort_values("size")
         axis.errorbar(
-            group["params"], group["mean"], yerr=group["std"], capsize=3, label=name,
+            group["size"], group["mean"], yerr=group["std"], capsize=3, label=name,
             color="black" if name == "uniform" else colors[(2 * i) % 20 + (2 * i) // 20],
             linestyle="--" if name == "uniform" else "-",  # the baseline every method must beat
             marker=markers[i % len(markers)], linewidth=2.5 if name == "dnis" else 1.2,
         )  # fmt: skip
     best = table[table["pareto"]]
-    axis.scatter(best["params"], best["mean"], s=160, facecolors="none", edgecolors="black",
+    axis.scatter(best["size"], best["mean"], s=160, facecolors="none", edgecolors="black",
                  label="Pareto-optimal")  # fmt: skip
-    positive = table.loc[table["params"] > 0, "params"]
-    if (table["params"] <= 0).any():
+    positive = table.loc[table["size"] > 0, "size"]
+    if (table["size"] <= 0).any():
         floor = 10 ** np.floor(np.log10(positive.min())) if len(positive) else 1.0
         axis.set_xscale("symlog", linthresh=floor, linscale=0.5)
         axis.set_xlim(left=-0.1 * floor)
-        axis.set_xlabel(f"embedding parameters (log scale above {floor:,.0f}; 0 at the left)")
+        axis.set_xlabel(f"{unit} (log scale above {floor:,.0f}; 0 at the left)")
     else:
         axis.set_xscale("log")
-        axis.set_xlabel("embedding parameters (log scale)")
+        axis.set_xlabel(f"{unit} (log scale)")
     finish_axes(axis, metric)
     return figure
 
@@ -171,13 +186,26 @@ def write_compare_report(
         }
         for r in table.itertuples()
     ]  # fmt: skip
+    unit = table.attrs["unit"]
+    if unit == "bytes":
+        for row, r in zip(shown, table.itertuples(), strict=True):
+            over = r.memory_bytes > r.budget_bytes  # fp32 methods' index structures, on top
+            row["memory"] += f" ({r.memory_bytes / r.budget_bytes:.2f} of budget)" if over else ""
+    counted = "bytes stored" if unit == "bytes" else "parameters"
     text = (
         f"# {title}\n\nTest {metric}, mean ± std over seeds; ★ = Pareto-optimal (no other cell has "
-        "as few parameters and a metric as good). Epochs: of the final model's training, mean over "
+        f"as few {counted} and a metric as good). Epochs: of the final model's training, mean over "
         "seeds, every method early-stopped on validation with the same patience and cap ((cap): "
         "some seed stopped at the cap). Latency and peak memory: the first seed's model, "
-        "one batch, a fresh process.\n\n" + metric_table(shown, list(shown[0]))
+        "one batch, a fresh process."
     )
+    if unit == "bytes":
+        text += (
+            " Budgets count stored bytes, as a fraction of the full-width fp32 embedding's; "
+            "memory is every stored tensor (values at their precision, scales, index "
+            "structures), and (x of budget) marks a cell whose index structures take it over."
+        )
+    text += "\n\n" + metric_table(shown, list(shown[0]))
     standing = dnis_standing(table, metric)
     if standing:
         text += (
