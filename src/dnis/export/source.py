@@ -69,9 +69,14 @@ class RunModel:
         return self.spec.model
 
     def parameter_counts(self) -> dict[str, int]:
-        embedding = sum(p.numel() for p in self.model.embedding.parameters())
-        total = sum(p.numel() for p in self.model.parameters())
-        return {"embedding": embedding, "other": total - embedding, "total": total}
+        """Stored values of the embedding (its `num_parameters`: a quantized table's values are
+        buffers, not parameters, and count all the same) and the parameters of the rest."""
+        embedding = self.model.embedding.num_parameters()
+        other = sum(
+            p.numel() for name, p in self.model.named_parameters()
+            if not name.startswith("embedding.")
+        )  # fmt: skip
+        return {"embedding": embedding, "other": other, "total": embedding + other}
 
     def full_embedding_params(self) -> int:
         """Parameters of the full-width table the budget is a fraction of."""
