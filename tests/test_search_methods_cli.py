@@ -45,6 +45,7 @@ KINDS = {  # the embedding kind each method's compact model is
     "outrank": "field-subset", "mde": "projected", "autodim": "projected",
     "optfs": "kept-rows", "pep": "ragged", "dsl": "ragged", "magprune": "ragged",
     "dnis-nested": "block-mixed", "matryoshka": "block-mixed",
+    "int8": "quantized", "int4": "quantized",
 }  # fmt: skip
 
 

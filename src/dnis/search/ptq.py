@@ -74,7 +74,7 @@ def post_training_quantized(job: Job, options: PtqOptions, precision: str) -> li
         trained.model, trained.embedding = model, quantized
         trained.valid, trained.test = valid, test
         dims = {name: {"block_dims": [width], "precision": precision} for name in job.layout.names}
-        results.append(job.result(budget, trained, dims, before=fp32))
+        results.append(job.result(budget, trained, dims, before=fp32, unit="bytes"))
     return results
 
 

@@ -12,6 +12,7 @@ import torch
 from dnis.io import atomic_write, write_json
 from dnis.models.base import Model
 from dnis.search.plan import EmbeddingPlan, plan_of
+from dnis.search.prune import FP32_BYTES
 
 # what a search run folder holds per budget: <name>-<budget><suffix>
 BUDGET_FILES = {"model": ".pt", "result": ".json", "plan": ".json"}
@@ -45,6 +46,8 @@ class SearchResult:
     model: Model | None = None  # the retrained compact model
     # the structure of its embedding; read off `model.embedding` when not given
     plan: EmbeddingPlan | None = None
+    # what the method kept within the budget: parameters, or stored bytes (`Method.unit`)
+    unit: str = "params"
 
     def __post_init__(self) -> None:
         if self.plan is None and self.model is not None:
@@ -93,6 +96,10 @@ class SearchResult:
 
     @property
     def fraction(self) -> float:
+        """The share of the full-width embedding spent: of its parameters, or (unit bytes) of
+        its fp32 bytes."""
+        if self.unit == "bytes":
+            return self.memory_bytes / (FP32_BYTES * self.full_params)
         return self.embedding_params / self.full_params
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +110,7 @@ class SearchResult:
             "full_params": self.full_params,
             "embedding_params": self.embedding_params,
             "fraction": round(self.fraction, 6),
+            "unit": self.unit,
             "memory_bytes": self.memory_bytes,
             "dims": self.dims,
             "metrics": self.metrics,
