@@ -13,9 +13,9 @@ two to a byte (the even dim in the low nibble). A row of width w therefore store
 rows, exactly. The codes are computed against the fp16-rounded scale and bias, the values the
 lookup multiplies by, so quantizing is a nearest-code rounding of what is served.
 
-The lookup gathers the rows' stored bytes (one gather per batch) and dequantizes only those rows
-with float arithmetic (`floor` for the nibbles, no bit operations), which traces and exports to
-ONNX as it is.
+The lookup gathers the rows' stored bytes (one gather per batch) and dequantizes only those rows;
+under a trace or an ONNX export the int4 nibbles are split with float arithmetic (`floor`), as
+opset 17 has no bit operations, and with `& 15` and `>> 4` otherwise (the same values).
 """
 
 from __future__ import annotations
@@ -94,11 +94,16 @@ def dequantize_rows(
     """float32 [..., width] values of gathered rows (`codes` [..., bytes], `scale`, `bias` [...])."""
     if scale is None or bias is None:
         return codes.float()
-    values = codes.float()
     if precision == "int4":
-        high = torch.floor(values / 16)
-        values = torch.stack([values - 16 * high, high], dim=-1).flatten(-2)[..., :width]
-    return values * scale.float().unsqueeze(-1) + bias.float().unsqueeze(-1)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # no bit ops in opset 17
+            values = codes.float()
+            high = torch.floor(values / 16)
+            nibbles = torch.stack([values - 16 * high, high], dim=-1)
+        else:  # the same nibbles, about 4x faster
+            nibbles = torch.stack([codes & 15, codes >> 4], dim=-1)
+        codes = nibbles.flatten(-2)[..., :width]
+    # in place on the fresh float copy: no full-size temporaries (codes never carry a gradient)
+    return codes.float().mul_(scale.float().unsqueeze(-1)).add_(bias.float().unsqueeze(-1))
 
 
 def fake_quantize(table: torch.Tensor, precision: str) -> torch.Tensor:
