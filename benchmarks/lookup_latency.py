@@ -269,7 +269,7 @@ def main() -> None:
         f"{sizes} the fp32 table's bytes. The gather of the codes alone took {min(gathers):.2f}x "
         f"to {max(gathers):.2f}x the fp32 lookup's CPU time (fewer bytes per row); the "
         "dequantize (a float conversion for fp16; times the row's scale plus its bias for int8; "
-        "for int4 also the nibble split by floor and an interleave) is work over the gathered "
+        "for int4 also the nibble split by & 15 and >> 4 and an interleave;) is work over the gathered "
         "rows that the fp32 lookup does not do, and it "
         "decides whether a quantized lookup is faster or slower than fp32's on this CPU."
     )
