@@ -23,6 +23,10 @@ own parameters (and a field's `options` the field's):
     field-subset  FieldSubsetEmbedding     per field: kept (full width) or dropped
     quantized     QuantizedEmbedding       the storage `precision` (fp16, int8, int4; row-wise
                                            scale and bias stored with the weights)
+    quantized-blocks
+                  QuantizedBlockEmbedding  per block: the dims it keeps (`dims`); options:
+                                           `precisions`, each block's storage precision
+                                           (fp32, fp16, int8, int4) in block order
 
 `plan_of(embedding)` describes a trained embedding; `build(plan, layout, state)` rebuilds the
 module that `state` (its saved state dict, keys without the `embedding.` prefix) loads into. An
@@ -53,6 +57,7 @@ from dnis.embeddings.multiplexed import MultiplexedEmbedding
 from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.embeddings.qr import QREmbedding, qr_rows
 from dnis.embeddings.quantized import QuantizedEmbedding
+from dnis.embeddings.quantized_blocks import QuantizedBlockEmbedding
 from dnis.errors import DnisError
 from dnis.io import write_json
 from dnis.registry import Registry
@@ -273,13 +278,19 @@ def _full(e: FusedEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
     return same_fields(e.layout, e.dim, lambda f, rows: rows), {}
 
 
-def _block_mixed(e: BlockMixedEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
+def _kept_dims(e: BlockMixedEmbedding | QuantizedBlockEmbedding) -> list[FieldPlan]:
+    """Fields of an embedding whose blocks keep the dims of its `keep` [num_blocks, dim]."""
     keep = e.keep.cpu()
     dims = [tuple(int(d) for d in row.nonzero().flatten()) for row in keep]
-    return block_fields(e.layout, e.blocks, keep.sum(1).tolist(), e.dim, dims), {}
+    return block_fields(e.layout, e.blocks, keep.sum(1).tolist(), e.dim, dims)
 
 
-def _build_block_mixed(plan: EmbeddingPlan, layout: FieldLayout, state: State) -> FieldEmbedding:
+def _block_mixed(e: BlockMixedEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
+    return _kept_dims(e), {}
+
+
+def _plan_keep(plan: EmbeddingPlan, state: State) -> tuple[BlockLayout, torch.Tensor]:
+    """The blocks and keep mask of a block-mixed plan, checked against the saved `keep`."""
     blocks = plan_blocks(plan)
     keep = torch.zeros(blocks.num_blocks, plan.dim, dtype=torch.bool)
     for b, block in enumerate(b for f in plan.fields for b in f.blocks):
@@ -287,7 +298,29 @@ def _build_block_mixed(plan: EmbeddingPlan, layout: FieldLayout, state: State) -
     saved = state.get("keep")
     if saved is not None and not torch.equal(saved.cpu().bool(), keep):
         raise DnisError("the saved weights keep other dims than the plan says; rerun the search")
-    return BlockMixedEmbedding(layout, plan.dim, blocks, keep)
+    return blocks, keep
+
+
+def _build_block_mixed(plan: EmbeddingPlan, layout: FieldLayout, state: State) -> FieldEmbedding:
+    return BlockMixedEmbedding(layout, plan.dim, *_plan_keep(plan, state))
+
+
+def _quantized_blocks(e: QuantizedBlockEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
+    return _kept_dims(e), {"precisions": e.block_precisions()}
+
+
+def _build_quantized_blocks(
+    plan: EmbeddingPlan, layout: FieldLayout, state: State
+) -> FieldEmbedding:
+    blocks, keep = _plan_keep(plan, state)
+    precisions = [str(p) for p in plan.options["precisions"]]
+    module = QuantizedBlockEmbedding(layout, plan.dim, blocks, keep, precisions)
+    saved = state.get("block_precision")
+    if saved is not None and not torch.equal(saved.cpu(), module.block_precision):
+        raise DnisError(
+            "the saved weights store other block precisions than the plan says; rerun the search"
+        )
+    return module
 
 
 def _ragged(e: RaggedEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
@@ -402,3 +435,6 @@ register_kind("projected", ProjectedBlockEmbedding, _projected, _build_projected
 register_kind("kept-rows", KeptRowsEmbedding, _kept_rows, _build_kept_rows)
 register_kind("field-subset", FieldSubsetEmbedding, _field_subset, _build_field_subset)
 register_kind("quantized", QuantizedEmbedding, _quantized, _build_quantized)
+register_kind(
+    "quantized-blocks", QuantizedBlockEmbedding, _quantized_blocks, _build_quantized_blocks
+)
