@@ -38,6 +38,7 @@ QUICK = {  # each method's shortest settings
     "mde": {"num_blocks": 2},
     "dnis-nested": {"num_blocks": 2, "warmup_epochs": 0, "search_epochs": 1},
     "magprune": {"finetune_epochs": 1},
+    "dnis-precision": {"num_blocks": 2, "warmup_epochs": 0, "search_epochs": 1},
 }
 KINDS = {  # the embedding kind each method's compact model is
     "dnis": "block-mixed", "dnis-random": "block-mixed", "random": "block-mixed",
@@ -45,7 +46,7 @@ KINDS = {  # the embedding kind each method's compact model is
     "outrank": "field-subset", "mde": "projected", "autodim": "projected",
     "optfs": "kept-rows", "pep": "ragged", "dsl": "ragged", "magprune": "ragged",
     "dnis-nested": "block-mixed", "matryoshka": "block-mixed",
-    "int8": "quantized", "int4": "quantized",
+    "int8": "quantized", "int4": "quantized", "dnis-precision": "quantized-blocks",
 }  # fmt: skip
 
 

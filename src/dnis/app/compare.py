@@ -123,7 +123,7 @@ def method_options(config: Config, method_name: str) -> dict[str, Any]:
     """A method's options from `compare.options`; DNIS (and its random-structure control) start
     from the `search:` section."""
     options = dict(config.compare.options.get(method_name, {}))
-    if method_name in ("dnis", "dnis-random"):  # the control shares DNIS's settings
+    if method_name in ("dnis", "dnis-random", "dnis-precision"):  # DNIS's search settings
         search = {k: v for k, v in asdict(config.search).items() if k != "budgets"}
         options = {**search, **options}
     return options

@@ -16,6 +16,7 @@ from dnis.search import (  # noqa: F401  (imported to register the built-in meth
     optfs,
     outrank,
     pep,
+    precision,
     ptq,
     qr,
     random_search,

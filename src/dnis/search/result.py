@@ -48,6 +48,9 @@ class SearchResult:
     plan: EmbeddingPlan | None = None
     # what the method kept within the budget: parameters, or stored bytes (`Method.unit`)
     unit: str = "params"
+    # how the method chose this structure, beyond the per-field dims (e.g. dnis-precision's
+    # allocation candidates and their validation metrics)
+    choice: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.plan is None and self.model is not None:
@@ -111,6 +114,7 @@ class SearchResult:
             "embedding_params": self.embedding_params,
             "fraction": round(self.fraction, 6),
             "unit": self.unit,
+            **({"choice": self.choice} if self.choice else {}),
             "memory_bytes": self.memory_bytes,
             "dims": self.dims,
             "metrics": self.metrics,
