@@ -105,8 +105,13 @@ def test_byte_sizes_parse_in_decimal_and_binary_units(text, size):
     assert parse_byte_size(text) == size
 
 
-def test_cells_record_the_unit(tmp_path):
-    assert main(["compare", "--config", str(write(tmp_path, methods=["int4"]))]) == 0
+def test_the_command_line_sets_the_unit_and_byte_sizes_and_cells_record_them(tmp_path):
+    path = write(tmp_path, methods=["uniform"], budget_unit="params", budgets=[0.5])
+    size = f"{FULL_BYTES // 8}B"
+    argv = ["compare", "--config", str(path), "--methods", "int4", "--budget-unit", "bytes"]
+    assert main([*argv, "--budgets", "0.25", size]) == 0
     (cell,) = (run_dir(tmp_path) / "cells").glob("*.json")
     rows = json.loads(cell.read_text(encoding="utf-8"))
     assert {r["budget_unit"] for r in rows} == {"bytes"}
+    assert [r["budget"] for r in rows] == [0.25, 0.125]
+    assert [r["budget_bytes"] for r in rows] == [FULL_BYTES // 4, FULL_BYTES // 8]

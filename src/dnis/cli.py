@@ -124,7 +124,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from dnis.app.report.compare_report import grid_metric, write_compare_report
 
     overrides = list(args.set) + track_overrides(args)
-    for key in ("methods", "budgets", "seeds", "jobs"):
+    for key in ("methods", "budgets", "seeds", "jobs", "budget_unit"):
         value = getattr(args, key)
         if value:
             overrides.append(
@@ -272,6 +272,24 @@ def budget_arg(text: str) -> float:
     return value
 
 
+def grid_budget_arg(text: str) -> float | str:
+    """A `dnis compare --budgets` value: a budget (`budget_arg`) or a byte size such as 2MB."""
+    from dnis.errors import ConfigError
+    from dnis.search.prune import parse_byte_size
+
+    try:
+        return budget_arg(text)
+    except argparse.ArgumentTypeError:
+        try:
+            parse_byte_size(text)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a budget: give a fraction in (0, 1] (e.g. 0.25) or a byte size "
+                "(e.g. 2MB, with --budget-unit bytes)"
+            ) from None
+        return text
+
+
 def os_error_message(error: OSError) -> str:
     """What the file system refused, on which file, and the fix."""
     where = error.filename or "a file"
@@ -357,7 +375,12 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
     compare.add_argument("--config", required=True, type=Path)
     compare.add_argument("--methods", nargs="+", help="e.g. dnis uniform mde hashing qr random")
-    compare.add_argument("--budgets", type=budget_arg, nargs="+")
+    compare.add_argument("--budgets", type=grid_budget_arg, nargs="+")
+    compare.add_argument(
+        "--budget-unit",
+        choices=("params", "bytes"),
+        help="what budgets count (compare.budget_unit)",
+    )
     compare.add_argument("--seeds", type=int)
     compare.add_argument("--jobs", type=int, help="cells run in this many processes at once")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
