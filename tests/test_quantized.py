@@ -13,6 +13,7 @@ raw values as the in-process quantized model does, to 1e-5.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import warnings
 
@@ -194,6 +195,26 @@ def test_an_odd_width_quantized_model_exports_its_quantized_tensors(
         expected = model(ids).numpy()
     assert np.max(np.abs(runner(ids.numpy()) - expected)) <= TOLERANCE
     assert_graph_stores_codes(path, fmt, embedding)
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_the_onnx_file_follows_the_bytes(sequence_data, tmp_path, precision):
+    """At a realistic table size (a million rows) the exported ONNX file is within 5% of the
+    quantized embedding's bytes plus the dense part's (the graph itself adds a few KiB)."""
+    need("onnx")
+    small = FieldLayout.from_dataset(sequence_data)
+    layout = dataclasses.replace(
+        small, cardinalities=tuple(c * 50_000 for c in small.cardinalities)
+    )
+    table = torch.randn(layout.total_rows, 16, generator=torch.Generator().manual_seed(0))
+    embedding = QuantizedEmbedding.from_table(layout, table, precision)
+    model = models.build("deepfm", sequence_data.schema, embedding, hidden=[8]).eval()
+    path = tmp_path / "model.onnx"
+    onnx_format.write(traceable(model), example_ids(small, 16, seed=0), path)
+    dense = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                if not k.startswith("embedding."))  # fmt: skip
+    tensors = embedding.memory_bytes() + dense
+    assert abs(path.stat().st_size - tensors) <= 0.05 * tensors, (path.stat().st_size, tensors)
 
 
 def assert_graph_stores_codes(path, fmt: str, embedding: QuantizedEmbedding) -> None:
