@@ -91,25 +91,27 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table
 
 
-def dnis_standing(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
-    """Per budget: DNIS against the best other method at that budget, and by how much.
+def dnis_standing(table: pd.DataFrame, metric: str, ours: str = "dnis") -> list[dict[str, Any]]:
+    """Per budget: DNIS (or the DNIS method `ours`, e.g. dnis-precision in a byte grid) against
+    the best other method at that budget, and by how much.
 
     Every method is held to the same budget, so the budget is the fair unit of comparison.
-    `margin` is DNIS minus the best other method, signed so that > 0 means DNIS is better;
+    `margin` is ours minus the best other method, signed so that > 0 means ours is better;
     `noise` is the two cells' stds combined (sqrt of the sum of squares)."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    label = "DNIS" if ours == "dnis" else ours
     out = []
     for budget, group in table.groupby("budget", sort=True):
-        ours, others = group[group["method"] == "dnis"], group[group["method"] != "dnis"]
-        if ours.empty or others.empty:
+        mine, others = group[group["method"] == ours], group[group["method"] != ours]
+        if mine.empty or others.empty:
             continue
-        dnis = ours.iloc[0]
+        dnis = mine.iloc[0]
         best = others.loc[(sign * others["mean"]).idxmax()]
         margin = sign * (dnis["mean"] - best["mean"])
         noise = float((dnis["std"] ** 2 + best["std"] ** 2) ** 0.5)
         rank = 1 + int((sign * others["mean"] > sign * dnis["mean"]).sum())
         if margin >= 0:
-            verdict = "DNIS best"
+            verdict = f"{label} best"
         elif min(dnis["seeds"], best["seeds"]) < 2:
             verdict = f"behind {best['method']} (one seed: no std to read it against)"
         elif -margin <= noise:
@@ -119,11 +121,11 @@ def dnis_standing(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
         out.append(
             {
                 "budget": f"{budget:g}",
-                f"DNIS {metric}": f"{dnis['mean']:.4f} ± {dnis['std']:.4f}",
+                f"{label} {metric}": f"{dnis['mean']:.4f} ± {dnis['std']:.4f}",
                 "best other": best["method"],
                 f"its {metric}": f"{best['mean']:.4f} ± {best['std']:.4f}",
-                "DNIS margin": f"{margin:+.4f}",
-                "DNIS rank": f"{rank} of {len(group)}",
+                f"{label} margin": f"{margin:+.4f}",
+                f"{label} rank": f"{rank} of {len(group)}",
                 "verdict": verdict,
             }
         )
@@ -206,13 +208,15 @@ def write_compare_report(
             "structures), and (x of budget) marks a cell whose index structures take it over."
         )
     text += "\n\n" + metric_table(shown, list(shown[0]))
-    standing = dnis_standing(table, metric)
-    if standing:
-        text += (
-            "\nDNIS against the best other method at each budget (margin > 0: DNIS better; "
-            "the stds combined are the noise a margin is read against):\n\n"
-            + metric_table(standing, list(standing[0]))
-        )
+    for ours in ("dnis", "dnis-precision"):
+        standing = dnis_standing(table, metric, ours)
+        label = "DNIS" if ours == "dnis" else ours
+        if standing:
+            text += (
+                f"\n{label} against the best other method at each budget (margin > 0: {label} "
+                "better; the stds combined are the noise a margin is read against):\n\n"
+                + metric_table(standing, list(standing[0]))
+            )
     infeasible = sorted({(r["method"], r["budget"], r["infeasible"]) for r in rows
                          if "infeasible" in r})  # fmt: skip
     if infeasible:
