@@ -20,14 +20,34 @@ from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
 from dnis.embeddings.layout import FieldLayout
 
-# A row's block is read from a coarse table (one int32 entry per 2**shift rows) and moved past the
-# block starts inside its bucket by `steps` compare-and-step passes: the bucket is the widest whose
-# buckets hold at most _MAX_STEPS interior starts, but not so narrow that the table outgrows
-# 1/_TABLE_SHARE of the stored values (or _TABLE_FLOOR bytes, for small tables).
 _MAX_STEPS = 1
 _TABLE_SHARE = 16
 _TABLE_FLOOR = 2**16
 _CHUNK_BYTES = 2**20  # output bytes per chunk of an eager lookup: a chunk's work stays in cache
+
+
+def block_finder(
+    starts: torch.Tensor, total: int, stored_bytes: int
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Tables that find the block of any of `total` rows (blocks starting at `starts`) in a
+    fixed number of steps: (shift, steps, coarse, following). A row's block is read from
+    `coarse` (one int32 entry per 2**shift rows) and moved past the block starts inside its
+    bucket by `steps` passes of `block += row >= following[block]`. The bucket is the widest whose
+    buckets hold at most _MAX_STEPS interior starts, but not so narrow that `coarse` outgrows
+    1/_TABLE_SHARE of the table's `stored_bytes` (or _TABLE_FLOOR bytes, for small tables): a
+    count of every block start at or below a row is the same lookup in one step, but costs rows
+    x blocks compares."""
+    table_bytes = max(stored_bytes // _TABLE_SHARE, _TABLE_FLOOR)
+    narrowest = (4 * total // table_bytes).bit_length()  # 4 * (total >> it) <= table_bytes
+    for shift in range(max(total.bit_length(), narrowest), narrowest - 1, -1):
+        inside = starts[starts % (1 << shift) != 0] >> shift
+        steps = int(torch.bincount(inside).max()) if len(inside) else 0
+        if steps <= _MAX_STEPS:
+            break
+    buckets = torch.arange(0, max(total, 1), 1 << shift)
+    coarse = (torch.searchsorted(starts, buckets, right=True) - 1).clamp(min=0).int()
+    following = torch.cat([starts[1:], torch.tensor([torch.iinfo(torch.long).max])])
+    return shift, steps, coarse, following
 
 
 class BlockMixedEmbedding(FieldEmbedding):
@@ -83,17 +103,7 @@ class BlockMixedEmbedding(FieldEmbedding):
         self.full_blocks = bool((widths == dim).any())  # blocks without a pruned dim
         self.chunk = max(1, _CHUNK_BYTES // (4 * dim))  # rows per chunk of an eager lookup
         total = int(sizes.sum())
-        table_bytes = max(4 * stored // _TABLE_SHARE, _TABLE_FLOOR)
-        narrowest = (4 * total // table_bytes).bit_length()  # 4 * (total >> it) <= table_bytes
-        for shift in range(max(total.bit_length(), narrowest), narrowest - 1, -1):
-            inside = starts[starts % (1 << shift) != 0] >> shift
-            self.steps = int(torch.bincount(inside).max()) if len(inside) else 0
-            if self.steps <= _MAX_STEPS:
-                break
-        self.shift = shift
-        buckets = torch.arange(0, max(total, 1), 1 << shift)
-        coarse = (torch.searchsorted(starts, buckets, right=True) - 1).clamp(min=0)
-        following = torch.cat([starts[1:], torch.tensor([torch.iinfo(torch.long).max])])
+        self.shift, self.steps, coarse, following = block_finder(starts, total, 4 * stored)
         # a row's window starts at row * width + offset: at the row's first value, or `lead`
         # slots before it when fewer than `window - width` values are stored after the block
         end_aligned = stored - base[1:] < window - widths
@@ -111,7 +121,7 @@ class BlockMixedEmbedding(FieldEmbedding):
             if widths[k] > 0:
                 slots = slice(int(lead[k]), int(lead[k]) + len(kept))
                 targets[k, slots] = spare_targets[k, slots] = kept
-        return {"coarse": coarse.int(), "following": following, "row_width": widths,
+        return {"coarse": coarse, "following": following, "row_width": widths,
                 "row_offset": offset, "targets": targets, "spare_targets": spare_targets,
                 "dump": dump, "slots": torch.arange(max(window, 1))}  # fmt: skip
 

@@ -60,18 +60,24 @@ def widest_row(row_budget: float, precision: str, dim: int) -> int:
 
 
 def quantize_rows(
-    table: torch.Tensor, precision: str
+    table: torch.Tensor, precision: str, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`table` [n, w] as (codes, scale, bias): codes uint8 [n, code_bytes(w)] with fp16 scale
-    and bias [n] for int8/int4, or the values themselves (fp16/fp32) with no scale or bias."""
+    and bias [n] for int8/int4, or the values themselves (fp16/fp32) with no scale or bias.
+    `keep` [n, w] (bool): a row's range is that of its kept entries only (the others are not
+    stored; their codes mean nothing), as a row of a block-mixed table is stored."""
     table = table.detach().float()
     if not is_integer(precision):
         return table.to(torch.float16 if precision == "fp16" else torch.float32), None, None
     levels = 2 ** BITS[precision] - 1
     if table.shape[1] == 0:
         low = high = table.new_zeros(table.shape[0])
-    else:
+    elif keep is None:
         low, high = table.min(dim=1).values, table.max(dim=1).values
+    else:
+        empty = ~keep.any(dim=1)
+        low = table.masked_fill(~keep, float("inf")).min(dim=1).values.masked_fill(empty, 0.0)
+        high = table.masked_fill(~keep, float("-inf")).max(dim=1).values.masked_fill(empty, 0.0)
     bias = low.to(torch.float16)
     scale = ((high - low) / levels).to(torch.float16)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(low))
@@ -106,13 +112,18 @@ def dequantize_rows(
     return codes.float().mul_(scale.float().unsqueeze(-1)).add_(bias.float().unsqueeze(-1))
 
 
-def fake_quantize(table: torch.Tensor, precision: str) -> torch.Tensor:
+def fake_quantize(
+    table: torch.Tensor, precision: str, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """`table` [n, w] as its quantized rows would serve it, with the gradient of the identity
-    (straight-through rounding): the forward of quantization-aware training."""
+    (straight-through rounding): the forward of quantization-aware training. With `keep`
+    (see `quantize_rows`), entries not kept are served as 0."""
     if precision == "fp32":
         return table
-    codes, scale, bias = quantize_rows(table, precision)
+    codes, scale, bias = quantize_rows(table, precision, keep)
     served = dequantize_rows(codes, scale, bias, precision, table.shape[1])
+    if keep is not None:
+        served = served * keep
     return table + (served - table).detach()
 
 

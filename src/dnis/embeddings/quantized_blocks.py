@@ -34,6 +34,7 @@ import torch
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
 from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.mixed import block_finder
 from dnis.embeddings.quantized import (
     PRECISIONS,
     check_precision,
@@ -43,11 +44,6 @@ from dnis.embeddings.quantized import (
 )
 
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16}
-# finding a row's block (`_block_finder`): at most _MAX_STEPS compare-and-step passes, with a
-# bucket table of at most 1/_TABLE_SHARE of the stored bytes or _TABLE_FLOOR bytes
-_MAX_STEPS = 1
-_TABLE_SHARE = 16
-_TABLE_FLOOR = 2**16
 
 
 class QuantizedBlockEmbedding(FieldEmbedding):
@@ -139,27 +135,12 @@ class QuantizedBlockEmbedding(FieldEmbedding):
         return tables
 
     def _block_finder(self) -> dict[str, torch.Tensor]:
-        """Tables that find a row's block in a fixed number of steps: `coarse` holds the block
-        of the first row of every bucket of `bucket` (a power of 2) rows, and `steps` passes of `block +=
-        row >= following[block]` move a row past the block starts inside its bucket. The bucket
-        is the widest whose buckets hold at most _MAX_STEPS block starts past their first row,
-        unless that would make `coarse` larger than 1/_TABLE_SHARE of the stored bytes (or
-        _TABLE_FLOOR bytes); a count of all the block starts at or below a row is the same
-        lookup in one step, but costs rows x blocks compares."""
+        """`coarse` and `following` of `block_finder` (its bucket width kept as `bucket`)."""
         starts = torch.tensor(self.blocks.start, dtype=torch.long)
         total = max(self.layout.total_rows, 1)
-        table_bytes = max(self.memory_bytes() // _TABLE_SHARE, _TABLE_FLOOR)
-        narrowest = (4 * total // table_bytes).bit_length()  # 4 * (total >> it) <= table_bytes
-        for shift in range(max(total.bit_length(), narrowest), narrowest - 1, -1):
-            inside = starts[starts % (1 << shift) != 0] >> shift
-            self.steps = int(torch.bincount(inside).max()) if len(inside) else 0
-            if self.steps <= _MAX_STEPS:
-                break
+        shift, self.steps, coarse, following = block_finder(starts, total, self.memory_bytes())
         self.bucket = 1 << shift
-        buckets = torch.arange(0, total, self.bucket)
-        coarse = (torch.searchsorted(starts, buckets, right=True) - 1).clamp(min=0)
-        following = torch.cat([starts[1:], torch.tensor([torch.iinfo(torch.long).max])])
-        return {"coarse": coarse.int(), "following": following}
+        return {"coarse": coarse, "following": following}
 
     @classmethod
     def from_dense(

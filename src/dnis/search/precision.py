@@ -42,7 +42,7 @@ import torch
 from dnis.embeddings.blocks import BlockLayout
 from dnis.embeddings.masked import dense_state, swap_embedding
 from dnis.embeddings.mixed import BlockMixedEmbedding
-from dnis.embeddings.quantized import BITS, PRECISIONS, row_bytes
+from dnis.embeddings.quantized import BITS, PRECISIONS, fake_quantize, row_bytes
 from dnis.embeddings.quantized_blocks import QuantizedBlockEmbedding
 from dnis.errors import BudgetError, ConfigError
 from dnis.models.base import Model
@@ -51,8 +51,6 @@ from dnis.search.methods import register_method
 from dnis.search.prune import FP32_BYTES, block_saliency
 from dnis.search.result import SearchResult
 from dnis.search.training import Job, block_report
-
-LEVELS = {"int8": 255, "int4": 15}
 
 
 @dataclass
@@ -80,29 +78,16 @@ def fake_quantize_rows(
     values: torch.Tensor, keep: torch.Tensor, codes: torch.Tensor
 ) -> torch.Tensor:
     """Rows [N, dim] as stored and served: each row's kept dims (`keep` [N, dim]) quantized
-    row-wise at its precision (`codes` [N]: an index into PRECISIONS), with the gradient of the
-    identity. The arithmetic is `quantize_rows` / `dequantize_rows`'s, so a materialised
-    `QuantizedBlockEmbedding` serves the same values."""
-    served = values.detach().clone()
+    row-wise at its precision (`codes` [N]: an index into PRECISIONS) by `fake_quantize`, the
+    arithmetic a materialised `QuantizedBlockEmbedding` stores with, so it serves the same."""
+    served = values
     for code, precision in enumerate(PRECISIONS):
-        rows = codes == code
-        if precision == "fp32" or not bool(rows.any()):
+        rows = (codes == code).nonzero().squeeze(1)
+        if precision == "fp32" or len(rows) == 0:
             continue
-        part, kept = served[rows], keep[rows]
-        if precision == "fp16":
-            served[rows] = part.half().float() * kept
-            continue
-        levels = LEVELS[precision]
-        low = part.masked_fill(~kept, float("inf")).min(dim=1).values
-        high = part.masked_fill(~kept, float("-inf")).max(dim=1).values
-        empty = ~kept.any(dim=1)
-        low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
-        bias = low.to(torch.float16).float()
-        scale = ((high - low) / levels).to(torch.float16).float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        quantized = torch.round((part - bias.unsqueeze(1)) / safe.unsqueeze(1)).clamp_(0, levels)
-        served[rows] = quantized.mul_(scale.unsqueeze(1)).add_(bias.unsqueeze(1)) * kept
-    return values + (served - values).detach()
+        part = fake_quantize(values.index_select(0, rows), precision, keep.index_select(0, rows))
+        served = served.index_copy(0, rows, part)
+    return served
 
 
 class FakeQuantBlockMixed(BlockMixedEmbedding):
