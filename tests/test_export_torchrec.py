@@ -2,11 +2,16 @@
 
 A tiny DNIS block search on synthetic data (and a train run of the same config, in the same
 folder), plus a block search and a train run on data with a mean-pooled history sequence, are
-exported. The tables must hold exactly the compact embedding, carry TorchRec's documented
-`EmbeddingBagConfig` fields, and give the model's embedding output (to 1e-6, on every id and on
-batches of encoded rows) when looked up through the documented routing: with plain torch
-(`nn.EmbeddingBag` per table, rebuilt here independently of dnis' own reader) and, where torchrec
-imports beside this torch, with TorchRec's `EmbeddingBagCollection`.
+exported; so are quantized runs (`dnis search --method int8 | int4 | dnis-precision`, at an odd
+width so int4 rows need FBGEMM's padding column) and a hand-built mixed-precision block table
+(fp32, fp16, int8, odd and even int4, a pruned block, a split mean-pooled sequence). The tables
+must hold exactly the compact embedding (quantized ones: its stored codes, scales and biases,
+which dequantize to exactly what the module serves), carry TorchRec's documented
+`EmbeddingBagConfig` fields with the right `data_type`, count the module's bytes, and give the
+model's embedding output (to 1e-6, on every id and on batches of encoded rows) when looked up
+through the documented routing: with plain torch (`nn.EmbeddingBag` per table over rows
+dequantized here independently of dnis' own reader) and, where torchrec imports beside this torch,
+with TorchRec's `EmbeddingBagCollection` and its quantized twin.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import yaml
 from torch import nn
 
 from dnis.app.config import load_config
-from dnis.app.search import search_run
+from dnis.app.search import method_run_dir, search_run
 from dnis.app.train import train
+from dnis.cli import main
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.embeddings.quantized import QuantizedEmbedding, dequantize_rows, row_bytes
+from dnis.embeddings.quantized_blocks import QuantizedBlockEmbedding
 from dnis.errors import DnisError
 from dnis.export import TorchRecTables, export_run, load, load_run, read_manifest
 from dnis.export.traceable import example_ids
@@ -44,8 +52,11 @@ TORCHREC_FIELDS = {
     "weight_init_min", "num_embeddings_post_pruning", "init_fn", "need_pos", "input_dim", "pooling",
 }  # fmt: skip
 EXPORTED_FIELDS = {"name": str, "num_embeddings": int, "embedding_dim": int, "feature_names": list,
-                   "pooling": str}  # fmt: skip
+                   "pooling": str, "data_type": str}  # fmt: skip
 POOLING_TYPES = {"SUM", "MEAN", "NONE"}
+# TorchRec's DataType members for the storage precisions dnis has
+DATA_TYPE = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8", "int4": "INT4"}
+PRECISION = {name: precision for precision, name in DATA_TYPE.items()}
 
 
 # ---------------------------------------------------------------- tiny runs
@@ -124,16 +135,40 @@ def read_export(folder: Path) -> tuple[list[dict], dict[str, torch.Tensor], dict
     return tables, weights, json.loads((folder / "manifest.json").read_text())
 
 
+def served_rows(table: dict, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 [num_embeddings, embedding_dim]: a table's rows by the documented layout, read
+    straight from weights.pt (value = code * scale + bias for INT8/INT4)."""
+    name, precision = table["name"], PRECISION[table["data_type"]]
+    stored = weights[f"{name}.weight"]
+    if precision in ("fp32", "fp16"):
+        assert stored.dtype == {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        assert tuple(stored.shape) == (table["num_embeddings"], table["embedding_dim"])
+        assert f"{name}.weight_qscale" not in weights and f"{name}.weight_qbias" not in weights
+        return stored.float()
+    per_byte = 2 if precision == "int4" else 1
+    assert table["embedding_dim"] % per_byte == 0  # FBGEMM packs int4 at byte granularity
+    assert stored.dtype == torch.uint8
+    assert tuple(stored.shape) == (table["num_embeddings"], table["embedding_dim"] // per_byte)
+    scale, bias = weights[f"{name}.weight_qscale"], weights[f"{name}.weight_qbias"]
+    for part in (scale, bias):
+        assert part.dtype == torch.float16 and tuple(part.shape) == (table["num_embeddings"], 1)
+    return dequantize_rows(
+        stored, scale.flatten(), bias.flatten(), precision, table["embedding_dim"]
+    )
+
+
 def rebuild(folder: Path, ids: torch.Tensor, module: str = "embedding") -> torch.Tensor:
     """Field vectors [B, F, dim] from the exported files: one nn.EmbeddingBag per table, bags
-    built row by row by the documented routing, columns scattered into the kept dims."""
+    built row by row by the documented routing, columns scattered into the kept dims (padding
+    columns dropped)."""
     tables, weights, manifest = read_export(folder)
     section = manifest["torchrec"]
     out = torch.zeros(ids.shape[0], len(section["fields"]), section["modules"][module]["dim"])
     for table in (t for t in tables if t["dnis"]["module"] == module):
         route = table["dnis"]
+        assert table["embedding_dim"] == len(route["kept_dims"]) + route["padding_columns"]
         bag = nn.EmbeddingBag.from_pretrained(
-            weights[f"{table['name']}.weight"], mode=table["pooling"].lower()
+            served_rows(table, weights), mode=table["pooling"].lower()
         )
         values, offsets = [], []
         for row in ids[:, route["slot_start"] : route["slot_start"] + route["slots"]].tolist():
@@ -144,7 +179,7 @@ def rebuild(folder: Path, ids: torch.Tensor, module: str = "embedding") -> torch
                 if route["id_start"] <= i < route["id_end"] and i != route["padding_id"]
             ]
         pooled = bag(torch.tensor(values, dtype=torch.long), torch.tensor(offsets))
-        out[:, route["field_index"], route["kept_dims"]] += pooled
+        out[:, route["field_index"], route["kept_dims"]] += pooled[:, : len(route["kept_dims"])]
     for field in section["fields"]:
         divide = [t["dnis"]["divide_by_count"] for t in tables
                   if t["dnis"]["module"] == module and t["dnis"]["field"] == field["field"]]  # fmt: skip
@@ -223,9 +258,15 @@ def test_block_search_exports_one_table_per_field_block(runs, tmp_path):
     assert params < manifest["parameters"]["full_embedding"]
     for table in tables:
         weight = weights[f"{table['name']}.weight"]
-        assert weight.dtype == torch.float32
+        assert weight.dtype == torch.float32 and table["data_type"] == "FP32"
         assert tuple(weight.shape) == (table["num_embeddings"], table["embedding_dim"])
+        assert table["dnis"]["padding_columns"] == 0
     assert len(weights) == len(tables)
+    module = manifest["torchrec"]["modules"]["embedding"]
+    assert module["bytes"] == 4 * params == manifest["embedding_bytes"]
+    assert module["structure_bytes"] == {"keep": embedding.keep.numel()}
+    assert module["memory_bytes"] == embedding.memory_bytes() == params * 4 + embedding.keep.numel()
+    assert manifest["torchrec"]["layouts"].keys() == {"FP32"}
 
     # dense.pt holds the rest of the model, keyed as in the model
     dense = torch.load(folder / "dense.pt", weights_only=True)
@@ -299,7 +340,7 @@ def test_a_full_width_train_run_exports_one_table_per_field(runs, tmp_path):
         assert [t["name"] for t in inputs] == run.encoder.schema.names and len(inputs) == fields
         for table, cardinality in zip(inputs, run.encoder.cardinalities, strict=True):
             assert table["num_embeddings"] == cardinality and table["embedding_dim"] == 8
-            assert table["dnis"]["kept_dims"] == list(range(8))
+            assert table["dnis"]["kept_dims"] == list(range(8)) and table["data_type"] == "FP32"
             sequence = table["dnis"]["kind"] == "sequence"
             assert table["pooling"] == ("MEAN" if sequence else "SUM")  # one table: TorchRec's mean
             assert not table["dnis"]["divide_by_count"]
@@ -360,6 +401,21 @@ def torchrec_or_skip():
     return torchrec, PoolingType
 
 
+def torchrec_configs(tables: list[dict]) -> list:
+    """TorchRec EmbeddingBagConfigs of the exported tables, data type and pooling as enums."""
+    from torchrec import EmbeddingBagConfig
+    from torchrec.modules.embedding_configs import DataType, PoolingType
+
+    return [
+        EmbeddingBagConfig(
+            **{k: t[k] for k in EXPORTED_FIELDS if k not in ("pooling", "data_type")},
+            pooling=PoolingType[t["pooling"]],
+            data_type=DataType[t["data_type"]],
+        )
+        for t in tables
+    ]
+
+
 @pytest.mark.parametrize("budget", [BUDGET, "full"])
 def test_an_embedding_bag_collection_from_the_export_looks_up_what_the_model_does(
     runs, tmp_path, budget
@@ -369,13 +425,8 @@ def test_an_embedding_bag_collection_from_the_export_looks_up_what_the_model_doe
     tables, weights, _ = read_export(folder)
     documented = {f.name for f in dataclasses.fields(torchrec.EmbeddingBagConfig)}
     assert set(EXPORTED_FIELDS) <= documented
-    configs = [
-        torchrec.EmbeddingBagConfig(
-            **{k: t[k] for k in EXPORTED_FIELDS if k != "pooling"},
-            pooling=PoolingType[t["pooling"]],
-        )
-        for t in tables
-    ]
+    configs = torchrec_configs(tables)
+    assert all(c.data_type.name == "FP32" for c in configs)
     collection = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
     collection.load_state_dict({f"embedding_bags.{k}": v for k, v in weights.items()})
 
@@ -402,3 +453,283 @@ def test_table_names_are_torchrec_module_keys_and_unique():
 
     assert [safe(n) for n in ("user.id", "a-b c", "ok_1")] == ["user_id", "a_b_c", "ok_1"]
     assert unique([safe("a.b"), safe("a_b"), "a_b_1"]) == ["a_b", "a_b_1", "a_b_1_1"]
+
+
+# ---------------------------------------------------------------- quantized tables
+
+QUANT_DIM = 7  # odd: an int4 row of width 7 needs FBGEMM's padding column
+QUANT_METHODS = ("int8", "int4", "dnis-precision")
+
+
+@pytest.fixture(scope="module")
+def quantized_runs(tmp_path_factory) -> dict[str, Path]:
+    """{method: run folder} of `dnis search --method M` for the quantized methods, tiny data."""
+    root = tmp_path_factory.mktemp("quantized")
+    quick = {"num_blocks": 2, "warmup_epochs": 0, "search_epochs": 1}
+    data = {
+        "name": "quantized",
+        "seed": 0,
+        "output_dir": str(root / "runs"),
+        "dataset": {
+            "name": "synthetic",
+            "task": "ctr",
+            "options": {
+                "n_rows": 1500,
+                "ranks": [4, 2],
+                "noise_fields": 1,
+                "vocab": 40,
+                "numeric_fields": 1,
+            },
+        },  # fmt: skip
+        "model": {"name": "deepfm", "params": {"hidden": [16]}},
+        "embedding": {"dim": QUANT_DIM},
+        "train": {"epochs": 1, "batch_size": 256, "lr": 0.01, "patience": 0},
+        "search": {**quick, "budgets": [BUDGET]},
+        "compare": {"methods": ["dnis-precision"], "options": {"dnis-precision": quick}},
+    }
+    path = root / "quantized.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    out = {}
+    for method in QUANT_METHODS:
+        assert main(["search", "--config", str(path), "--method", method, "--quiet"]) == 0
+        out[method] = method_run_dir(load_config(path), method)
+    return out
+
+
+def block_precisions(embedding) -> list[tuple[int, int, int, list[int], str]]:
+    """(field, first row, rows, kept dims, precision) of every block of a quantized module."""
+    layout = embedding.layout
+    if isinstance(embedding, QuantizedEmbedding):
+        offsets = layout.field_offsets().tolist()
+        return [
+            (f, offsets[f], n, list(range(embedding.dim)), embedding.precision)
+            for f, n in enumerate(layout.cardinalities)
+        ]
+    blocks = embedding.blocks
+    return [
+        (blocks.field[k], blocks.start[k], blocks.size[k],
+         embedding.keep[k].nonzero().flatten().tolist(), embedding.precisions[k])
+        for k in range(blocks.num_blocks)
+    ]  # fmt: skip
+
+
+def assert_quantized_export(folder: Path, run) -> None:
+    """Data types, dims, stored bytes and served values of a quantized run's export."""
+    tables, weights, manifest = read_export(folder)
+    embedding = run.model.embedding
+    inputs = [t for t in tables if t["dnis"]["module"] == "embedding"]
+    served = embedding.dequantized()  # what the module serves, every row
+    offsets = embedding.layout.field_offsets().tolist()
+    expected_bytes, tensors = 0, set()
+    by_block = iter(inputs)
+    for field, first, rows, kept, precision in block_precisions(embedding):
+        if not kept:  # pruned: no table, no bytes
+            continue
+        table = next(by_block)  # tables come in block order
+        route = table["dnis"]
+        assert route["field_index"] == field and route["id_start"] == first - offsets[field]
+        assert table["num_embeddings"] == rows and route["kept_dims"] == kept
+        assert table["data_type"] == DATA_TYPE[precision]
+        padding = len(kept) % 2 if precision == "int4" else 0
+        assert route["padding_columns"] == padding
+        assert table["embedding_dim"] == len(kept) + padding
+        # the stored rows dequantize to exactly what the module serves
+        values = served_rows(table, weights)
+        assert torch.equal(values[:, : len(kept)], served[first : first + rows][:, kept])
+        pruned = [d for d in range(embedding.dim) if d not in kept]
+        assert not served[first : first + rows][:, pruned].any()
+        expected_bytes += rows * row_bytes(len(kept), precision)
+        name = table["name"]
+        tensors |= {f"{name}.weight"}
+        if precision in ("int8", "int4"):
+            tensors |= {f"{name}.weight_qscale", f"{name}.weight_qbias"}
+    assert next(by_block, None) is None
+    assert {k for k in weights if k.split(".")[0] in {t["name"] for t in inputs}} == tensors
+
+    # bytes: the tables hold the module's rows exactly; memory_bytes adds its structure buffers
+    module = manifest["torchrec"]["modules"]["embedding"]
+    stored = sum(weights[k].numel() * weights[k].element_size() for k in tensors)
+    assert module["bytes"] == stored == expected_bytes == manifest["embedding_bytes"]
+    assert module["memory_bytes"] == embedding.memory_bytes()
+    if isinstance(embedding, QuantizedEmbedding):
+        assert module["structure_bytes"] == {} and module["bytes"] == embedding.memory_bytes()
+    else:  # keep mask (a byte per block and dim) and precision codes (a byte per block)
+        num_blocks = embedding.blocks.num_blocks
+        assert module["structure_bytes"] == {
+            "keep": num_blocks * embedding.dim,
+            "block_precision": num_blocks,
+        }
+        assert module["bytes"] + num_blocks * (embedding.dim + 1) == embedding.memory_bytes()
+    params = sum(t["num_embeddings"] * len(t["dnis"]["kept_dims"]) for t in inputs)
+    assert params == embedding.num_parameters() == module["parameters"]
+    assert params == manifest["parameters"]["embedding"]
+    assert set(manifest["torchrec"]["layouts"]) == {t["data_type"] for t in tables}
+    assert manifest["check"]["max_abs_diff"] <= TOLERANCE
+    assert_lookups_match(folder, run.model)
+
+
+@pytest.mark.parametrize("method", QUANT_METHODS)
+def test_a_quantized_search_exports_its_data_types_and_stored_rows(
+    quantized_runs, tmp_path, method
+):
+    run_dir, out = quantized_runs[method], tmp_path / "e"
+    assert main(["export", str(run_dir), "--format", "torchrec", "--budget", str(BUDGET),
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert read_manifest(out)["format"] == "torchrec"  # every sha256 checks
+    run = load_run(run_dir, BUDGET)
+    embedding = run.model.embedding
+    kind = QuantizedBlockEmbedding if method == "dnis-precision" else QuantizedEmbedding
+    assert isinstance(embedding, kind)
+    if method != "dnis-precision":
+        assert embedding.precision == method and embedding.dim == QUANT_DIM  # int4: odd width
+    tables, _, manifest = read_export(out)
+    for table in tables:
+        assert {k for k in table if k != "dnis"} == set(EXPORTED_FIELDS)
+        assert table["data_type"] in DATA_TYPE.values()
+    names = [t["name"] for t in tables if t["dnis"]["module"] == "embedding"]
+    if method == "dnis-precision":
+        assert all(re.fullmatch(r".+__b\d+", n) for n in names)
+    else:
+        assert names == run.encoder.schema.names
+    linear = [t for t in tables if t["dnis"]["module"] == "linear.weights"]
+    assert linear and all(t["data_type"] == "FP32" for t in linear)  # DeepFM's fp32 linear terms
+    assert_quantized_export(out, run)
+
+
+def mixed_precision_run(run_dir: Path):
+    """The history block search with a hand-built QuantizedBlockEmbedding in its input layer:
+    every precision, int4 at an odd and an even width, a pruned block, the mean-pooled history
+    split over several stored blocks."""
+    run = load_run(run_dir, BUDGET)
+    old = run.model.embedding
+    blocks, dim = old.blocks, old.dim
+    keep = torch.ones(blocks.num_blocks, dim, dtype=torch.bool)
+    cycle = ["int4", "fp16", "int8", "fp32"]
+    precisions = [cycle[k % len(cycle)] for k in range(blocks.num_blocks)]
+    keep[0, [1, 3, 6]] = False  # int4 at width 5: one padding column
+    keep[4, ::2] = False  # int4 at width 4
+    history = blocks.blocks_of(run.encoder.schema.index("history"))
+    assert len(history) >= 3
+    keep[history[1]] = False  # pruned
+    keep[history[2], :5] = False  # width 3
+    precisions[history[0]], precisions[history[2]] = "int4", "int8"
+    table = old.lookup(torch.arange(old.layout.total_rows)) + 0.01  # no all-zero rows
+    mixed = QuantizedBlockEmbedding.from_dense(old.layout, dim, blocks, keep, precisions, table)
+    run.model.embedding = mixed.eval()
+    return run
+
+
+def test_a_mixed_precision_block_table_exports_every_data_type(runs, tmp_path):
+    run = mixed_precision_run(runs["history"])
+    result = export_run(run, "torchrec", output=tmp_path / "e")
+    tables, weights, manifest = read_export(result.path)
+    inputs = [t for t in tables if t["dnis"]["module"] == "embedding"]
+    assert {t["data_type"] for t in inputs} == {"FP32", "FP16", "INT8", "INT4"}
+    assert any(t["dnis"]["padding_columns"] == 1 for t in inputs)
+    odd = next(t for t in inputs if t["dnis"]["padding_columns"])
+    assert odd["data_type"] == "INT4" and odd["embedding_dim"] == 6
+    assert weights[f"{odd['name']}.weight"].shape[1] == 3
+    history = [b for b in manifest["torchrec"]["modules"]["embedding"]["blocks"]
+               if b["field"] == "history"]  # fmt: skip
+    assert history[1]["width"] == 0 and history[1]["table"] is None
+    assert history[1]["data_type"] is None
+    split = [t for t in inputs if t["dnis"]["field"] == "history"]
+    assert len(split) >= 2 and all(t["pooling"] == "SUM" for t in split)
+    assert all(t["dnis"]["divide_by_count"] for t in split)
+    assert_quantized_export(result.path, run)
+    # the reader serves each table's rows as documented
+    reader = TorchRecTables.read(result.path)
+    for table in tables:
+        assert torch.equal(reader.weight(table["name"]), served_rows(table, weights))
+
+
+def fbgemm_weights(tables: list[dict], weights: dict[str, torch.Tensor]) -> dict:
+    """TorchRec's `table_name_to_quantized_weights` built from the files by the documented
+    layout: (codes, fp16 scale then fp16 bias as 4 bytes) per integer table, a float table's
+    values as bytes."""
+    out = {}
+    for table in tables:
+        name = table["name"]
+        weight = weights[f"{name}.weight"]
+        if table["data_type"] in ("INT8", "INT4"):
+            pair = torch.cat([weights[f"{name}.weight_qscale"], weights[f"{name}.weight_qbias"]], 1)
+            out[name] = (weight, pair.view(torch.uint8))
+        else:
+            out[name] = (weight.view(torch.uint8), None)
+    return out
+
+
+def test_the_quantized_weights_are_torchrecs_fbgemm_rows():
+    """Without torchrec: the reader's argument equals the layout built here, byte for byte."""
+    tables = [
+        {"name": "a", "num_embeddings": 3, "embedding_dim": 4, "data_type": "INT4"},
+        {"name": "b", "num_embeddings": 2, "embedding_dim": 2, "data_type": "FP16"},
+    ]
+    scale = torch.tensor([[0.5], [0.25], [2.0]], dtype=torch.float16)
+    bias = torch.tensor([[-1.0], [0.0], [3.0]], dtype=torch.float16)
+    weights = {
+        "a.weight": torch.tensor([[0x21, 0x43], [0xF0, 0x0F], [0, 0]], dtype=torch.uint8),
+        "a.weight_qscale": scale,
+        "a.weight_qbias": bias,
+        "b.weight": torch.tensor([[1.5, -2.0], [0.0, 4.0]], dtype=torch.float16),
+    }
+    reader = TorchRecTables([dict(t, dnis={}) for t in tables], weights, {})
+    got, expected = reader.quantized_weights(), fbgemm_weights(tables, weights)
+    assert got.keys() == expected.keys()
+    codes, scale_shift = got["a"]
+    assert torch.equal(codes, expected["a"][0]) and torch.equal(scale_shift, expected["a"][1])
+    assert scale_shift.dtype == torch.uint8 and tuple(scale_shift.shape) == (3, 4)
+    assert torch.equal(scale_shift[:, :2].view(torch.float16), scale)  # scale first, then bias
+    assert torch.equal(got["b"][0], weights["b.weight"].view(torch.uint8)) and got["b"][1] is None
+    # int4: column 2j in the low nibble; value = code * scale + bias
+    assert reader.weight("a").tolist() == [
+        [-0.5, -0.0, 0.5, 1.0],
+        [0.0, 3.75, 3.75, 0.0],
+        [3.0, 3.0, 3.0, 3.0],
+    ]
+    assert torch.equal(reader.weight("b"), weights["b.weight"].float())
+
+
+@pytest.mark.parametrize("source", ["mixed", "int4"])
+def test_a_quantized_embedding_bag_collection_from_the_export_looks_up_what_the_model_does(
+    runs, quantized_runs, tmp_path, source
+):
+    torchrec, _ = torchrec_or_skip()
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantCollection
+
+    if source == "mixed":
+        run = mixed_precision_run(runs["history"])
+        folder = export_run(run, "torchrec", output=tmp_path / "e").path
+    else:
+        run = load_run(quantized_runs[source], BUDGET)
+        folder = export_run(quantized_runs[source], "torchrec", budget=BUDGET,
+                            output=tmp_path / "e").path  # fmt: skip
+    tables, weights, _ = read_export(folder)
+    reader = TorchRecTables.read(folder)
+    quantized = fbgemm_weights(tables, weights)
+    got = reader.quantized_weights()
+    assert all(torch.equal(got[k][0], v[0]) for k, v in quantized.items())
+    assert all(
+        (got[k][1] is None and v[1] is None) or torch.equal(got[k][1], v[1])
+        for k, v in quantized.items()
+    )
+    collection = QuantCollection(
+        torchrec_configs(tables),
+        is_weighted=False,
+        device=torch.device("cpu"),
+        table_name_to_quantized_weights=quantized,
+    )
+    ids = all_ids_and_rows(run.model.embedding.layout)
+    modules = {"embedding": run.model.embedding, "linear.weights": run.model.linear.weights}
+    features = {k: v for module in modules for k, v in reader.features(ids, module).items()}
+    keys = list(features)
+    jagged = torchrec.KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat([features[k][0] for k in keys]),
+        lengths=torch.cat([features[k][1] for k in keys]).int(),
+    )
+    with torch.no_grad():
+        pooled = collection(jagged).to_dict()
+        for module, expected in modules.items():
+            got_vectors = reader.combine(pooled, ids, module)
+            assert torch.max(torch.abs(got_vectors - expected(ids))) <= TOLERANCE

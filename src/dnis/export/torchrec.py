@@ -5,30 +5,68 @@
     <output>/
       torchrec_tables.json  a list of tables, each a dict with exactly the fields of TorchRec's
                             `EmbeddingBagConfig` (name, num_embeddings, embedding_dim,
-                            feature_names, pooling: "SUM" | "MEAN") plus a `dnis` dict that routes
-                            encoded ids to (table, row) and the table's columns back to the model
-      weights.pt            torch.save({"<table>.weight": float32 [num_embeddings, embedding_dim]});
-                            TorchRec's EmbeddingBagCollection names them "embedding_bags.<table>.weight"
+                            feature_names, pooling: "SUM" | "MEAN", data_type: "FP32" | "FP16" |
+                            "INT8" | "INT4", TorchRec's `DataType` names) plus a `dnis` dict that
+                            routes encoded ids to (table, row) and the table's columns back to the
+                            model
+      weights.pt            torch.save({"<table>.weight": tensor, ...}), per table as its data
+                            type stores it (Weights below); TorchRec's EmbeddingBagCollection names
+                            an FP32 or FP16 table's weight "embedding_bags.<table>.weight"
       dense.pt              torch.save(every other weight of the model, keyed as in the model)
       encoders.json         the run's fitted encoders (raw values -> encoded ids)
       config.yaml           the run's resolved config
       manifest.json         as for the other formats (sha256 of every file, parameter counts, the
-                            check), plus manifest["torchrec"]: every field's blocks, pruned ones too
+                            check), plus manifest["torchrec"]: every field's blocks, pruned ones too,
+                            each module's bytes, and the layout of every data type it holds
 
-Tables. A search run of block granularity (`BlockMixedEmbedding`) gives one table per (field,
-frequency block) of width > 0, named `<field>__b<k>`; a train run (`FusedEmbedding`) gives one
-table per field named `<field>`, of the full width. The per-id width-1 weights some models keep
-beside the input layer (the linear terms of FM, DeepFM, AutoInt and biased MF, module
-`linear.weights`) become one table per field too, `<field>__linear_weights`, so every per-id
-weight goes to TorchRec and dense.pt holds only the dense layers. Names keep [A-Za-z0-9_] (other
-characters become _); every table is read by one feature of the same name.
+Tables. A search run of block granularity (`BlockMixedEmbedding`, or `QuantizedBlockEmbedding`
+of `--method dnis-precision`, whose blocks each keep their own precision) gives one table per
+(field, frequency block) of width > 0, named `<field>__b<k>`; a train run (`FusedEmbedding`) or a
+quantized uniform table (`QuantizedEmbedding`, `--method int8 | int4`) gives one table per field
+named `<field>`, of the full width. The per-id width-1 weights some models keep beside the input
+layer (the linear terms of FM, DeepFM, AutoInt and biased MF, module `linear.weights`) become one
+table per field too, `<field>__linear_weights`, so every per-id weight goes to TorchRec and
+dense.pt holds only the dense layers. Names keep [A-Za-z0-9_] (other characters become _); every
+table is read by one feature of the same name.
+
+Weights. What weights.pt holds for a table `t` of n rows, by its data_type:
+
+    FP32  t.weight  float32 [n, embedding_dim]
+    FP16  t.weight  float16 [n, embedding_dim]
+    INT8  t.weight  uint8 [n, embedding_dim]: the codes;
+          t.weight_qscale, t.weight_qbias  float16 [n, 1]: the row's scale and bias
+    INT4  t.weight  uint8 [n, embedding_dim / 2]: two codes a byte, column 2j in the low nibble;
+          t.weight_qscale, t.weight_qbias  float16 [n, 1]
+
+and value j of row r is code[r, j] * scale[r] + bias[r], in float32 (`dequantize_rows`). These are
+the module's own stored bytes, unchanged: dnis quantizes row-wise with an fp16 scale and bias
+(`dnis.embeddings.quantized`), which is the row layout of TorchRec's quantized
+`EmbeddingBagCollection` (`torchrec.quant.embedding_modules`, FBGEMM's
+`IntNBitTableBatchedEmbeddingBagsCodegen`): per row the codes and a 4-byte `scale_shift`, the fp16
+scale then the fp16 bias (FBGEMM's `FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf`; not the fp32
+scale and bias of the `Fused8BitRowwise` ops). `TorchRecTables.quantized_weights()` gives that
+collection's `table_name_to_quantized_weights` argument: per table (t.weight, scale_shift =
+cat([t.weight_qscale, t.weight_qbias], 1) viewed as uint8 [n, 4]) for INT8/INT4, and
+(t.weight viewed as uint8, None) for FP16/FP32. FBGEMM packs int4 at byte granularity, so it
+needs an even embedding_dim: an INT4 table of odd width w is exported with embedding_dim w + 1,
+the extra column being the zero-code nibble each row already stores (its value is the row's
+bias, not 0): `padding_columns` says so and the routing drops it. In memory FBGEMM also pads every
+row to `row_alignment` bytes (16 by default); the files hold the rows unpadded.
+
+Bytes. manifest["torchrec"]["modules"][path]["bytes"] counts the table tensors of weights.pt
+(codes or values, scales and biases): exactly the rows' `row_bytes`. "memory_bytes" is the
+module's own `memory_bytes()`, which also counts the state-dict entries that are structure, not
+rows, listed with their bytes in "structure_bytes" (`keep`: one byte per block and dim, and for a
+QuantizedBlockEmbedding `block_precision`: one byte per block); the export writes those as each
+table's kept_dims and data_type. So bytes + sum(structure_bytes) == memory_bytes.
 
 Routing, the `dnis` dict of a table. Encoded ids are frequency-sorted per field, so block k of a
 field holds its ids [id_start, id_end). In an encoded row (what the encoders' `transform`
 returns), the ids in the field's slots [slot_start, slot_start + slots) that fall in that range go
 to the table at row id - id_start; a sequence field's padding id 0 (`padding_id`) is dropped,
-while id 0 of any other field is its learned out-of-vocabulary row. Column j of the table is dim
-kept_dims[j] of the module's width-`dim` field vector, which is
+while id 0 of any other field is its learned out-of-vocabulary row. Column j < len(kept_dims) of
+the table is dim kept_dims[j] of the module's width-`dim` field vector (the last
+`padding_columns` columns, if any, are dropped), which is
 
     sum over the field's tables of (its pooled output scattered into kept_dims)
     divided by the field's number of ids (at least 1) when `divide_by_count`
@@ -44,10 +82,11 @@ ids of one width keep different dims, and fixed-width tables would need a column
 Search with `search.granularity: block` to hand the result to TorchRec.
 
 TorchRec is not needed to export or to check: `TorchRecTables` rebuilds the input layer from the
-written files with plain torch (`embedding_bag` per table and the rule above), and the export is
-refused unless it equals the model on every id and on a batch of encoded rows. TorchRec is not a
-dnis extra: `pip install torchrec` pulls `fbgemm-gpu`, a CUDA build tied to one torch version, which
-does not load beside a CPU torch or another version; see the README for a combination that works.
+written files with plain torch (`embedding_bag` per table over its dequantized rows and the rule
+above), and the export is refused unless it equals the model on every id and on a batch of
+encoded rows. TorchRec is not a dnis extra: `pip install torchrec` pulls `fbgemm-gpu`, a CUDA build
+tied to one torch version, which does not load beside a CPU torch or another version; see the
+README for a combination that works.
 """
 
 from __future__ import annotations
@@ -65,6 +104,12 @@ from torch import nn
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.fused import FusedEmbedding
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
+from dnis.embeddings.quantized import (
+    QuantizedEmbedding,
+    dequantize_rows,
+    is_integer,
+)
+from dnis.embeddings.quantized_blocks import QuantizedBlockEmbedding
 from dnis.errors import DnisError
 from dnis.export.folder import (
     FORMATS,
@@ -87,6 +132,28 @@ INPUT = "embedding"  # the model's searched input layer
 CHECK_ROWS = 257  # encoded rows pooled through the tables by the export's check
 CHECK_TOLERANCE = 1e-5  # max |tables - model| the export accepts (float32 sums in another order)
 CHUNK = 1 << 16  # ids compared per lookup in the every-id check
+# a dnis storage precision -> TorchRec's DataType name (torchrec.modules.embedding_configs)
+DATA_TYPES = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8", "int4": "INT4"}
+PRECISION_OF = {name: precision for precision, name in DATA_TYPES.items()}
+SCALE, BIAS = "weight_qscale", "weight_qbias"  # "<table>.<SCALE>": TorchRec's split state-dict key
+# weights.pt per data type (the module docstring says it in full); manifest["torchrec"]["layouts"]
+LAYOUTS = {
+    "FP32": "<table>.weight float32 [num_embeddings, embedding_dim]",
+    "FP16": "<table>.weight float16 [num_embeddings, embedding_dim]; TorchRec's quantized "
+    "EmbeddingBagCollection takes weight.view(torch.uint8) as its quantized weight",
+    "INT8": "<table>.weight uint8 [num_embeddings, embedding_dim] codes; <table>.weight_qscale "
+    "and <table>.weight_qbias float16 [num_embeddings, 1]; value = code * scale + bias in "
+    "float32; TorchRec's quantized EmbeddingBagCollection (FBGEMM row-wise, fp16 scale and bias) "
+    "takes (weight, cat([weight_qscale, weight_qbias], 1).view(torch.uint8))",
+    "INT4": "<table>.weight uint8 [num_embeddings, embedding_dim / 2] codes, two a byte, column "
+    "2j in the low nibble and 2j + 1 in the high one; <table>.weight_qscale and "
+    "<table>.weight_qbias float16 [num_embeddings, 1]; value = code * scale + bias in float32; "
+    "TorchRec's quantized EmbeddingBagCollection takes (weight, cat([weight_qscale, "
+    "weight_qbias], 1).view(torch.uint8)); an odd width is exported one column wider "
+    "(padding_columns: 1, the row's zero-code nibble, worth its bias), as FBGEMM packs int4 "
+    "rows at byte granularity",
+}
+ROW_KEYS = ("weight", "values", "codes", "scale", "bias")  # state-dict entries holding rows
 
 
 @dataclass
@@ -98,7 +165,26 @@ class Block:
     id_start: int
     id_end: int
     kept_dims: list[int]
-    weight: torch.Tensor  # [id_end - id_start, len(kept_dims)]
+    weight: torch.Tensor  # [rows, len(kept_dims)] values, or int8/int4 codes: uint8 [rows, bytes]
+    precision: str = "fp32"  # how `weight` stores the rows: fp32, fp16, int8 or int4
+    scale: torch.Tensor | None = None  # float16 [id_end - id_start] of an int8/int4 block
+    bias: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.id_end - self.id_start
+
+    @property
+    def table_dim(self) -> int:
+        """The table's embedding_dim: the kept width, made even for int4 (FBGEMM packs bytes)."""
+        width = len(self.kept_dims)
+        return width + width % 2 if self.precision == "int4" else width
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of what the block stores: codes or values, and scales and biases."""
+        parts = (self.weight, self.scale, self.bias)
+        return sum(int(t.numel()) * t.element_size() for t in parts if t is not None)
 
 
 def module_blocks(module: nn.Module, path: str) -> list[Block]:
@@ -110,21 +196,33 @@ def module_blocks(module: nn.Module, path: str) -> list[Block]:
             "`search.granularity: block` (one width per field and frequency block) and export "
             "that, or export this run with --format torchscript or onnx"
         )
-    if not isinstance(module, FusedEmbedding | BlockMixedEmbedding):
+    kinds = FusedEmbedding | BlockMixedEmbedding | QuantizedEmbedding | QuantizedBlockEmbedding
+    if not isinstance(module, kinds):
         raise DnisError(
             f"module {path!r} of the model is a {type(module).__name__}, which has no TorchRec "
-            "export; only train runs (FusedEmbedding) and DNIS block searches "
-            "(BlockMixedEmbedding) can be exported as TorchRec tables"
+            "export; only train runs (FusedEmbedding), DNIS block searches "
+            "(BlockMixedEmbedding) and quantized tables (QuantizedEmbedding of --method int8 or "
+            "int4, QuantizedBlockEmbedding of --method dnis-precision) can be exported as "
+            "TorchRec tables"
         )
     layout = module.layout
     offsets = layout.field_offsets().tolist()
-    if isinstance(module, FusedEmbedding):
-        weight = module.weight.detach().cpu()
+    if isinstance(module, QuantizedBlockEmbedding):
+        return quantized_blocks(module, offsets)
+    if isinstance(module, FusedEmbedding | QuantizedEmbedding):
+        quantized = isinstance(module, QuantizedEmbedding)
+        weight = (module.codes if quantized else module.weight).detach().cpu()
+        scale = module.scale.cpu() if quantized and module.scale is not None else None
+        bias = module.bias.cpu() if quantized and module.bias is not None else None
+        precision = module.precision if quantized else "fp32"
         dims = list(range(module.dim))
-        return [
-            Block(f, 0, 0, layout.cardinalities[f], dims, weight[offsets[f] : offsets[f] + n])
-            for f, n in enumerate(layout.cardinalities)
-        ]
+        out = []
+        for f, n in enumerate(layout.cardinalities):
+            rows = slice(offsets[f], offsets[f] + n)
+            field_scale = None if scale is None else scale[rows]
+            field_bias = None if bias is None else bias[rows]
+            out.append(Block(f, 0, 0, n, dims, weight[rows], precision, field_scale, field_bias))
+        return out
     blocks, keep = module.blocks, module.keep.cpu()
     values = module.values.detach().cpu()
     out, base, seen = [], 0, [0] * layout.num_fields
@@ -137,6 +235,42 @@ def module_blocks(module: nn.Module, path: str) -> list[Block]:
         out.append(Block(field, seen[field], first, first + size, kept, weight))
         seen[field] += 1
     return out
+
+
+def quantized_blocks(module: QuantizedBlockEmbedding, offsets: list[int]) -> list[Block]:
+    """A QuantizedBlockEmbedding's blocks, each its stored rows (codes, scale, bias) unchanged."""
+    blocks, keep = module.blocks, module.keep.cpu()
+    out, seen = [], [0] * module.layout.num_fields
+    for k in range(blocks.num_blocks):
+        field, start, size = blocks.field[k], blocks.start[k], blocks.size[k]
+        kept = keep[k].nonzero().flatten().tolist()
+        precision = module.precisions[k] if kept else "fp32"
+        scale = bias = None
+        if k in module.placement:  # stored: width > 0 and rows > 0
+            step, unit, entry = module.placement[k]
+            codes = getattr(module, f"codes_{precision}").detach().cpu()
+            weight = codes[unit : unit + step * size].view(size, step)
+            if is_integer(precision):
+                scale = getattr(module, f"scale_{precision}").cpu()[entry : entry + size]
+                bias = getattr(module, f"bias_{precision}").cpu()[entry : entry + size]
+        else:  # nothing stored: an empty block of the width (a table of 0 rows if width > 0)
+            weight = empty_rows(size, len(kept), precision)
+            if is_integer(precision):
+                scale = bias = torch.zeros(size, dtype=torch.float16)
+        first = start - offsets[field]
+        out.append(
+            Block(field, seen[field], first, first + size, kept, weight, precision, scale, bias)
+        )
+        seen[field] += 1
+    return out
+
+
+def empty_rows(rows: int, width: int, precision: str) -> torch.Tensor:
+    """Zero rows as a block of `width` stores them at `precision`."""
+    if precision == "int4":
+        return torch.zeros(rows, (width + 1) // 2, dtype=torch.uint8)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.uint8)
+    return torch.zeros(rows, width, dtype=dtype)
 
 
 def per_id_modules(model: nn.Module) -> dict[str, FieldEmbedding]:
@@ -202,7 +336,8 @@ def build_tables(
     fields = unique([safe(r["field"]) for r in routes])
     found = []  # (path, module, structure, blocks)
     for path, module in per_id_modules(run.model).items():
-        structure = "block" if isinstance(module, BlockMixedEmbedding) else "full"
+        by_block = isinstance(module, BlockMixedEmbedding | QuantizedBlockEmbedding)
+        structure = "block" if by_block else "full"
         found.append((path, module, structure, module_blocks(module, path)))
     names = iter(
         unique(
@@ -233,6 +368,7 @@ def build_tables(
                     "id_end": block.id_end,
                     "width": width,
                     "table": name,
+                    "data_type": DATA_TYPES[block.precision] if width else None,
                 }
             )
             if name is None:
@@ -240,10 +376,11 @@ def build_tables(
             configs.append(
                 {
                     "name": name,
-                    "num_embeddings": block.id_end - block.id_start,
-                    "embedding_dim": width,
+                    "num_embeddings": block.rows,
+                    "embedding_dim": block.table_dim,
                     "feature_names": [name],
                     "pooling": "MEAN" if mean and count[block.field] == 1 else "SUM",
+                    "data_type": DATA_TYPES[block.precision],
                     "dnis": {
                         "module": path,
                         **{k: v for k, v in route.items() if k != "cardinality"},
@@ -253,23 +390,38 @@ def build_tables(
                         "id_end": block.id_end,
                         "dim": module.dim,
                         "kept_dims": block.kept_dims,
+                        "padding_columns": block.table_dim - width,
                         "divide_by_count": mean and count[block.field] > 1,
                     },
                 }
             )
             weights[f"{name}.weight"] = block.weight.contiguous().clone()
+            if block.scale is not None and block.bias is not None:
+                weights[f"{name}.{SCALE}"] = block.scale.reshape(-1, 1).clone()
+                weights[f"{name}.{BIAS}"] = block.bias.reshape(-1, 1).clone()
+        state = module.state_dict()
+        structure_bytes = {
+            key: int(t.numel()) * t.element_size()
+            for key, t in state.items()
+            if not key.startswith(ROW_KEYS)
+        }
         modules[path] = {
             "dim": module.dim,
             "structure": structure,
-            "parameters": sum(int(b.weight.numel()) for b in blocks),
-            "bytes": sum(int(b.weight.numel()) * b.weight.element_size() for b in blocks),
+            "embedding": type(module).__name__,
+            "parameters": sum(b.rows * len(b.kept_dims) for b in blocks),
+            "bytes": sum(b.bytes for b in blocks),
+            "memory_bytes": module.memory_bytes(),
+            "structure_bytes": structure_bytes,
             "blocks": listed,
         }
+    data_types = {c["data_type"] for c in configs}
     section = {
         "fields": routes,
         "modules": modules,
         "weights_key": "<table>.weight",
         "torchrec_state_dict_key": "embedding_bags.<table>.weight",
+        "layouts": {name: text for name, text in LAYOUTS.items() if name in data_types},
     }
     return configs, weights, section
 
@@ -291,6 +443,8 @@ class TorchRecTables:
     vectors = tables.lookup(ids)            # encoded rows [B, S] -> field vectors [B, F, d]
     features = tables.features(ids)         # {feature: (values, lengths)}: a KeyedJaggedTensor
     vectors = tables.combine(pooled, ids)   # TorchRec's pooled {feature: [B, w]} -> [B, F, d]
+    rows = tables.weight("user")            # a table's rows as served, float32 (dequantized)
+    quantized = tables.quantized_weights()  # torchrec.quant's table_name_to_quantized_weights
     """
 
     def __init__(
@@ -302,6 +456,7 @@ class TorchRecTables:
         self.configs = configs
         self.weights = dict(weights)
         self.section = section
+        self._served: dict[str, torch.Tensor] = {}  # `weight`'s dequantized tables
 
     @classmethod
     def read(cls, folder: str | Path, verify: bool = True) -> TorchRecTables:
@@ -324,6 +479,54 @@ class TorchRecTables:
     @property
     def num_fields(self) -> int:
         return len(self.section["fields"])
+
+    def config(self, name: str) -> dict[str, Any]:
+        found = [c for c in self.configs if c["name"] == name]
+        if not found:
+            raise KeyError(f"no table {name!r} in this export")
+        return found[0]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Table `name`'s rows as they are served, float32 [num_embeddings, embedding_dim]:
+        code * scale + bias (`dequantize_rows`) for INT8/INT4, the values for FP16/FP32."""
+        if name in self._served:
+            return self._served[name]
+        config = self.config(name)
+        data_type = config.get("data_type", "FP32")  # exports before data types were all FP32
+        if data_type not in PRECISION_OF:
+            raise DnisError(
+                f"table {name!r} has data_type {data_type!r}; dnis reads {', '.join(PRECISION_OF)}"
+            )
+        precision = PRECISION_OF[data_type]
+        scale, bias = self.weights.get(f"{name}.{SCALE}"), self.weights.get(f"{name}.{BIAS}")
+        if is_integer(precision) and (scale is None or bias is None):
+            raise DnisError(f"table {name!r} is {data_type} but weights.pt has no scale and bias")
+        self._served[name] = dequantize_rows(
+            self.weights[f"{name}.weight"],
+            None if scale is None else scale.reshape(-1),
+            None if bias is None else bias.reshape(-1),
+            precision,
+            config["embedding_dim"],
+        )
+        return self._served[name]
+
+    def quantized_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """{table: (uint8 weight, uint8 scale_shift [n, 4] or None)}: the argument
+        `table_name_to_quantized_weights` of TorchRec's quantized EmbeddingBagCollection
+        (`torchrec.quant.embedding_modules`), every table in FBGEMM's row layout (the stored
+        bytes reinterpreted, never requantized)."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for config in self.configs:
+            name = config["name"]
+            stored = self.weights[f"{name}.weight"].contiguous()
+            scale = self.weights.get(f"{name}.{SCALE}")
+            bias = self.weights.get(f"{name}.{BIAS}")
+            if scale is None or bias is None:  # FP16 / FP32: the values' bytes
+                out[name] = (stored.view(torch.uint8), None)
+            else:  # INT8 / INT4: codes, then fp16 scale and fp16 bias per row
+                scale_shift = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1)
+                out[name] = (stored, scale_shift.to(torch.float16).view(torch.uint8))
+        return out
 
     def features(
         self, ids: torch.Tensor, module: str = INPUT
@@ -351,7 +554,7 @@ class TorchRecTables:
             offsets = torch.cumsum(lengths, 0) - lengths
             pooled[feature] = nn.functional.embedding_bag(
                 values,
-                self.weights[f"{table['name']}.weight"],
+                self.weight(table["name"]),
                 offsets,
                 mode=table["pooling"].lower(),
             )
@@ -368,7 +571,8 @@ class TorchRecTables:
             route = table["dnis"]
             kept = torch.tensor(route["kept_dims"], dtype=torch.long)
             field = route["field_index"]
-            out[:, field].index_add_(1, kept, pooled[table["feature_names"][0]].float())
+            columns = pooled[table["feature_names"][0]][:, : len(kept)]  # less padding_columns
+            out[:, field].index_add_(1, kept, columns.float())
             if route["divide_by_count"] and field not in divide:
                 start = route["slot_start"]
                 columns = ids[:, start : start + route["slots"]]
@@ -402,14 +606,15 @@ def check(run: RunModel, tables: TorchRecTables) -> tuple[float, int]:
             table = next(
                 (t for t in by_field.get(f, []) if t["dnis"]["block"] == entry["block"]), None
             )
+            if table is not None:  # the rows as served (dequantized), less padding columns
+                kept = torch.tensor(table["dnis"]["kept_dims"], dtype=torch.long)
+                weight = tables.weight(table["name"])[:, : len(kept)]
             for first in range(entry["id_start"], entry["id_end"], CHUNK):
                 last = min(first + CHUNK, entry["id_end"])
                 rows = torch.arange(first, last) + offsets[f]
                 expected = module.lookup(rows.to(module.field_offsets.device)).cpu()
                 got = torch.zeros_like(expected)
                 if table is not None:
-                    weight = tables.weights[f"{table['name']}.weight"]
-                    kept = torch.tensor(table["dnis"]["kept_dims"], dtype=torch.long)
                     got[:, kept] = weight[first - entry["id_start"] : last - entry["id_start"]]
                 worst = max(worst, max_abs_diff(got, expected))
                 checked += last - first
