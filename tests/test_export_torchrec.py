@@ -4,14 +4,20 @@ A tiny DNIS block search on synthetic data (and a train run of the same config, 
 folder), plus a block search and a train run on data with a mean-pooled history sequence, are
 exported; so are quantized runs (`dnis search --method int8 | int4 | dnis-precision`, at an odd
 width so int4 rows need FBGEMM's padding column) and a hand-built mixed-precision block table
-(fp32, fp16, int8, odd and even int4, a pruned block, a split mean-pooled sequence). The tables
+(fp32, fp16, int8, odd and even int4, a pruned block, a split mean-pooled sequence). So are
+`dnis search --method outrank` (a field-subset: a table per kept field) and `--method optfs`
+(kept rows: a table per field of its kept rows, their ids in row_ids.pt; ids without a row are
+left out of the bag but count in a mean) on the history data, and a hand-built kept-rows table
+(a field kept whole, padding row included, and a field with no row). The tables
 must hold exactly the compact embedding (quantized ones: its stored codes, scales and biases,
 which dequantize to exactly what the module serves), carry TorchRec's documented
 `EmbeddingBagConfig` fields with the right `data_type`, count the module's bytes, and give the
 model's embedding output (to 1e-6, on every id and on batches of encoded rows) when looked up
 through the documented routing: with plain torch (`nn.EmbeddingBag` per table over rows
 dequantized here independently of dnis' own reader) and, where torchrec imports beside this torch,
-with TorchRec's `EmbeddingBagCollection` and its quantized twin.
+with TorchRec's `EmbeddingBagCollection` and its quantized twin. The outrank and optfs models'
+scores from the export's weights alone (tables through the reader, dense.pt) equal those of the
+in-process models the CLI search trained, to 1e-6.
 """
 
 from __future__ import annotations
@@ -30,16 +36,20 @@ import torch
 import yaml
 from torch import nn
 
+import dnis.app.search as app_search
 from dnis.app.config import load_config
 from dnis.app.search import method_run_dir, search_run
 from dnis.app.train import train
 from dnis.cli import main
+from dnis.embeddings.field_subset import FieldSubsetEmbedding
+from dnis.embeddings.gated import KeptRowsEmbedding
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.embeddings.quantized import QuantizedEmbedding, dequantize_rows, row_bytes
 from dnis.embeddings.quantized_blocks import QuantizedBlockEmbedding
 from dnis.errors import DnisError
 from dnis.export import TorchRecTables, export_run, load, load_run, read_manifest
 from dnis.export.traceable import example_ids
+from dnis.search.plan import EmbeddingPlan
 
 TOLERANCE = 1e-6
 BUDGET = 0.5
@@ -163,6 +173,7 @@ def rebuild(folder: Path, ids: torch.Tensor, module: str = "embedding") -> torch
     columns dropped)."""
     tables, weights, manifest = read_export(folder)
     section = manifest["torchrec"]
+    row_ids = torch.load(folder / "row_ids.pt") if (folder / "row_ids.pt").exists() else {}
     out = torch.zeros(ids.shape[0], len(section["fields"]), section["modules"][module]["dim"])
     for table in (t for t in tables if t["dnis"]["module"] == module):
         route = table["dnis"]
@@ -170,14 +181,16 @@ def rebuild(folder: Path, ids: torch.Tensor, module: str = "embedding") -> torch
         bag = nn.EmbeddingBag.from_pretrained(
             served_rows(table, weights), mode=table["pooling"].lower()
         )
+        if route["row_ids"] is None:  # row r holds id id_start + r
+            row_of = {i: i - route["id_start"] for i in range(route["id_start"], route["id_end"])}
+        else:  # row r holds id row_ids[r]; other ids have no row and are left out of the bag
+            listed = row_ids[table["name"]]
+            assert listed.dtype == torch.int32 and listed.shape == (table["num_embeddings"],)
+            row_of = {i: r for r, i in enumerate(listed.tolist())}
         values, offsets = [], []
         for row in ids[:, route["slot_start"] : route["slot_start"] + route["slots"]].tolist():
             offsets.append(len(values))
-            values += [
-                i - route["id_start"]
-                for i in row
-                if route["id_start"] <= i < route["id_end"] and i != route["padding_id"]
-            ]
+            values += [row_of[i] for i in row if i in row_of and i != route["padding_id"]]
         pooled = bag(torch.tensor(values, dtype=torch.long), torch.tensor(offsets))
         out[:, route["field_index"], route["kept_dims"]] += pooled[:, : len(route["kept_dims"])]
     for field in section["fields"]:
@@ -733,3 +746,277 @@ def test_a_quantized_embedding_bag_collection_from_the_export_looks_up_what_the_
         for module, expected in modules.items():
             got_vectors = reader.combine(pooled, ids, module)
             assert torch.max(torch.abs(got_vectors - expected(ids))) <= TOLERANCE
+
+
+# ---------------------------------------------------------------- field selection and kept rows
+
+SELECTION_METHODS = ("outrank", "optfs")
+
+
+@pytest.fixture(scope="module")
+def selection_runs(tmp_path_factory) -> dict[str, tuple[Path, nn.Module]]:
+    """{method: (run folder, the in-process compact model)} of `dnis search --method M` on the
+    history data (a mean-pooled sequence) for outrank (field-subset) and optfs (kept-rows)."""
+    root = tmp_path_factory.mktemp("selection")
+    path = write_config(root, "history")
+    data = yaml.safe_load(path.read_text())
+    quick = {"optfs": {"search_epochs": 1, "rewind_epoch": 0}}
+    data["compare"] = {"methods": ["optfs"], "options": quick}
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    kept: dict[str, nn.Module] = {}
+    real = app_search.search_run
+
+    def spy(*args, **kwargs):
+        dataset, results = real(*args, **kwargs)
+        kept["model"] = results[0].model
+        return dataset, results
+
+    out = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app_search, "search_run", spy)
+        for method in SELECTION_METHODS:
+            assert main(["search", "--config", str(path), "--method", method, "--quiet"]) == 0
+            run_dir = method_run_dir(load_config(path), method)
+            out[method] = (run_dir, kept.pop("model").cpu().eval())
+    return out
+
+
+def export_by_cli(run_dir: Path, out: Path) -> Path:
+    assert main(["export", str(run_dir), "--format", "torchrec", "--budget", str(BUDGET),
+                 "--output", str(out)]) == 0  # fmt: skip
+    assert read_manifest(out)["format"] == "torchrec"  # every sha256 checks
+    return out
+
+
+class Served(nn.Module):
+    """A per-id module of the model read from the export's tables instead."""
+
+    def __init__(self, reader: TorchRecTables, module: str) -> None:
+        super().__init__()
+        self.reader, self.module = reader, module
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.reader.lookup(ids, self.module)
+
+
+def assert_scores_match(folder: Path, model: nn.Module, run_dir: Path) -> None:
+    """The in-process model's scores from the export's weights alone: the run's model with every
+    weight zeroed, its per-id modules read from the tables (the reader), dense.pt into the rest."""
+    served = load_run(run_dir, BUDGET).model
+    with torch.no_grad():
+        for tensor in served.state_dict().values():
+            tensor.zero_()
+    reader = TorchRecTables.read(folder)
+    served.embedding = Served(reader, "embedding")
+    served.linear.weights = Served(reader, "linear.weights")
+    served.load_state_dict(torch.load(folder / "dense.pt", weights_only=True))  # strict: all
+    ids = all_ids_and_rows(model.embedding.layout)
+    with torch.no_grad():
+        got, expected = served.eval()(ids), model(ids)
+    assert torch.max(torch.abs(got - expected)) <= TOLERANCE
+
+
+def test_an_outrank_field_selection_exports_a_table_per_kept_field(selection_runs, tmp_path):
+    run_dir, model = selection_runs["outrank"]
+    folder = export_by_cli(run_dir, tmp_path / "e")
+    assert not (folder / "row_ids.pt").exists()
+    tables, weights, manifest = read_export(folder)
+    embedding = model.embedding
+    assert isinstance(embedding, FieldSubsetEmbedding)
+    assert isinstance(load_run(run_dir, BUDGET).model.embedding, FieldSubsetEmbedding)
+    keep = embedding.keep.tolist()
+    assert any(keep) and not all(keep)  # the budget drops a field and keeps another
+    plan = EmbeddingPlan.read(run_dir / f"plan-{BUDGET}.json")
+    assert plan.kind == "field-subset" and [f.options["kept"] for f in plan.fields] == keep
+    schema = load_run(run_dir, BUDGET).encoder.schema
+    inputs = [t for t in tables if t["dnis"]["module"] == "embedding"]
+    # one full-width table per kept field, named after it; dropped fields are listed, tableless
+    assert [t["name"] for t in inputs] == [n for n, k in zip(schema.names, keep, strict=True) if k]
+    assert "history" in [t["name"] for t in inputs]  # a mean-pooled sequence is kept here
+    listed = manifest["torchrec"]["modules"]["embedding"]["blocks"]
+    assert [b["field"] for b in listed] == schema.names
+    for f, (entry, kept) in enumerate(zip(listed, keep, strict=True)):
+        cardinality = embedding.layout.cardinalities[f]
+        assert (entry["id_start"], entry["id_end"]) == (0, cardinality)
+        if not kept:
+            assert entry["width"] == 0 and entry["table"] is None and entry["stored_rows"] == 0
+            assert not embedding.field_rows(f).any()  # what the model reads for it
+            continue
+        table = next(t for t in inputs if t["name"] == entry["table"])
+        route = table["dnis"]
+        assert table["num_embeddings"] == cardinality == entry["stored_rows"]
+        assert table["embedding_dim"] == embedding.dim == entry["width"]
+        assert route["kept_dims"] == list(range(embedding.dim)) and route["row_ids"] is None
+        assert table["data_type"] == "FP32" and route["padding_columns"] == 0
+        mean = route["field_pooling"] == "mean"  # the history, where kept: TorchRec's MEAN
+        assert table["pooling"] == ("MEAN" if mean else "SUM") and not route["divide_by_count"]
+        assert torch.equal(weights[f"{table['name']}.weight"], embedding.field_rows(f))
+    # bytes and parameters: the kept fields' rows; the keep mask (a byte per field) is structure
+    module = manifest["torchrec"]["modules"]["embedding"]
+    params = sum(t["num_embeddings"] * t["embedding_dim"] for t in inputs)
+    assert params == embedding.num_parameters() == module["parameters"] == plan.params
+    assert module["structure"] == "field-subset"
+    assert module["bytes"] == 4 * params == manifest["embedding_bytes"]
+    assert module["structure_bytes"] == {"keep": len(keep)}
+    assert module["memory_bytes"] == embedding.memory_bytes() == 4 * params + len(keep)
+    assert_lookups_match(folder, model)
+    assert_scores_match(folder, model, run_dir)
+
+
+def kept_ids(embedding: KeptRowsEmbedding, field: int) -> list[int]:
+    """The encoded ids of a field that a KeptRowsEmbedding keeps, ascending."""
+    start = int(embedding.field_offsets[field])
+    end = start + embedding.layout.cardinalities[field]
+    return [r - start for r in embedding.kept.tolist() if start <= r < end]
+
+
+def assert_kept_rows_export(folder: Path, embedding: KeptRowsEmbedding) -> None:
+    """Per field one table of exactly its kept rows, their ids in row_ids.pt; tableless fields
+    that keep no row; bytes and structure as the module counts them."""
+    tables, weights, manifest = read_export(folder)
+    row_ids = torch.load(folder / "row_ids.pt", weights_only=True)
+    assert "row_ids.pt" in manifest["files"]  # its sha256 is checked
+    assert "row_ids.pt" in manifest["torchrec"]["row_ids"]  # its layout, said
+    inputs = [t for t in tables if t["dnis"]["module"] == "embedding"]
+    listed = manifest["torchrec"]["modules"]["embedding"]["blocks"]
+    layout = embedding.layout
+    assert [b["field_index"] for b in listed] == list(range(layout.num_fields))
+    for f, entry in enumerate(listed):
+        ids = kept_ids(embedding, f)
+        assert (entry["id_start"], entry["id_end"]) == (0, layout.cardinalities[f])
+        if not ids:  # keeps no row: no table (TorchRec tables need rows), every id reads 0
+            assert entry["width"] == 0 and entry["table"] is None and entry["stored_rows"] == 0
+            continue
+        table = next(t for t in inputs if t["name"] == entry["table"])
+        route = table["dnis"]
+        assert table["name"] == entry["field"] and route["row_ids"] == "row_ids.pt"
+        assert row_ids[table["name"]].tolist() == ids == sorted(ids)
+        assert table["num_embeddings"] == len(ids) == entry["stored_rows"]
+        assert table["embedding_dim"] == embedding.dim == entry["width"]
+        assert route["kept_dims"] == list(range(embedding.dim)) and table["data_type"] == "FP32"
+        rows = torch.tensor(ids) + int(embedding.field_offsets[f])
+        with torch.no_grad():
+            assert torch.equal(weights[f"{table['name']}.weight"], embedding.lookup(rows))
+        # a mean-pooled sequence is TorchRec's MEAN only if its table holds every id it routes
+        padding = route["padding_id"]
+        whole = set(range(layout.cardinalities[f])) - {padding} <= set(ids)
+        mean = route["field_pooling"] == "mean"
+        assert table["pooling"] == ("MEAN" if mean and whole else "SUM")
+        assert route["divide_by_count"] == (mean and not whole)
+    assert set(row_ids) == {t["name"] for t in inputs}  # the linear terms are plain tables
+    module = manifest["torchrec"]["modules"]["embedding"]
+    kept = embedding.kept.numel()
+    params = sum(t["num_embeddings"] * t["embedding_dim"] for t in inputs)
+    assert params == kept * embedding.dim == embedding.num_parameters() == module["parameters"]
+    assert module["structure"] == "kept-rows"
+    assert module["bytes"] == 4 * params == manifest["embedding_bytes"]
+    assert module["structure_bytes"] == {"kept": 4 * kept}  # the int32 index: row_ids.pt's ids
+    assert sum(t.numel() * t.element_size() for t in row_ids.values()) == 4 * kept
+    assert module["memory_bytes"] == embedding.memory_bytes() == 4 * params + 4 * kept
+
+
+def test_an_optfs_run_exports_each_fields_kept_rows(selection_runs, tmp_path):
+    run_dir, model = selection_runs["optfs"]
+    folder = export_by_cli(run_dir, tmp_path / "e")
+    embedding = model.embedding
+    assert isinstance(embedding, KeptRowsEmbedding)
+    assert torch.equal(load_run(run_dir, BUDGET).model.embedding.kept, embedding.kept)
+    plan = EmbeddingPlan.read(run_dir / f"plan-{BUDGET}.json")
+    assert plan.kind == "kept-rows"
+    tables = {t["name"]: t for t in read_export(folder)[0] if t["dnis"]["module"] == "embedding"}
+    assert [tables[f.name]["num_embeddings"] if f.name in tables else 0 for f in plan.fields] == [
+        f.stored_rows for f in plan.fields
+    ]
+    # the history keeps some ids and drops others: SUM-pooled, divided by every id's count
+    layout = embedding.layout
+    field = layout.names.index("history")
+    ids = kept_ids(embedding, field)
+    dropped = sorted(set(range(1, layout.cardinalities[field])) - set(ids))
+    real = [i for i in ids if i != 0]
+    assert real and dropped, "the budget should keep some history ids and drop others"
+    assert tables["history"]["pooling"] == "SUM" and tables["history"]["dnis"]["divide_by_count"]
+    assert_kept_rows_export(folder, embedding)
+    # a bag of one kept and one dropped id is half the kept row, as the model's mean says
+    bag = torch.zeros(1, layout.num_slots, dtype=torch.long)
+    slot = tables["history"]["dnis"]["slot_start"]
+    bag[0, slot : slot + 2] = torch.tensor([real[0], dropped[0]])
+    reader = TorchRecTables.read(folder)
+    values, lengths = reader.features(bag)["history"]
+    assert values.tolist() == [ids.index(real[0])]  # its row among the kept
+    assert lengths.tolist() == [1]  # the dropped id is not in the bag
+    row = int(embedding.field_offsets[field]) + real[0]
+    with torch.no_grad():
+        half = embedding.lookup(torch.tensor([row]))[0] / 2
+        assert torch.allclose(model.embedding(bag)[0, field], half, atol=0, rtol=1e-6)
+        assert torch.allclose(reader.lookup(bag)[0, field], half, atol=0, rtol=1e-6)
+    assert_lookups_match(folder, model)
+    assert_scores_match(folder, model, run_dir)
+
+
+def whole_field_run(run_dir: Path):
+    """The optfs run with a hand-built KeptRowsEmbedding: every history row kept, its padding
+    row 0 too (in the table, never routed), no user row, every other item row."""
+    run = load_run(run_dir, BUDGET)
+    layout, dim = run.model.embedding.layout, run.model.embedding.dim
+    offsets = layout.field_offsets().tolist()
+    keep = torch.zeros(layout.total_rows, dtype=torch.bool)
+    names = list(layout.names)
+    history, item = names.index("history"), names.index("item")
+    keep[offsets[history] : offsets[history] + layout.cardinalities[history]] = True
+    keep[offsets[item] : offsets[item] + layout.cardinalities[item] : 2] = True
+    whole = KeptRowsEmbedding(layout, dim, keep)
+    whole.load_dense(
+        torch.randn(layout.total_rows, dim, generator=torch.Generator().manual_seed(0))
+    )
+    run.model.embedding = whole.eval()
+    return run
+
+
+def test_a_field_kept_whole_pools_by_mean_and_a_field_with_no_row_has_no_table(
+    selection_runs, tmp_path
+):
+    run = whole_field_run(selection_runs["optfs"][0])
+    layout, whole = run.model.embedding.layout, run.model.embedding
+    item = layout.names.index("item")
+    folder = export_run(run, "torchrec", output=tmp_path / "e").path
+    tables = {t["name"]: t for t in read_export(folder)[0] if t["dnis"]["module"] == "embedding"}
+    assert set(tables) == {"item", "history"}  # user keeps no row
+    assert (
+        tables["history"]["pooling"] == "MEAN" and not tables["history"]["dnis"]["divide_by_count"]
+    )
+    assert tables["item"]["num_embeddings"] == (layout.cardinalities[item] + 1) // 2
+    assert_kept_rows_export(folder, whole)
+    assert_lookups_match(folder, run.model)
+
+
+@pytest.mark.parametrize("source", [*SELECTION_METHODS, "whole-field"])
+def test_an_embedding_bag_collection_from_a_selection_export_looks_up_what_the_model_does(
+    selection_runs, tmp_path, source
+):
+    torchrec, _ = torchrec_or_skip()
+    if source == "whole-field":  # kept rows pooled by TorchRec's MEAN
+        run = whole_field_run(selection_runs["optfs"][0])
+        folder, model = export_run(run, "torchrec", output=tmp_path / "e").path, run.model
+    else:
+        run_dir, model = selection_runs[source]
+        folder = export_by_cli(run_dir, tmp_path / "e")
+    tables, weights, _ = read_export(folder)
+    collection = torchrec.EmbeddingBagCollection(
+        tables=torchrec_configs(tables), device=torch.device("cpu")
+    )
+    collection.load_state_dict({f"embedding_bags.{k}": v for k, v in weights.items()})
+    reader = TorchRecTables.read(folder)
+    ids = all_ids_and_rows(model.embedding.layout)
+    modules = {"embedding": model.embedding, "linear.weights": model.linear.weights}
+    features = {k: v for module in modules for k, v in reader.features(ids, module).items()}
+    keys = list(features)  # every feature of the collection, ids without a row left out
+    jagged = torchrec.KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat([features[k][0] for k in keys]),
+        lengths=torch.cat([features[k][1] for k in keys]).int(),
+    )
+    with torch.no_grad():
+        pooled = collection(jagged).to_dict()
+        for module, expected in modules.items():
+            got = reader.combine(pooled, ids, module)
+            assert torch.max(torch.abs(got - expected(ids))) <= TOLERANCE

@@ -13,6 +13,9 @@
                             type stores it (Weights below); TorchRec's EmbeddingBagCollection names
                             an FP32 or FP16 table's weight "embedding_bags.<table>.weight"
       dense.pt              torch.save(every other weight of the model, keyed as in the model)
+      row_ids.pt            only for tables that hold some of their ids' rows (a kept-rows run):
+                            torch.save({"<table>": int32 [num_embeddings]}), the encoded id of
+                            every row (Routing below)
       encoders.json         the run's fitted encoders (raw values -> encoded ids)
       config.yaml           the run's resolved config
       manifest.json         as for the other formats (sha256 of every file, parameter counts, the
@@ -23,8 +26,12 @@ Tables. A search run of block granularity (`BlockMixedEmbedding`, or `QuantizedB
 of `--method dnis-precision`, whose blocks each keep their own precision) gives one table per
 (field, frequency block) of width > 0, named `<field>__b<k>`; a train run (`FusedEmbedding`) or a
 quantized uniform table (`QuantizedEmbedding`, `--method int8 | int4`) gives one table per field
-named `<field>`, of the full width. The per-id width-1 weights some models keep beside the input
-layer (the linear terms of FM, DeepFM, AutoInt and biased MF, module `linear.weights`) become one
+named `<field>`, of the full width. So does an OutRank field selection (`FieldSubsetEmbedding`,
+`--method outrank`), for the fields it keeps; a dropped field gets no table (its ids read 0), as
+a pruned block. An OptFS run (`KeptRowsEmbedding`, `--method optfs`) gives one full-width table
+per field `<field>` holding only the rows it kept (a field that kept none gets no table), with
+the ids those rows hold in row_ids.pt. The per-id width-1 weights some models keep beside the
+input layer (the linear terms of FM, DeepFM, AutoInt and biased MF, module `linear.weights`) become one
 table per field too, `<field>__linear_weights`, so every per-id weight goes to TorchRec and
 dense.pt holds only the dense layers. Names keep [A-Za-z0-9_] (other characters become _); every
 table is read by one feature of the same name.
@@ -58,13 +65,19 @@ Bytes. manifest["torchrec"]["modules"][path]["bytes"] counts the table tensors o
 module's own `memory_bytes()`, which also counts the state-dict entries that are structure, not
 rows, listed with their bytes in "structure_bytes" (`keep`: one byte per block and dim, and for a
 QuantizedBlockEmbedding `block_precision`: one byte per block); the export writes those as each
-table's kept_dims and data_type. So bytes + sum(structure_bytes) == memory_bytes.
+table's kept_dims and data_type. So bytes + sum(structure_bytes) == memory_bytes. A
+FieldSubsetEmbedding's structure is `keep` (a byte per field), a KeptRowsEmbedding's `kept` (its
+int32 index, 4 bytes per kept row: what row_ids.pt holds, split by field).
 
 Routing, the `dnis` dict of a table. Encoded ids are frequency-sorted per field, so block k of a
 field holds its ids [id_start, id_end). In an encoded row (what the encoders' `transform`
 returns), the ids in the field's slots [slot_start, slot_start + slots) that fall in that range go
 to the table at row id - id_start; a sequence field's padding id 0 (`padding_id`) is dropped,
-while id 0 of any other field is its learned out-of-vocabulary row. Column j < len(kept_dims) of
+while id 0 of any other field is its learned out-of-vocabulary row. A table whose `row_ids` names
+row_ids.pt (a kept-rows table: id_start 0, id_end the field's cardinality) holds only some ids:
+row r holds encoded id row_ids.pt[<table>][r] (ascending, so a binary search finds an id's row),
+and an id not listed has no row: it is dropped from the bag like padding (TorchRec has no
+missing-id value), which adds the zero vector the model reads for it. Column j < len(kept_dims) of
 the table is dim kept_dims[j] of the module's width-`dim` field vector (the last
 `padding_columns` columns, if any, are dropped), which is
 
@@ -73,9 +86,11 @@ the table is dim kept_dims[j] of the module's width-`dim` field vector (the last
 
 A single-valued field sends its one id to one table, so the others pool empty bags (zeros). A
 sequence field pooled by mean is exported with pooling MEAN when one table holds all its ids;
-when its ids are spread over several blocks its tables are SUM-pooled with divide_by_count, since
-a mean over one block's ids is not the field's mean. A block the search pruned to width 0 has no
-table (TorchRec tables need a width): its ids give zero vectors.
+when its ids are spread over several blocks, or its table lacks rows for some of them (kept
+rows), its tables are SUM-pooled with divide_by_count, since the model's mean counts every id of
+the field but padding (a dropped id too) and a bag's mean counts only the ids in the bag. A block
+the search pruned to width 0 has no table (TorchRec tables need a width): its ids give zero
+vectors.
 
 RaggedEmbedding (element granularity) is refused: every id keeps its own set of dims, so even the
 ids of one width keep different dims, and fixed-width tables would need a column index per row.
@@ -102,7 +117,9 @@ import torch
 from torch import nn
 
 from dnis.embeddings.base import FieldEmbedding
+from dnis.embeddings.field_subset import FieldSubsetEmbedding
 from dnis.embeddings.fused import FusedEmbedding
+from dnis.embeddings.gated import KeptRowsEmbedding
 from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding
 from dnis.embeddings.quantized import (
     QuantizedEmbedding,
@@ -128,6 +145,7 @@ from dnis.train.checkpoint import safe_load
 FILENAME = FORMATS["torchrec"]
 WEIGHTS = "weights.pt"
 DENSE = "dense.pt"
+ROW_IDS = "row_ids.pt"  # {table: int32 sorted encoded ids}: the tables whose rows skip ids
 INPUT = "embedding"  # the model's searched input layer
 CHECK_ROWS = 257  # encoded rows pooled through the tables by the export's check
 CHECK_TOLERANCE = 1e-5  # max |tables - model| the export accepts (float32 sums in another order)
@@ -154,6 +172,11 @@ LAYOUTS = {
     "rows at byte granularity",
 }
 ROW_KEYS = ("weight", "values", "codes", "scale", "bias")  # state-dict entries holding rows
+ROW_IDS_LAYOUT = (
+    f"{ROW_IDS}: {{<table>: int32 [num_embeddings]}}, the ascending encoded ids of the field "
+    "that the table's rows hold (row r holds id row_ids[r]); an id of the field not in it has "
+    "no row, reads 0 and is left out of the KeyedJaggedTensor"
+)
 
 
 @dataclass
@@ -169,10 +192,24 @@ class Block:
     precision: str = "fp32"  # how `weight` stores the rows: fp32, fp16, int8 or int4
     scale: torch.Tensor | None = None  # float16 [id_end - id_start] of an int8/int4 block
     bias: torch.Tensor | None = None
+    # int32 [rows]: the sorted encoded ids the rows hold, where they are not all of
+    # [id_start, id_end) (a KeptRowsEmbedding's kept rows); None: row r holds id id_start + r
+    ids: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
-        return self.id_end - self.id_start
+        return self.id_end - self.id_start if self.ids is None else int(self.ids.numel())
+
+    def drops(self, padding_id: int | None) -> bool:
+        """Whether some id of [id_start, id_end) that the routing sends (not padding) has no row."""
+        if self.ids is None:
+            return False
+        routed = self.id_end - self.id_start
+        held = self.ids
+        if padding_id is not None and self.id_start <= padding_id < self.id_end:
+            routed -= 1
+            held = held[held != padding_id]
+        return int(held.numel()) < routed
 
     @property
     def table_dim(self) -> int:
@@ -196,19 +233,31 @@ def module_blocks(module: nn.Module, path: str) -> list[Block]:
             "`search.granularity: block` (one width per field and frequency block) and export "
             "that, or export this run with --format torchscript or onnx"
         )
-    kinds = FusedEmbedding | BlockMixedEmbedding | QuantizedEmbedding | QuantizedBlockEmbedding
+    kinds = (
+        FusedEmbedding
+        | BlockMixedEmbedding
+        | QuantizedEmbedding
+        | QuantizedBlockEmbedding
+        | FieldSubsetEmbedding
+        | KeptRowsEmbedding
+    )
     if not isinstance(module, kinds):
         raise DnisError(
             f"module {path!r} of the model is a {type(module).__name__}, which has no TorchRec "
             "export; only train runs (FusedEmbedding), DNIS block searches "
-            "(BlockMixedEmbedding) and quantized tables (QuantizedEmbedding of --method int8 or "
-            "int4, QuantizedBlockEmbedding of --method dnis-precision) can be exported as "
-            "TorchRec tables"
+            "(BlockMixedEmbedding), quantized tables (QuantizedEmbedding of --method int8 or "
+            "int4, QuantizedBlockEmbedding of --method dnis-precision), field selections "
+            "(FieldSubsetEmbedding of --method outrank) and kept rows (KeptRowsEmbedding of "
+            "--method optfs) can be exported as TorchRec tables"
         )
     layout = module.layout
     offsets = layout.field_offsets().tolist()
     if isinstance(module, QuantizedBlockEmbedding):
         return quantized_blocks(module, offsets)
+    if isinstance(module, FieldSubsetEmbedding):
+        return field_subset_blocks(module)
+    if isinstance(module, KeptRowsEmbedding):
+        return kept_rows_blocks(module, offsets)
     if isinstance(module, FusedEmbedding | QuantizedEmbedding):
         quantized = isinstance(module, QuantizedEmbedding)
         weight = (module.codes if quantized else module.weight).detach().cpu()
@@ -262,6 +311,35 @@ def quantized_blocks(module: QuantizedBlockEmbedding, offsets: list[int]) -> lis
             Block(field, seen[field], first, first + size, kept, weight, precision, scale, bias)
         )
         seen[field] += 1
+    return out
+
+
+def field_subset_blocks(module: FieldSubsetEmbedding) -> list[Block]:
+    """One full-width block per field; a dropped field keeps no dims (no table, reads 0)."""
+    weight, keep = module.weight.detach().cpu(), module.keep.cpu().tolist()
+    compact = module.compact_offsets.cpu().tolist()
+    out = []
+    for f, n in enumerate(module.layout.cardinalities):
+        if keep[f]:
+            rows, dims = weight[compact[f] : compact[f] + n], list(range(module.dim))
+        else:
+            rows, dims = weight.new_zeros(n, 0), []
+        out.append(Block(f, 0, 0, n, dims, rows))
+    return out
+
+
+def kept_rows_blocks(module: KeptRowsEmbedding, offsets: list[int]) -> list[Block]:
+    """One full-width block per field holding only its kept rows, with the encoded ids they
+    hold; a field that keeps no row keeps no dims (no table, reads 0)."""
+    weight, kept = module.weight.detach().cpu(), module.kept.long().cpu()
+    bounds = torch.searchsorted(kept, torch.tensor([*offsets, module.layout.total_rows]))
+    out = []
+    for f, n in enumerate(module.layout.cardinalities):
+        first, last = int(bounds[f]), int(bounds[f + 1])  # kept is sorted: a field's are a run
+        ids = (kept[first:last] - offsets[f]).to(torch.int32)
+        dims = list(range(module.dim)) if last > first else []
+        rows = weight[first:last] if dims else weight.new_zeros(0, 0)
+        out.append(Block(f, 0, 0, n, dims, rows, ids=ids))
     return out
 
 
@@ -322,6 +400,17 @@ def unique(names: list[str]) -> list[str]:
     return out
 
 
+def structure_of(module: nn.Module) -> str:
+    """How a module's rows become tables (manifest["torchrec"]["modules"][path]["structure"])."""
+    if isinstance(module, BlockMixedEmbedding | QuantizedBlockEmbedding):
+        return "block"  # a table per field and frequency block
+    if isinstance(module, FieldSubsetEmbedding):
+        return "field-subset"  # a full-width table per kept field
+    if isinstance(module, KeptRowsEmbedding):
+        return "kept-rows"  # a full-width table per field of its kept rows, with their ids
+    return "full"  # a full-width table per field
+
+
 def table_name(field: str, path: str, structure: str, block: int) -> str:
     if path != INPUT:
         return f"{field}__{safe(path)}"
@@ -330,15 +419,14 @@ def table_name(field: str, path: str, structure: str, block: int) -> str:
 
 def build_tables(
     run: RunModel,
-) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
-    """(table configs, {"<table>.weight": tensor}, manifest["torchrec"]) of a run's model."""
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(table configs, {"<table>.weight": tensor}, {table: row ids} of the tables that skip ids,
+    manifest["torchrec"]) of a run's model."""
     routes = field_routes(run)
     fields = unique([safe(r["field"]) for r in routes])
     found = []  # (path, module, structure, blocks)
     for path, module in per_id_modules(run.model).items():
-        by_block = isinstance(module, BlockMixedEmbedding | QuantizedBlockEmbedding)
-        structure = "block" if by_block else "full"
-        found.append((path, module, structure, module_blocks(module, path)))
+        found.append((path, module, structure_of(module), module_blocks(module, path)))
     names = iter(
         unique(
             [
@@ -349,7 +437,7 @@ def build_tables(
             ]
         )
     )  # unique even if a field is literally named "x__b0" beside a field "x"
-    configs, weights, modules = [], {}, {}
+    configs, weights, row_ids, modules = [], {}, {}, {}
     for path, module, structure, blocks in found:
         count = [0] * len(routes)
         for block in blocks:
@@ -359,6 +447,9 @@ def build_tables(
             route, width = routes[block.field], len(block.kept_dims)
             name = next(names) if width else None
             mean = route["field_pooling"] == "mean"
+            # TorchRec's MEAN divides by the ids in the bag: right when the field's ids all go
+            # to this table; else SUM, divided by all the field's ids (dropped ones count)
+            whole = count[block.field] == 1 and not block.drops(route["padding_id"])
             listed.append(
                 {
                     "field": route["field"],
@@ -367,6 +458,7 @@ def build_tables(
                     "id_start": block.id_start,
                     "id_end": block.id_end,
                     "width": width,
+                    "stored_rows": block.rows if width else 0,
                     "table": name,
                     "data_type": DATA_TYPES[block.precision] if width else None,
                 }
@@ -379,7 +471,7 @@ def build_tables(
                     "num_embeddings": block.rows,
                     "embedding_dim": block.table_dim,
                     "feature_names": [name],
-                    "pooling": "MEAN" if mean and count[block.field] == 1 else "SUM",
+                    "pooling": "MEAN" if mean and whole else "SUM",
                     "data_type": DATA_TYPES[block.precision],
                     "dnis": {
                         "module": path,
@@ -388,14 +480,17 @@ def build_tables(
                         "num_blocks": count[block.field],
                         "id_start": block.id_start,
                         "id_end": block.id_end,
+                        "row_ids": None if block.ids is None else ROW_IDS,
                         "dim": module.dim,
                         "kept_dims": block.kept_dims,
                         "padding_columns": block.table_dim - width,
-                        "divide_by_count": mean and count[block.field] > 1,
+                        "divide_by_count": mean and not whole,
                     },
                 }
             )
             weights[f"{name}.weight"] = block.weight.contiguous().clone()
+            if block.ids is not None:
+                row_ids[name] = block.ids.clone()
             if block.scale is not None and block.bias is not None:
                 weights[f"{name}.{SCALE}"] = block.scale.reshape(-1, 1).clone()
                 weights[f"{name}.{BIAS}"] = block.bias.reshape(-1, 1).clone()
@@ -423,7 +518,9 @@ def build_tables(
         "torchrec_state_dict_key": "embedding_bags.<table>.weight",
         "layouts": {name: text for name, text in LAYOUTS.items() if name in data_types},
     }
-    return configs, weights, section
+    if row_ids:
+        section["row_ids"] = ROW_IDS_LAYOUT
+    return configs, weights, row_ids, section
 
 
 def dense_state(model: nn.Module, modules: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -452,10 +549,12 @@ class TorchRecTables:
         configs: list[dict[str, Any]],
         weights: Mapping[str, torch.Tensor],
         section: Mapping[str, Any],
+        row_ids: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.configs = configs
         self.weights = dict(weights)
         self.section = section
+        self.row_ids = dict(row_ids or {})  # row_ids.pt: the tables whose rows skip ids
         self._served: dict[str, torch.Tensor] = {}  # `weight`'s dequantized tables
 
     @classmethod
@@ -471,7 +570,8 @@ class TorchRecTables:
     def from_files(cls, folder: Path, section: Mapping[str, Any]) -> TorchRecTables:
         configs = json.loads((folder / FILENAME).read_text(encoding="utf-8"))
         weights = safe_load(folder / WEIGHTS)  # data only: a crafted file is refused, not run
-        return cls(configs, weights, section)
+        row_ids = safe_load(folder / ROW_IDS) if (folder / ROW_IDS).is_file() else {}
+        return cls(configs, weights, section, row_ids)
 
     def tables(self, module: str = INPUT) -> list[dict[str, Any]]:
         return [c for c in self.configs if c["dnis"]["module"] == module]
@@ -528,19 +628,40 @@ class TorchRecTables:
                 out[name] = (stored, scale_shift.to(torch.float16).view(torch.uint8))
         return out
 
+    def rows_of(
+        self, table: Mapping[str, Any], ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, held) of encoded ids of the table's field (any shape): `held` where the table
+        has a row for the id, `row` that row there. Row r holds id id_start + r, or, for a table
+        with `row_ids`, id row_ids[r] (ids not listed have no row). Padding is not dropped here.
+        """
+        route = table["dnis"]
+        held = (ids >= route["id_start"]) & (ids < route["id_end"])
+        if route.get("row_ids") is None:  # exports before row_ids have none
+            return ids - route["id_start"], held
+        if table["name"] not in self.row_ids:
+            raise DnisError(f"table {table['name']!r} routes by {ROW_IDS}, which lacks it")
+        listed = self.row_ids[table["name"]].to(ids.dtype)
+        if listed.numel() == 0:
+            return torch.zeros_like(ids), torch.zeros_like(held)
+        row = torch.searchsorted(listed, ids.contiguous()).clamp_max(listed.numel() - 1)
+        return row, held & (listed[row] == ids)
+
     def features(
         self, ids: torch.Tensor, module: str = INPUT
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{feature name: (rows of its table, bag length of every batch row)} for encoded ids."""
+        """{feature name: (rows of its table, bag length of every batch row)} for encoded ids:
+        an id the table has no row for (sequence padding, another block's, not kept) is left
+        out of the bag."""
         out = {}
         for table in self.tables(module):
             route = table["dnis"]
             start = route["slot_start"]
             columns = ids[:, start : start + route["slots"]]
-            inside = (columns >= route["id_start"]) & (columns < route["id_end"])
+            rows, inside = self.rows_of(table, columns)
             if route["padding_id"] is not None:
                 inside &= columns != route["padding_id"]
-            values = columns[inside] - route["id_start"]  # row-major: batch rows stay in order
+            values = rows[inside]  # row-major: batch rows stay in order
             out[table["feature_names"][0]] = (values, inside.sum(dim=1))
         return out
 
@@ -611,11 +732,13 @@ def check(run: RunModel, tables: TorchRecTables) -> tuple[float, int]:
                 weight = tables.weight(table["name"])[:, : len(kept)]
             for first in range(entry["id_start"], entry["id_end"], CHUNK):
                 last = min(first + CHUNK, entry["id_end"])
-                rows = torch.arange(first, last) + offsets[f]
-                expected = module.lookup(rows.to(module.field_offsets.device)).cpu()
+                encoded = torch.arange(first, last)
+                expected = module.lookup((encoded + offsets[f]).to(module.field_offsets.device))
+                expected = expected.cpu()
                 got = torch.zeros_like(expected)
-                if table is not None:
-                    got[:, kept] = weight[first - entry["id_start"] : last - entry["id_start"]]
+                if table is not None:  # an id without a row (not kept) stays 0
+                    rows, held = tables.rows_of(table, encoded)
+                    got[held.nonzero(), kept] = weight[rows[held]]
                 worst = max(worst, max_abs_diff(got, expected))
                 checked += last - first
         ids = example_ids(module.layout, CHECK_ROWS, seed=1)
@@ -626,12 +749,15 @@ def check(run: RunModel, tables: TorchRecTables) -> tuple[float, int]:
 
 def export(run: RunModel, target: Path) -> ExportResult:
     """Write the TorchRec export of `run` to `target` (atomically)."""
-    configs, weights, section = build_tables(run)  # refuses what has no table form, before any file
+    configs, weights, row_ids, section = build_tables(run)  # refuses what has no table form
     dense = dense_state(run.model, section["modules"])
+    files = [FILENAME, WEIGHTS, DENSE, *([ROW_IDS] if row_ids else [])]
     with staged(target) as staging:
         write_json(staging / FILENAME, configs)
         torch.save(weights, staging / WEIGHTS)
         torch.save(dense, staging / DENSE)
+        if row_ids:
+            torch.save(row_ids, staging / ROW_IDS)
         write_run_files(run, staging)
         diff, checked = check(run, TorchRecTables.from_files(staging, section))
         if not diff <= CHECK_TOLERANCE:
@@ -643,7 +769,7 @@ def export(run: RunModel, target: Path) -> ExportResult:
             run,
             "torchrec",
             staging,
-            [FILENAME, WEIGHTS, DENSE],
+            files,
             embedding_bytes=section["modules"][INPUT][
                 "bytes"
             ],  # what the input layer's tables hold
