@@ -115,3 +115,29 @@ def test_the_command_line_sets_the_unit_and_byte_sizes_and_cells_record_them(tmp
     assert {r["budget_unit"] for r in rows} == {"bytes"}
     assert [r["budget"] for r in rows] == [0.25, 0.125]
     assert [r["budget_bytes"] for r in rows] == [FULL_BYTES // 4, FULL_BYTES // 8]
+
+
+def test_a_byte_size_never_grows_past_itself_and_is_whole_bytes():
+    from dnis.errors import ConfigError
+    from dnis.search.prune import budget_params, bytes_fraction
+
+    fraction = bytes_fraction(1003, 10_000)  # 250 whole fp32 parameters fit in 1003 bytes
+    assert 4 * budget_params(fraction, 10_000) == 1000
+    with pytest.raises(ConfigError, match="whole number of bytes"):
+        parse_byte_size("1.5B")
+
+
+def test_a_cell_over_its_byte_budget_is_no_competitor_in_the_standing():
+    from dnis.app.report.compare_report import dnis_standing, summarize
+
+    rows = []
+    for seed in range(2):
+        for method, rmse, stored in (("dnis-precision", 0.91, 900), ("int8", 0.92, 1000),
+                                     ("magprune", 0.90, 1600)):  # fmt: skip
+            rows.append({"method": method, "budget": 0.125, "seed": seed, "embedding_params": 1,
+                         "memory_bytes": stored, "test_rmse": rmse + seed * 1e-3,
+                         "search_seconds": 0, "retrain_seconds": 0, "latency_ms": None,
+                         "peak_memory_mb": None, "budget_unit": "bytes",
+                         "budget_bytes": 1000})  # fmt: skip
+    (standing,) = dnis_standing(summarize(pd.DataFrame(rows), "rmse"), "rmse", "dnis-precision")
+    assert standing["best other"] == "int8" and standing["verdict"] == "dnis-precision best"

@@ -145,3 +145,35 @@ def test_plan_records_every_blocks_precision(tmp_path):
     plan.write(Path(tmp_path) / "plan.json")
     again = EmbeddingPlan.read(Path(tmp_path) / "plan.json")
     assert again.kind == "quantized-blocks" and list(again.options["precisions"]) == PRECISION_MIX
+
+
+def test_without_fp32_the_fallback_is_the_allowed_precision_of_most_bits():
+    lost = [{"int8": 0.01, "int4": 0.05}]
+    assert cheapest(lost, ["int8", "int4"], 0.001) == ["int8"]
+
+
+def test_a_narrow_block_moves_to_a_precision_that_is_no_larger_and_more_exact():
+    from dnis.search.precision import undominated
+
+    keep = torch.zeros(3, 8, dtype=torch.bool)
+    keep[0, :2] = True  # int8 at width 2: 6 bytes a row, fp16 4
+    keep[1, :6] = True  # int8 at width 6: 10 bytes a row, fp16 12: stays
+    keep[2, :2] = True  # int4 at width 2: 5 bytes a row, fp16 4, int8 6
+    chosen = undominated(keep, ["int8", "int8", "int4"], list(PRECISIONS))
+    assert chosen == ["fp16", "int8", "fp16"]
+    assert undominated(keep, ["int8", "int8", "int4"], ["int8", "int4"]) == ["int8", "int8", "int4"]
+
+
+def test_search_settings_dnis_precision_sets_itself_are_taken_from_it_not_the_user(
+    tmp_path, capsys
+):
+    grid = {**GRID, "output_dir": str(tmp_path / "runs")}
+    grid["search"] = {**GRID["search"], "schedule": "gradual", "placement": "prefix"}  # for dnis
+    grid["compare"] = {**GRID["compare"], "budgets": [0.25]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid), "utf-8")
+    assert main(["compare", "--config", str(path)]) == 0  # the search: section does not stop it
+    grid["compare"]["options"] = {"dnis-precision": {"schedule": "gradual"}}
+    path.write_text(yaml.safe_dump(grid), "utf-8")
+    assert main(["compare", "--config", str(path)]) != 0  # asked of it directly: refused
+    assert "compare.options.dnis-precision" in capsys.readouterr().err

@@ -12,10 +12,12 @@ then share the machine with the other cells. A budget below a method's structura
 row per field for hashing) gives an `infeasible` row with the reason, not a stopped grid.
 
 `compare.budget_unit: bytes` counts budgets in stored bytes: a fraction is of the full-width fp32
-table's bytes (4 * rows * dim), and a budget may be a byte size ("2MB"). The quantized methods
-(int8, int4) keep their stored bytes (codes, scales and biases) within it; the others keep
-`fraction * rows * dim` parameters, 4 bytes each, and report their index structures on top.
-The report then ranks and plots cells by bytes.
+table's bytes (4 * rows * dim), and a budget may be a byte size ("2MB", down to whole fp32
+parameters). The quantized methods (int8, int4, dnis-precision) keep everything they store
+(codes, scales, biases, structure) within it; the others keep `fraction * rows * dim`
+parameters, 4 bytes each, and their index structures come on top. The report ranks and plots
+cells by bytes, and a cell whose stored bytes go over the budget is marked and left out of the
+standings.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def method_options(config: Config, method_name: str) -> dict[str, Any]:
     from the `search:` section."""
     options = dict(config.compare.options.get(method_name, {}))
     if method_name in ("dnis", "dnis-random", "dnis-precision"):  # DNIS's search settings
-        search = {k: v for k, v in asdict(config.search).items() if k != "budgets"}
+        fixed = {"budgets", *method(method_name).fixed}  # what the method sets itself
+        search = {k: v for k, v in asdict(config.search).items() if k not in fixed}
         options = {**search, **options}
     return options
 

@@ -222,6 +222,8 @@ class Config:
                 data["dataset"].pop(key)
         for key in ("jobs", "methods", "seeds"):
             data["compare"].pop(key)
+        if self.compare.budget_unit == "params":  # the default: runs made before it keep their hash
+            data["compare"].pop("budget_unit")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
     def base_name(self) -> str:

@@ -117,14 +117,14 @@ def fake_quantize(
 ) -> torch.Tensor:
     """`table` [n, w] as its quantized rows would serve it, with the gradient of the identity
     (straight-through rounding): the forward of quantization-aware training. With `keep`
-    (see `quantize_rows`), entries not kept are served as 0."""
+    (see `quantize_rows`), entries not kept are served as 0 (at fp32 too)."""
     if precision == "fp32":
-        return table
+        return table if keep is None else table * keep
     codes, scale, bias = quantize_rows(table, precision, keep)
     served = dequantize_rows(codes, scale, bias, precision, table.shape[1])
     if keep is not None:
         served = served * keep
-    return table + (served - table).detach()
+    return served + (table - table.detach())  # exactly `served`, the gradient of the identity
 
 
 class QuantizedEmbedding(FieldEmbedding):

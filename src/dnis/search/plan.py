@@ -56,7 +56,7 @@ from dnis.embeddings.mixed import BlockMixedEmbedding, RaggedEmbedding, ragged_k
 from dnis.embeddings.multiplexed import MultiplexedEmbedding
 from dnis.embeddings.projected import ProjectedBlockEmbedding
 from dnis.embeddings.qr import QREmbedding, qr_rows
-from dnis.embeddings.quantized import QuantizedEmbedding
+from dnis.embeddings.quantized import PRECISIONS, QuantizedEmbedding
 from dnis.embeddings.quantized_blocks import QuantizedBlockEmbedding
 from dnis.errors import DnisError
 from dnis.io import write_json
@@ -313,7 +313,12 @@ def _build_quantized_blocks(
     plan: EmbeddingPlan, layout: FieldLayout, state: State
 ) -> FieldEmbedding:
     blocks, keep = _plan_keep(plan, state)
-    precisions = [str(p) for p in plan.options["precisions"]]
+    precisions = [str(p) for p in plan_option(plan, "precisions")]
+    if len(precisions) != blocks.num_blocks or not set(precisions) <= set(PRECISIONS):
+        raise DnisError(
+            f"the plan's precisions {precisions} are not one of {PRECISIONS} for each of its "
+            f"{blocks.num_blocks} blocks; rerun the search"
+        )
     module = QuantizedBlockEmbedding(layout, plan.dim, blocks, keep, precisions)
     saved = state.get("block_precision")
     if saved is not None and not torch.equal(saved.cpu(), module.block_precision):
@@ -421,7 +426,28 @@ def _quantized(e: QuantizedEmbedding) -> tuple[list[FieldPlan], dict[str, Any]]:
 
 
 def _build_quantized(plan: EmbeddingPlan, layout: FieldLayout, state: State) -> FieldEmbedding:
-    return QuantizedEmbedding(layout, plan.dim, str(plan.options["precision"]))
+    precision = str(plan_option(plan, "precision"))
+    if precision not in PRECISIONS:
+        raise DnisError(f"the plan's precision {precision!r} is not one of {PRECISIONS}")
+    module = QuantizedEmbedding(layout, plan.dim, precision)
+    codes, saved = module.codes, tensor(state, "codes", plan.kind)
+    if saved.dtype != codes.dtype or saved.shape != codes.shape:
+        raise DnisError(
+            f"the saved codes ({saved.dtype}, {list(saved.shape)}) are not those of a {precision} "
+            f"table ({codes.dtype}, {list(codes.shape)}); the file is not the one the plan was "
+            "written with: rerun"
+        )
+    return module
+
+
+def plan_option(plan: EmbeddingPlan, key: str) -> Any:
+    """Option `key` of a plan, or a DnisError naming it."""
+    if key not in plan.options:
+        raise DnisError(
+            f"the {plan.kind} plan lacks its option {key!r} (options: {sorted(plan.options)}); "
+            "rerun the search that wrote it"
+        )
+    return plan.options[key]
 
 
 register_kind("full", FusedEmbedding, _full, lambda p, layout, s: FusedEmbedding(layout, p.dim))

@@ -3,9 +3,9 @@
 A budget here is a share of the full-width fp32 embedding's bytes (as `int8`/`int4`'s, see
 `dnis.search.ptq`). The pipeline (one search serves every budget):
 
-1. Search. DNIS's warm-up and bilevel search (the `search:` options), with a static schedule:
-   the gradual pruning phase prunes to parameter budgets, which a byte budget does not fix
-   until the precisions are chosen.
+1. Search. DNIS's warm-up and bilevel search (the `search:` options but those it sets itself,
+   `PRECISION_FIXED`): a static schedule, since the gradual pruning phase prunes to parameter
+   budgets, which a byte budget does not fix until the precisions are chosen.
 2. Sensitivity. On the searched model (alpha folded into the table), block k's rows are served
    at precision p (row-wise quantized) while every other block stays fp32, and the validation
    metric is read: `sensitivity[k][p]`, the metric lost to storing block k at p (one evaluation
@@ -48,9 +48,10 @@ from dnis.errors import BudgetError, ConfigError
 from dnis.models.base import Model
 from dnis.search.dnis import DnisConfig, SearchState, block_mixed, search
 from dnis.search.methods import register_method
-from dnis.search.prune import FP32_BYTES, block_saliency
+from dnis.search.prune import block_saliency
 from dnis.search.result import SearchResult
 from dnis.search.training import Job, block_report
+from dnis.train.trainer import resolve_device
 
 
 @dataclass
@@ -68,8 +69,8 @@ class PrecisionConfig(DnisConfig):
             raise ConfigError(
                 f"precisions must be a non-empty list of {PRECISIONS}, got {self.precisions}"
             )
-        if any(t < 0 for t in self.tolerances):
-            raise ConfigError(f"tolerances must be >= 0, got {self.tolerances}")
+        if not all(t >= 0 for t in self.tolerances):  # refuses NaN too
+            raise ConfigError(f"tolerances must be numbers >= 0, got {self.tolerances}")
         if self.granularity != "block":
             raise ConfigError("dnis-precision stores whole blocks: granularity must be block")
 
@@ -126,11 +127,6 @@ class Allocation:
     valid: dict[str, float] = field(default_factory=dict)  # as served, before fine-tuning
 
 
-def block_bytes(sizes: list[int], widths: list[int], precisions: list[str]) -> int:
-    """Bytes the blocks' rows store at their widths and precisions."""
-    return sum(n * row_bytes(w, p) for n, w, p in zip(sizes, widths, precisions, strict=True))
-
-
 def fixed_bytes(state: SearchState) -> int:
     """Bytes a QuantizedBlockEmbedding of this search stores whatever it keeps (its structure)."""
     soft, blocks = state.embedding, state.blocks
@@ -171,12 +167,24 @@ def allocate_bytes(
 def cheapest(
     sensitivity: list[dict[str, float]], allowed: list[str], tolerance: float
 ) -> list[str]:
-    """Per block, the allowed precision of fewest bits that loses at most `tolerance`."""
+    """Per block, the allowed precision of fewest bits that loses at most `tolerance` (the
+    allowed one of most bits when none does)."""
     by_bits = sorted(allowed, key=lambda p: BITS[p])
     out = []
     for lost in sensitivity:
         fits = [p for p in by_bits if p == "fp32" or lost[p] <= tolerance]
-        out.append(fits[0] if fits else "fp32")
+        out.append(fits[0] if fits else by_bits[-1])
+    return out
+
+
+def undominated(keep: torch.Tensor, precisions: list[str], allowed: list[str]) -> list[str]:
+    """Each block's precision, or an allowed one of more bits whose rows are no larger at the
+    block's width: below width 4, fp16 rows (2 bytes a value) are smaller than int8 rows (a
+    byte a value plus 4 of scale and bias), and the same holds for int4 below width 3."""
+    out = []
+    for width, precision in zip(keep.sum(1).tolist(), precisions, strict=True):
+        better = [p for p in allowed if BITS[p] >= BITS[precision]]
+        out.append(min(better, key=lambda p: (row_bytes(width, p), -BITS[p])))
     return out
 
 
@@ -208,7 +216,8 @@ class Allocator:
         state, config = self.state, self.config
         compact = block_mixed(state.embedding, state.blocks, keep, self.table, config.placement)
         embedding = FakeQuantBlockMixed(compact, precisions)
-        return swap_embedding(self.job.make_model, embedding, self.dense)
+        model: Model = swap_embedding(self.job.make_model, embedding, self.dense)
+        return model.to(resolve_device(self.job.train.device))
 
     def _sensitivity(self, everything: torch.Tensor) -> list[dict[str, float]]:
         metric, task = self.job.task.metric, self.job.task
@@ -241,10 +250,17 @@ class Allocator:
                    for t in self.config.tolerances}  # fmt: skip
         choices.update({f"all {p}": [p] * blocks for p in self.config.precisions})
         seen, out = set(), []
-        for label, precisions in choices.items():
-            keep, spent = allocate_bytes(
-                self.score, self.tiebreak, self.state.blocks, precisions, space
-            )
+        for label, chosen in choices.items():
+            keep, spent = self.fit(chosen, space)
+            precisions = undominated(keep, chosen, self.config.precisions)
+            if precisions != chosen:  # the bytes freed may buy more dims
+                wider, more = self.fit(precisions, space)
+                if wider.sum() >= keep.sum():
+                    keep, spent = wider, more
+                else:  # the same dims, in no more bytes than before
+                    spent = sum(n * row_bytes(w, p) for n, w, p in
+                                zip(self.state.blocks.size, keep.sum(1).tolist(), precisions,
+                                    strict=True))  # fmt: skip
             key = (tuple(precisions), keep.numpy().tobytes())
             if key in seen or not keep.any():
                 continue
@@ -253,6 +269,10 @@ class Allocator:
         for allocation in out:
             allocation.valid = self.served(allocation.keep, allocation.precisions)
         return out
+
+    def fit(self, precisions: list[str], space: int) -> tuple[torch.Tensor, int]:
+        """The dims kept at `precisions` within `space` bytes, and the bytes they take."""
+        return allocate_bytes(self.score, self.tiebreak, self.state.blocks, precisions, space)
 
     def best(self, candidates: list[Allocation]) -> Allocation:
         task = self.job.task
@@ -294,18 +314,28 @@ def allocation_report(chosen: Allocation, candidates: list[Allocation], metric: 
     }
 
 
-@register_method("dnis-precision", PrecisionConfig, fixed=("budgets",), unit="bytes")
+# DNIS options dnis-precision sets itself: a static schedule (the gradual phase prunes to
+# parameter budgets, which a byte budget does not fix before the precisions are chosen), the
+# searched structure and placement (the candidates are scored with the searched dense weights,
+# whose dims must line up with the table's), and no gradual floor
+PRECISION_FIXED = ("budgets", "schedule", "structure", "placement", "min_width")
+
+
+@register_method("dnis-precision", PrecisionConfig, fixed=PRECISION_FIXED, unit="bytes")
 def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResult]:
     """One DNIS search; per byte budget, widths and precisions allocated, fine-tuned with
     quantization-aware training, and stored quantized."""
-    config = replace(config, budgets=list(job.budgets), schedule="static")
+    config = replace(
+        config, budgets=list(job.budgets), schedule="static", structure="searched",
+        placement="searched", min_width=0.0,
+    )  # fmt: skip
     state = search(job.make_model, job.dataset, dim=job.dim, config=config, train=job.train)
     allocator = Allocator(job, state, config)
     names = job.dataset.schema.names
     results = []
     for budget in job.budgets:
         started = time.perf_counter()
-        budget_bytes = FP32_BYTES * job.target(budget)
+        budget_bytes = job.target_bytes(budget)
         candidates = allocator.candidates(budget_bytes)
         if not candidates:
             raise BudgetError(

@@ -59,20 +59,24 @@ def parse_byte_size(value: str, where: str = "budget") -> int:
             f"{where} {value!r} is not a byte size: write a number and a unit, e.g. 2MB or "
             f"1.5MiB (units: {', '.join(['B', 'kB', 'MB', 'GB', 'KiB', 'MiB', 'GiB'])})"
         )
-    size = int(float(match.group(1)) * unit)
-    if size < 1:
-        raise ConfigError(f"{where} {value!r} is less than one byte")
-    return size
+    size = float(match.group(1)) * unit
+    if size < 1 or size != int(size):
+        raise ConfigError(f"{where} {value!r} is not a whole number of bytes (at least 1)")
+    return int(size)
 
 
 def bytes_fraction(size: int, full_params: int, where: str = "budget") -> float:
-    """A byte budget as the fraction of the full-width fp32 table's bytes it is."""
+    """A byte budget as a fraction of the full-width fp32 table: the whole parameters (4 bytes
+    each) that fit in `size` bytes, over the full table's, so the budget never grows past `size`
+    when it is turned back into parameters (`budget_params`) or bytes."""
     full = FP32_BYTES * full_params
     if size > full:
         raise ConfigError(
             f"{where}: {size:,} bytes is more than the full-width fp32 embedding ({full:,} bytes)"
         )
-    return size / full
+    if size < FP32_BYTES:
+        raise ConfigError(f"{where}: {size} bytes is less than one fp32 parameter (4 bytes)")
+    return (size // FP32_BYTES) / full_params
 
 
 def padding_rows(layout: FieldLayout) -> torch.Tensor:

@@ -27,7 +27,6 @@ from dnis.embeddings.masked import dense_state, swap_embedding
 from dnis.embeddings.quantized import QuantizedEmbedding, row_bytes, widest_row
 from dnis.errors import BudgetError
 from dnis.search.methods import Options, register_method
-from dnis.search.prune import FP32_BYTES
 from dnis.search.result import SearchResult
 from dnis.search.training import INIT_STD, Job
 
@@ -42,14 +41,9 @@ class PtqOptions(Options):
         self.require(self.init_std > 0, "init_std", "must be > 0")
 
 
-def budget_bytes(job: Job, budget: float) -> int:
-    """A budget as bytes: its parameter count (`Job.target`) at 4 bytes each."""
-    return FP32_BYTES * job.target(budget)
-
-
 def ptq_width(job: Job, budget: float, precision: str) -> int:
     """The widest uniform width whose quantized rows fit the budget's bytes."""
-    per_row = budget_bytes(job, budget) / job.layout.total_rows
+    per_row = job.target_bytes(budget) / job.layout.total_rows
     width = widest_row(per_row, precision, job.dim)
     if width < 1:
         raise BudgetError(

@@ -18,7 +18,7 @@ from dnis.embeddings.blocks import BlockLayout
 from dnis.embeddings.layout import FieldLayout
 from dnis.errors import DnisError
 from dnis.models.base import Model
-from dnis.search.prune import budget_params
+from dnis.search.prune import FP32_BYTES, budget_params
 from dnis.search.result import SearchResult
 from dnis.tasks import make_task
 from dnis.tasks.base import Task
@@ -124,6 +124,11 @@ class Job:
     def target(self, budget: float) -> int:
         """A budget as a parameter count."""
         return budget_params(budget, self.full)
+
+    def target_bytes(self, budget: float) -> int:
+        """A budget as stored bytes (for the methods that count bytes): its parameter count at
+        fp32, 4 bytes each."""
+        return FP32_BYTES * self.target(budget)
 
     def fit(
         self,

@@ -81,6 +81,8 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     ).reset_index()
     table["std"] = table["std"].fillna(0.0)
     table["size"] = table[size]
+    # a cell storing more bytes than its byte budget (an fp32 method's index structures)
+    table["over"] = (table["memory_bytes"] > table["budget_bytes"]) & (size == "memory_bytes")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     score = sign * table["mean"]
     table["pareto"] = [
@@ -95,7 +97,8 @@ def dnis_standing(table: pd.DataFrame, metric: str, ours: str = "dnis") -> list[
     """Per budget: DNIS (or the DNIS method `ours`, e.g. dnis-precision in a byte grid) against
     the best other method at that budget, and by how much.
 
-    Every method is held to the same budget, so the budget is the fair unit of comparison.
+    Every method is held to the same budget, so the budget is the fair unit of comparison; a
+    cell that stores more than its byte budget (`over`) is not a competitor at that budget.
     `margin` is ours minus the best other method, signed so that > 0 means ours is better;
     `noise` is the two cells' stds combined (sqrt of the sum of squares)."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
@@ -103,6 +106,8 @@ def dnis_standing(table: pd.DataFrame, metric: str, ours: str = "dnis") -> list[
     out = []
     for budget, group in table.groupby("budget", sort=True):
         mine, others = group[group["method"] == ours], group[group["method"] != ours]
+        if "over" in others.columns:
+            others = others[~others["over"].astype(bool)]
         if mine.empty or others.empty:
             continue
         dnis = mine.iloc[0]
@@ -110,7 +115,9 @@ def dnis_standing(table: pd.DataFrame, metric: str, ours: str = "dnis") -> list[
         margin = sign * (dnis["mean"] - best["mean"])
         noise = float((dnis["std"] ** 2 + best["std"] ** 2) ** 0.5)
         rank = 1 + int((sign * others["mean"] > sign * dnis["mean"]).sum())
-        if margin >= 0:
+        if "over" in mine.columns and bool(dnis["over"]):
+            verdict = f"{label} over its byte budget"
+        elif margin >= 0:
             verdict = f"{label} best"
         elif min(dnis["seeds"], best["seeds"]) < 2:
             verdict = f"behind {best['method']} (one seed: no std to read it against)"
@@ -205,7 +212,8 @@ def write_compare_report(
         text += (
             " Budgets count stored bytes, as a fraction of the full-width fp32 embedding's; "
             "memory is every stored tensor (values at their precision, scales, index "
-            "structures), and (x of budget) marks a cell whose index structures take it over."
+            "structures), and (x of budget) marks a cell whose index structures take it over "
+            "(such a cell is no competitor in the standings below)."
         )
     text += "\n\n" + metric_table(shown, list(shown[0]))
     for ours in ("dnis", "dnis-precision"):
