@@ -141,3 +141,16 @@ def test_a_cell_over_its_byte_budget_is_no_competitor_in_the_standing():
                          "budget_bytes": 1000})  # fmt: skip
     (standing,) = dnis_standing(summarize(pd.DataFrame(rows), "rmse"), "rmse", "dnis-precision")
     assert standing["best other"] == "int8" and standing["verdict"] == "dnis-precision best"
+
+
+def test_quantization_aware_baselines_serve_what_they_trained(tmp_path):
+    assert main(["compare", "--config", str(write(tmp_path, methods=["int4-qat", "int8-qat"],
+                                                   budgets=[0.125]))]) == 0  # fmt: skip
+    for name in ("int4-qat", "int8-qat"):
+        (cell,) = (run_dir(tmp_path) / "cells").glob(f"{name}-seed0.json")
+        (row,) = json.loads(cell.read_text(encoding="utf-8"))
+        # trained with every row served quantized, then stored quantized: the same model
+        assert row["metrics"]["valid"]["auc"] == pytest.approx(row["before"]["valid"]["auc"],
+                                                               abs=1e-6)  # fmt: skip
+        assert row["memory_bytes"] <= row["budget_bytes"]
+        assert "test" not in row["before"]  # the test split is read once, by the stored model

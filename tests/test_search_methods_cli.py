@@ -47,6 +47,7 @@ KINDS = {  # the embedding kind each method's compact model is
     "optfs": "kept-rows", "pep": "ragged", "dsl": "ragged", "magprune": "ragged",
     "dnis-nested": "block-mixed", "matryoshka": "block-mixed",
     "int8": "quantized", "int4": "quantized", "dnis-precision": "quantized-blocks",
+    "int8-qat": "quantized", "int4-qat": "quantized",
 }  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""`int8` and `int4`: post-training quantization of the uniform model, the byte-budget baselines.
+"""`int8`, `int4`: post-training quantization of the uniform model; `int8-qat`, `int4-qat`: the
+same trained quantization-aware. The byte-budget baselines.
 
 A budget here is a share of the full-width fp32 embedding's bytes (`budget` of 4 * rows * dim
 bytes, or a count > 1 of parameters, 4 bytes each): the bytes a deployment stores, which is the
@@ -9,12 +10,15 @@ unit these methods compete in (`compare.budget_unit: bytes`). Per budget:
    Every row of every field gets w, as the uniform baseline gives every field the same width.
 2. Train. The model around a fp32 `FusedEmbedding` of width w, under the job's train config:
    early-stopped on validation like every method.
+   The `-qat` methods train it with every looked-up row served quantized at the precision
+   (`FakeQuantFused`: straight-through rounding), so the model learns around the rounding: the
+   control that tells what dnis-precision's search adds beyond quantization-aware training.
 3. Quantize. Its table, row by row, to the precision (`QuantizedEmbedding.from_table`); the dense
-   layers stay fp32. No fine-tuning (that would be quantization-aware training, not PTQ). The
-   quantized model is evaluated on valid and test once.
+   layers stay fp32. PTQ does not fine-tune. The quantized model is evaluated on valid and test
+   once (the trained model is not evaluated on test).
 
-A result's `before` holds the fp32 model's valid and test metrics (what quantization cost),
-`dims[field]` its width and precision.
+A result's `before` holds the trained model's validation metrics (for PTQ at fp32: what the
+quantization cost), `dims[field]` its width and precision.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+
 from dnis.embeddings.fused import FusedEmbedding
+from dnis.embeddings.layout import FieldLayout
 from dnis.embeddings.masked import dense_state, swap_embedding
-from dnis.embeddings.quantized import QuantizedEmbedding, row_bytes, widest_row
+from dnis.embeddings.quantized import QuantizedEmbedding, fake_quantize, row_bytes, widest_row
 from dnis.errors import BudgetError
 from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
@@ -53,32 +60,62 @@ def ptq_width(job: Job, budget: float, precision: str) -> int:
     return width
 
 
-def post_training_quantized(job: Job, options: PtqOptions, precision: str) -> list[SearchResult]:
-    """Per budget: the uniform model at the widest width that fits, trained, then quantized."""
+class FakeQuantFused(FusedEmbedding):
+    """A uniform table whose lookup serves every row as `precision` stores it, with the gradient
+    of the identity (straight-through rounding): quantization-aware training. Its rows are
+    quantized by their own range, as `QuantizedEmbedding.from_table` stores them."""
+
+    def __init__(self, layout: FieldLayout, dim: int, init_std: float, precision: str) -> None:
+        super().__init__(layout, dim, init_std)
+        self.precision = precision
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        vectors = super().lookup(rows)
+        return fake_quantize(vectors.reshape(-1, self.dim), self.precision).view_as(vectors)
+
+
+def uniform_quantized(
+    job: Job, options: PtqOptions, precision: str, aware: bool = False
+) -> list[SearchResult]:
+    """Per budget: the uniform model at the widest width that fits, trained (`aware`: serving
+    its rows quantized all along), then stored quantized and evaluated once on valid and test."""
     results = []
     for budget in job.budgets:
         width = ptq_width(job, budget, precision)
-        trained = job.fit(partial(FusedEmbedding, job.layout, width, options.init_std))
-        fp32 = {"valid": trained.valid, "test": trained.test or {}}
-        table = trained.embedding.weight
-        quantized = QuantizedEmbedding.from_table(job.layout, table, precision)
+        table = FakeQuantFused if aware else FusedEmbedding
+        extra = (precision,) if aware else ()
+        trained = job.fit(partial(table, job.layout, width, options.init_std, *extra), test=False)
+        before = {"valid": trained.valid}  # as trained: fp32 (PTQ) or quantized (QAT)
+        quantized = QuantizedEmbedding.from_table(job.layout, trained.embedding.weight, precision)
         model = swap_embedding(job.make_model, quantized, dense_state(trained.model))
         task, batch = job.task, job.train.eval_batch_size
         valid, test = task.evaluate(model, "valid", batch), task.evaluate(model, "test", batch)
         trained.model, trained.embedding = model, quantized
         trained.valid, trained.test = valid, test
         dims = {name: {"block_dims": [width], "precision": precision} for name in job.layout.names}
-        results.append(job.result(budget, trained, dims, before=fp32, unit="bytes"))
+        results.append(job.result(budget, trained, dims, before=before, unit="bytes"))
     return results
 
 
 @register_method("int8", PtqOptions, unit="bytes")
 def int8_method(job: Job, options: PtqOptions) -> list[SearchResult]:
     """The uniform model, quantized to int8 rows (fp16 scale and bias) after training."""
-    return post_training_quantized(job, options, "int8")
+    return uniform_quantized(job, options, "int8")
 
 
 @register_method("int4", PtqOptions, unit="bytes")
 def int4_method(job: Job, options: PtqOptions) -> list[SearchResult]:
     """The uniform model, quantized to packed int4 rows (fp16 scale and bias) after training."""
-    return post_training_quantized(job, options, "int4")
+    return uniform_quantized(job, options, "int4")
+
+
+@register_method("int8-qat", PtqOptions, unit="bytes")
+def int8_qat_method(job: Job, options: PtqOptions) -> list[SearchResult]:
+    """The uniform model trained quantization-aware at int8, stored at int8."""
+    return uniform_quantized(job, options, "int8", aware=True)
+
+
+@register_method("int4-qat", PtqOptions, unit="bytes")
+def int4_qat_method(job: Job, options: PtqOptions) -> list[SearchResult]:
+    """The uniform model trained quantization-aware at int4, stored at int4."""
+    return uniform_quantized(job, options, "int4", aware=True)
