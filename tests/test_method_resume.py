@@ -1,5 +1,6 @@
-"""A killed `dnis search --method M --resume` run of any method continues from its checkpoints
-(`dnis.search.training.Phases`) and ends with the results of a run that was never killed."""
+"""A killed `dnis search --method M --resume` run of any method, and a killed `dnis compare`
+cell, continue from their checkpoints (`dnis.search.training.Phases`) and end with the results of
+a run that was never killed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ OPTIONS = {  # short runs with at least two trainings each where the method has 
     "optfs": {"search_epochs": 2, "rewind_epoch": 0},
     "pep": {"extra_epochs": 1},
     "dnis-nested": {"num_blocks": 2, "warmup_epochs": 1, "search_epochs": 2},
+    "dnis-random": {"num_blocks": 2, "warmup_epochs": 1, "search_epochs": 2},
+    "dnis-precision": {"num_blocks": 2, "warmup_epochs": 1, "search_epochs": 2},
 }
 
 
@@ -62,7 +65,19 @@ def count_saves(monkeypatch: pytest.MonkeyPatch, kill_at: int | None = None) -> 
 
 @pytest.mark.parametrize(
     "name",
-    ["hashing", "pep", "optfs", "dsl", "autodim", "matryoshka", "dnis-nested", "magprune"],
+    [
+        "hashing",
+        "pep",
+        "optfs",
+        "dsl",
+        "autodim",
+        "matryoshka",
+        "dnis-nested",
+        "magprune",
+        "dnis-random",
+        "dnis-precision",
+        "int8-qat",
+    ],
 )
 def test_a_killed_method_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, name):
     whole = load_config(write_config(tmp_path / "whole"))
@@ -86,3 +101,33 @@ def test_a_killed_method_run_resumes_to_the_uninterrupted_result(tmp_path, monke
                 assert got.metrics[split][key] == pytest.approx(value, abs=1e-6), (split, key)
         for key, value in want.model.state_dict().items():
             assert torch.allclose(got.model.state_dict()[key], value, atol=1e-6), key
+
+
+def test_a_compare_cell_cut_mid_training_continues_from_its_checkpoints(tmp_path, monkeypatch):
+    from dnis.app.compare import cell_checkpoints, compare
+
+    def grid(root: Path):
+        config = load_config(write_config(root))
+        config.compare.methods, config.compare.seeds = ["pep"], 1
+        config.compare.budgets = [0.5, 0.75]
+        return config
+
+    whole = grid(tmp_path / "whole")
+    saves = count_saves(monkeypatch)
+    expected = compare(whole)
+    total = saves[0]
+    assert total >= 2
+    assert not cell_checkpoints(whole.run_dir(), "pep", 0).exists()  # removed once done
+
+    cut = grid(tmp_path / "cut")
+    count_saves(monkeypatch, kill_at=total // 2)
+    with pytest.raises(Killed):
+        compare(cut)
+    assert cell_checkpoints(cut.run_dir(), "pep", 0).is_dir()
+    saves = count_saves(monkeypatch)
+    resumed = compare(cut)
+    assert saves[0] == total - total // 2, "the resumed cell redid finished epochs"
+    for want, got in zip(expected, resumed, strict=True):
+        for split in ("valid", "test"):
+            for key, value in want["metrics"][split].items():
+                assert got["metrics"][split][key] == pytest.approx(value, abs=1e-6), (split, key)

@@ -1,8 +1,9 @@
 """`dnis compare`: methods x budgets x seeds on one dataset, split and model, resumable.
 
 Each (method, seed) cell runs a method for all budgets (so DNIS searches once per seed) and is
-cached as JSON in `<run>/cells/`; a rerun skips finished cells, so a killed grid resumes where it
-stopped. The data split is the run's seed; the seeds of the grid vary initialisation and
+cached as JSON in `<run>/cells/`; a rerun skips finished cells, and a cell that a kill cut short
+continues from the last epoch its trainings checkpointed (`<run>/cells/<method>-seed<k>.checkpoints`,
+removed when the cell is done), so a killed grid resumes where it stopped. The data split is the run's seed; the seeds of the grid vary initialisation and
 shuffling. Inference cost (batch latency, peak memory in a fresh process, on the CPU) is measured
 for the first seed of every method and budget.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,19 +45,28 @@ from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
 from dnis.search.prune import FP32_BYTES, budget_params, bytes_fraction, parse_byte_size
 from dnis.search.result import SearchResult
+from dnis.search.training import Phases
 
 
 def cell_path(run_dir: Path, method_name: str, seed: int) -> Path:
     return run_dir / "cells" / f"{method_name}-seed{seed}.json"
 
 
+def cell_checkpoints(run_dir: Path, method_name: str, seed: int) -> Path:
+    """Where an unfinished cell's trainings keep their checkpoints (removed once it is done)."""
+    return run_dir / "cells" / f"{method_name}-seed{seed}.checkpoints"
+
+
 def run_cell(
     config: Config, dataset, method_name: str, seed: int, measure_inference: bool
 ) -> list[dict[str, Any]]:
+    """One method at every budget for one seed. Its trainings checkpoint every epoch, so a cell
+    cut by a kill continues from its last epoch when the grid is run again."""
     compare = config.compare
     train = replace(config.train, seed=config.seed + seed)
+    checkpoints = cell_checkpoints(config.run_dir(), method_name, seed)
 
-    def run(budgets: list[float]) -> list[SearchResult]:
+    def run(budgets: list[float], folder: Path = checkpoints) -> list[SearchResult]:
         return method(method_name)(
             model_factory(config, dataset),
             dataset,
@@ -63,6 +74,7 @@ def run_cell(
             dim=config.embedding.dim,
             train=train,
             options=method_options(config, method_name),
+            phases=Phases(folder, resume=True, config_hash=config.digest()),
         )
 
     rows: list[dict[str, Any]] = []
@@ -74,7 +86,7 @@ def run_cell(
         results = []
         for budget in budgets:
             try:
-                results += run([budget])
+                results += run([budget], checkpoints / f"budget-{budget}")
             except BudgetError as error:
                 rows.append({"method": method_name, "budget": budget, "seed": seed,
                              "budget_unit": compare.budget_unit,
@@ -234,6 +246,7 @@ def _finish(
     tracker: Tracker,
 ) -> None:
     write_json(cell_path(run_dir, name, seed), rows)
+    shutil.rmtree(cell_checkpoints(run_dir, name, seed), ignore_errors=True)  # done: not needed
     log_rows(tracker, rows)
     if on_cell:
         on_cell(name, seed, seconds)

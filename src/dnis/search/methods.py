@@ -130,6 +130,7 @@ def method(name: str) -> Method:
 def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """DNIS: one search, then prune and retrain per budget."""
     config = replace(config, budgets=list(job.budgets))
+    root = job.phases.root
     return dnis(
         job.make_model,
         job.dataset,
@@ -137,6 +138,9 @@ def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
         budget=list(job.budgets),
         config=config,
         train=job.train,
+        run_dir=None if root is None else root / "dnis",  # its search and retrains resume there
+        resume=job.phases.resume,
+        config_hash=job.phases.config_hash,
     )
 
 

@@ -329,7 +329,12 @@ def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResul
         config, budgets=list(job.budgets), schedule="static", structure="searched",
         placement="searched", min_width=0.0,
     )  # fmt: skip
-    state = search(job.make_model, job.dataset, dim=job.dim, config=config, train=job.train)
+    root = job.phases.root
+    state = search(
+        job.make_model, job.dataset, dim=job.dim, config=config, train=job.train,
+        run_dir=None if root is None else root / "search", resume=job.phases.resume,
+        config_hash=job.phases.config_hash,
+    )  # fmt: skip
     allocator = Allocator(job, state, config)
     names = job.dataset.schema.names
     results = []

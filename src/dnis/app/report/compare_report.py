@@ -82,7 +82,8 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     table["std"] = table["std"].fillna(0.0)
     table["size"] = table[size]
     # a cell storing more bytes than its byte budget (an fp32 method's index structures)
-    table["over"] = (table["memory_bytes"] > table["budget_bytes"]) & (size == "memory_bytes")
+    budget_bytes = pd.to_numeric(table["budget_bytes"], errors="coerce")
+    table["over"] = (size == "memory_bytes") & (table["memory_bytes"] > budget_bytes)
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     score = sign * table["mean"]
     table["pareto"] = [
