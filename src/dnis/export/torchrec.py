@@ -45,7 +45,7 @@ Weights. What weights.pt holds for a table `t` of n rows, by its data_type:
     INT4  t.weight  uint8 [n, embedding_dim / 2]: two codes a byte, column 2j in the low nibble;
           t.weight_qscale, t.weight_qbias  float16 [n, 1]
 
-and value j of row r is code[r, j] * scale[r] + bias[r], in float32 (`dequantize_rows`). These are
+and value j of row r is `code[r, j] * scale[r] + bias[r]`, in float32 (`dequantize_rows`). These are
 the module's own stored bytes, unchanged: dnis quantizes row-wise with an fp16 scale and bias
 (`dnis.embeddings.quantized`), which is the row layout of TorchRec's quantized
 `EmbeddingBagCollection` (`torchrec.quant.embedding_modules`, FBGEMM's
@@ -60,7 +60,7 @@ the extra column being the zero-code nibble each row already stores (its value i
 bias, not 0): `padding_columns` says so and the routing drops it. In memory FBGEMM also pads every
 row to `row_alignment` bytes (16 by default); the files hold the rows unpadded.
 
-Bytes. manifest["torchrec"]["modules"][path]["bytes"] counts the table tensors of weights.pt
+Bytes. `manifest["torchrec"]["modules"][path]["bytes"]` counts the table tensors of weights.pt
 (codes or values, scales and biases): exactly the rows' `row_bytes`. "memory_bytes" is the
 module's own `memory_bytes()`, which also counts the state-dict entries that are structure, not
 rows, listed with their bytes in "structure_bytes" (`keep`: one byte per block and dim, and for a
@@ -75,7 +75,7 @@ returns), the ids in the field's slots [slot_start, slot_start + slots) that fal
 to the table at row id - id_start; a sequence field's padding id 0 (`padding_id`) is dropped,
 while id 0 of any other field is its learned out-of-vocabulary row. A table whose `row_ids` names
 row_ids.pt (a kept-rows table: id_start 0, id_end the field's cardinality) holds only some ids:
-row r holds encoded id row_ids.pt[<table>][r] (ascending, so a binary search finds an id's row),
+row r holds encoded id `row_ids.pt[<table>][r]` (ascending, so a binary search finds an id's row),
 and an id not listed has no row: it is dropped from the bag like padding (TorchRec has no
 missing-id value), which adds the zero vector the model reads for it. Column j < len(kept_dims) of
 the table is dim kept_dims[j] of the module's width-`dim` field vector (the last
@@ -401,7 +401,7 @@ def unique(names: list[str]) -> list[str]:
 
 
 def structure_of(module: nn.Module) -> str:
-    """How a module's rows become tables (manifest["torchrec"]["modules"][path]["structure"])."""
+    """How a module's rows become tables (`manifest["torchrec"]["modules"][path]["structure"]`)."""
     if isinstance(module, BlockMixedEmbedding | QuantizedBlockEmbedding):
         return "block"  # a table per field and frequency block
     if isinstance(module, FieldSubsetEmbedding):
@@ -633,7 +633,7 @@ class TorchRecTables:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, held) of encoded ids of the table's field (any shape): `held` where the table
         has a row for the id, `row` that row there. Row r holds id id_start + r, or, for a table
-        with `row_ids`, id row_ids[r] (ids not listed have no row). Padding is not dropped here.
+        with `row_ids`, id `row_ids[r]` (ids not listed have no row). Padding is not dropped here.
         """
         route = table["dnis"]
         held = (ids >= route["id_start"]) & (ids < route["id_end"])
