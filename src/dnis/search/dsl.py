@@ -293,20 +293,19 @@ def dsl_method(job: Job, config: DslConfig) -> list[SearchResult]:
         final: Model = swap_embedding(make_model, run.embedding.to_ragged(), dense_state(run.model))
         test = run.task.evaluate(final, "test", train.eval_batch_size)
         results.append(
-            SearchResult(
-                method="dsl",
-                metric=run.task.metric,
-                budget=budget,
-                full_params=layout.total_rows * dim,
-                embedding_params=final.embedding.num_parameters(),
-                memory_bytes=final.embedding.memory_bytes(),
-                dims=width_report(run.embedding.row_widths(), layout, blocks, dataset.schema.names),
-                metrics={"valid": run.valid, "test": test},
+            SearchResult.of_model(
+                "dsl",
+                run.task.metric,
+                budget,
+                layout.total_rows * dim,
+                final,
+                width_report(run.embedding.row_widths(), layout, blocks, dataset.schema.names),
+                run.valid,
+                test,
                 search_seconds=run.seconds,
                 retrain_seconds=0.0,
                 train_epochs=len(run.history),  # DSL trains once: its sparse training is the search
                 history=run.history,
-                model=final,
             )
         )
     return results

@@ -188,15 +188,15 @@ def magprune_method(job: Job, config: MagPruneConfig) -> list[SearchResult]:
         for entry in dims.values():
             entry.update(threshold=threshold, finetune_best_epoch=tuned.best_epoch)
         results.append(
-            SearchResult(
-                method=job.method,
-                metric=job.task.metric,
-                budget=budget,
-                full_params=job.full,
-                embedding_params=model.embedding.num_parameters(),
-                memory_bytes=model.embedding.memory_bytes(),
-                dims=dims,
-                metrics={"valid": tuned.valid, "test": test},
+            SearchResult.of_model(
+                job.method,
+                job.task.metric,
+                budget,
+                job.full,
+                model,
+                dims,
+                tuned.valid,
+                test,
                 before=full.before,
                 pruned=tuned.pruned,
                 search_seconds=full.seconds,
@@ -204,7 +204,6 @@ def magprune_method(job: Job, config: MagPruneConfig) -> list[SearchResult]:
                 train_epochs=tuned.epochs,
                 epoch_cap_hit=tuned.capped,
                 history=full.history,
-                model=model,
             )
         )
     return results

@@ -355,22 +355,21 @@ def pep_retrain(
     dims = width_report(masked.row_widths(), layout, search.blocks, task.dataset.schema.names)
     for entry in dims.values():
         entry.update(snapshot=snapshot.source, snapshot_step=snapshot.step)
-    return SearchResult(
-        method="pep",
-        metric=task.metric,
-        budget=search.budgets[index],
-        full_params=layout.total_rows * dim,
-        embedding_params=final.embedding.num_parameters(),
-        memory_bytes=final.embedding.memory_bytes(),
-        dims=dims,
-        metrics={"valid": fit.valid, "test": test},
+    return SearchResult.of_model(
+        "pep",
+        task.metric,
+        search.budgets[index],
+        layout.total_rows * dim,
+        final,
+        dims,
+        fit.valid,
+        test,
         pruned=pruned,
         search_seconds=search.seconds,
         retrain_seconds=time.perf_counter() - started,
         train_epochs=len(fit.history),
         epoch_cap_hit=fit.capped,
         history=search.history,
-        model=final,
     )
 
 

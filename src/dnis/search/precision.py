@@ -359,15 +359,15 @@ def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResul
                 chosen.precisions[b] for b in state.blocks.blocks_of(f)
             ]
         results.append(
-            SearchResult(
-                method=job.method,
-                metric=job.task.metric,
-                budget=budget,
-                full_params=job.full,
-                embedding_params=quantized.num_parameters(),
-                memory_bytes=quantized.memory_bytes(),
-                dims=dims,
-                metrics={"valid": valid, "test": test},
+            SearchResult.of_model(
+                job.method,
+                job.task.metric,
+                budget,
+                job.full,
+                served,
+                dims,
+                valid,
+                test,
                 before=state.before,
                 pruned=chosen.valid,
                 search_seconds=state.seconds,
@@ -375,7 +375,6 @@ def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResul
                 train_epochs=len(fit.history),
                 epoch_cap_hit=fit.capped,
                 history=state.history,
-                model=served,
                 unit="bytes",
                 choice={
                     **allocation_report(chosen, candidates, job.task.metric),

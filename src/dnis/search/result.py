@@ -69,19 +69,36 @@ class SearchResult:
     ) -> SearchResult:
         """The result of a model trained around a compact embedding (`training.Trained`): its
         parameters and memory are read off that embedding, so no method can misreport them."""
+        return cls.of_model(
+            method, metric, budget, full_params, trained.model, dims, trained.valid,
+            trained.test or {}, retrain_seconds=trained.seconds, train_epochs=trained.epochs,
+            epoch_cap_hit=trained.capped, **extra,
+        )  # fmt: skip
+
+    @classmethod
+    def of_model(
+        cls,
+        method: str,
+        metric: str,
+        budget: float,
+        full_params: int,
+        model: Model,
+        dims: dict[str, Any],
+        valid: dict[str, float],
+        test: dict[str, float],
+        **extra: Any,
+    ) -> SearchResult:
+        """The result of a compact model, its parameters and memory read off its embedding."""
         return cls(
             method=method,
             metric=metric,
             budget=budget,
             full_params=full_params,
-            embedding_params=trained.embedding.num_parameters(),
-            memory_bytes=trained.embedding.memory_bytes(),
+            embedding_params=model.embedding.num_parameters(),
+            memory_bytes=model.embedding.memory_bytes(),
             dims=dims,
-            metrics={"valid": trained.valid, "test": trained.test or {}},
-            retrain_seconds=trained.seconds,
-            train_epochs=trained.epochs,
-            epoch_cap_hit=trained.capped,
-            model=trained.model,
+            metrics={"valid": valid, "test": test},
+            model=model,
             **extra,
         )
 
