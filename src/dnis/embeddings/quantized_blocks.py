@@ -18,10 +18,10 @@ compares, was most of the lookup with 130 blocks). Per precision, every row gath
 the widest row's units (bytes or values) from its first unit (rows of other precisions read the
 buffer's first window; slots past a row's end read a neighbour; neither is ever used; a block
 ending less than a window before the buffer's end reads windows that end where its rows end), and
-dequantizes it with float arithmetic (`floor` for the nibbles), giving every row a few value
-slots; one `gather` then picks, for every output dim, the slot of that dim in the row's block, or
-a zero column where the block prunes it. No scatter, no bit operations, no searchsorted: it
-traces and exports to ONNX (opset 17). Eagerly the windows are gathered as the rows of one
+dequantizes it as `dequantize_rows` does (float arithmetic for the nibbles under a trace or an
+export), giving every row a few value slots; one `gather` then picks, for every output dim, the
+slot of that dim in the row's block, or a zero column where the block prunes it. No scatter, no
+searchsorted: it traces and exports to ONNX (opset 17). Eagerly the windows are gathered as the rows of one
 overlapping view of the buffer; traced, through a flat index (the view has no ONNX form).
 """
 
@@ -39,6 +39,7 @@ from dnis.embeddings.quantized import (
     PRECISIONS,
     check_precision,
     code_bytes,
+    dequantize_rows,
     is_integer,
     quantize_rows,
 )
@@ -183,20 +184,17 @@ class QuantizedBlockEmbedding(FieldEmbedding):
         start = start + getattr(self, f"first_{p}").index_select(0, block)
         if eager:  # the windows as the rows of one overlapping view: no index per unit
             windows = codes.as_strided((codes.numel() - window + 1, window), (1, 1))
-            values = windows.index_select(0, start).float()
+            values = windows.index_select(0, start)
         else:
             index = (start.unsqueeze(1) + getattr(self, f"window_{p}")).reshape(-1)
-            values = codes.index_select(0, index).view(-1, window).float()
+            values = codes.index_select(0, index).view(-1, window)
         if not is_integer(p):
-            return values
+            return dequantize_rows(values, None, None, p, self.slot_counts[p])
         scale, bias = getattr(self, f"scale_{p}"), getattr(self, f"bias_{p}")
         entry = flat + getattr(self, f"row_{p}").index_select(0, block)
         entry = entry.clamp(0, scale.numel() - 1)  # rows of other precisions read any entry
-        if p == "int4":
-            high = torch.floor(values / 16)
-            values = torch.stack([values - 16 * high, high], dim=-1).flatten(-2)
-        scale = scale.index_select(0, entry).float().unsqueeze(1)
-        return values * scale + bias.index_select(0, entry).float().unsqueeze(1)
+        scale, bias = scale.index_select(0, entry), bias.index_select(0, entry)
+        return dequantize_rows(values, scale, bias, p, self.slot_counts[p])
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)

@@ -11,12 +11,14 @@ A budget here is a share of the full-width fp32 embedding's bytes (as `int8`/`in
    metric is read: `sensitivity[k][p]`, the metric lost to storing block k at p (one evaluation
    per block and precision).
 3. Allocation, per budget. For each tolerance t of `tolerances` (metric units), every block takes
-   the cheapest allowed precision that loses at most t (fp32 when none does); then dims are kept
+   the cheapest allowed precision that loses at most t (the allowed one of most bits when none
+   does); then dims are kept
    by descending score (alpha, ties by saliency, as DNIS ranks them) while the bytes fit: a kept
    dim of block k costs its rows at k's precision, and a block's first kept dim also its rows'
    scales and biases (int8/int4); int4 rows round up to whole bytes, and the module's fixed
    structure (`keep`, precision codes) comes off the budget first, so the stored bytes are
-   within the budget exactly. Every candidate, and one with every block at each allowed
+   within the budget exactly; a narrow int8/int4 block whose rows fp16 stores in no more bytes
+   moves to fp16 (`undominated`) and the freed bytes are refitted. Every candidate, and one with every block at each allowed
    precision, is evaluated on validation as it would be served (pruned and quantized, not
    retrained), and the best is kept: cheap precision where the searched model does not notice
    it, width where it does.
