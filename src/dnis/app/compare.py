@@ -2,10 +2,11 @@
 
 Each (method, seed) cell runs a method for all budgets (so DNIS searches once per seed) and is
 cached as JSON in `<run>/cells/`; a rerun skips finished cells, and a cell that a kill cut short
-continues from the last epoch its trainings checkpointed (`<run>/cells/<method>-seed<k>.checkpoints`,
-removed when the cell is done), so a killed grid resumes where it stopped. The data split is the run's seed; the seeds of the grid vary initialisation and
-shuffling. Inference cost (batch latency, peak memory in a fresh process, on the CPU) is measured
-for the first seed of every method and budget.
+continues from the last epoch its trainings checkpointed (in
+`<run>/cells/<method>-seed<k>.checkpoints`, removed when the cell is done), so a killed grid
+resumes where it stopped. The data split is the run's seed; the seeds of the grid vary
+initialisation and shuffling. Inference cost (batch latency, peak memory in a fresh process, on
+the CPU) is measured for the first seed of every method and budget.
 
 With `compare.jobs` > 1, cells run in that many fresh processes (each loads the data itself), so a
 16-core machine or one GPU shared by several processes runs the grid at once; latencies measured
@@ -121,8 +122,8 @@ def grid_budgets(compare: CompareConfig, full_params: int) -> list[float]:
 
 
 def check_units(compare: CompareConfig) -> None:
-    """Refuse a method that keeps bytes within its budgets (int8, int4) in a grid that counts
-    parameters: its cells would not be comparable."""
+    """Refuse a method that keeps bytes within its budgets (the quantized ones) in a grid that
+    counts parameters: its cells would not be comparable."""
     for name in compare.methods:
         if method(name).unit == "bytes" and compare.budget_unit != "bytes":
             raise ConfigError(

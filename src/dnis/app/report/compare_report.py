@@ -197,10 +197,9 @@ def write_compare_report(
         for r in table.itertuples()
     ]  # fmt: skip
     unit = table.attrs["unit"]
-    if unit == "bytes":
-        for row, r in zip(shown, table.itertuples(), strict=True):
-            over = r.memory_bytes > r.budget_bytes  # fp32 methods' index structures, on top
-            row["memory"] += f" ({r.memory_bytes / r.budget_bytes:.2f} of budget)" if over else ""
+    for row, r in zip(shown, table.itertuples(), strict=True):
+        if r.over:  # an fp32 method's index structures, on top of its byte budget
+            row["memory"] += f" ({r.memory_bytes / r.budget_bytes:.2f} of budget)"
     counted = "bytes stored" if unit == "bytes" else "parameters"
     text = (
         f"# {title}\n\nTest {metric}, mean ± std over seeds; ★ = Pareto-optimal (no other cell has "
