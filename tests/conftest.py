@@ -14,6 +14,13 @@ from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.models import build
 from dnis.models.base import Model
 
+# the synthetic CTR data of the compare-grid tests: three fields of 40 ids (two carry signal)
+SYNTHETIC_CTR = {
+    "name": "synthetic",
+    "task": "ctr",
+    "options": {"n_rows": 3000, "ranks": [4, 2], "noise_fields": 1, "vocab": 40},
+}
+
 
 @pytest.fixture(autouse=True)
 def _few_threads() -> None:

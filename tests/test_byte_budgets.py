@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import SYNTHETIC_CTR
 
 from dnis.cli import main
 from dnis.embeddings.quantized import row_bytes
@@ -21,11 +22,7 @@ FULL_BYTES = 4 * TOTAL_ROWS * DIM
 GRID = {
     "name": "bytes",
     "seed": 0,
-    "dataset": {
-        "name": "synthetic",
-        "task": "ctr",
-        "options": {"n_rows": 3000, "ranks": [4, 2], "noise_fields": 1, "vocab": 40},
-    },
+    "dataset": SYNTHETIC_CTR,
     "model": {"name": "fm"},
     "embedding": {"dim": DIM},
     "train": {"epochs": 2, "batch_size": 512, "lr": 0.003},

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import SYNTHETIC_CTR
 
 from dnis.app.compare import compare
 from dnis.app.config import load_config
@@ -23,11 +24,7 @@ from dnis.io import write_json
 GRID = {
     "name": "grid",
     "seed": 0,
-    "dataset": {
-        "name": "synthetic",
-        "task": "ctr",
-        "options": {"n_rows": 3000, "ranks": [4, 2], "noise_fields": 1, "vocab": 40},
-    },
+    "dataset": SYNTHETIC_CTR,
     "model": {"name": "fm"},
     "embedding": {"dim": 8},
     "train": {"epochs": 1, "batch_size": 512, "lr": 0.003},

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SYNTHETIC_CTR
 
 from dnis.cli import main
 from dnis.embeddings.blocks import BlockLayout
@@ -85,11 +86,7 @@ def test_each_block_takes_the_cheapest_precision_within_the_tolerance():
 GRID = {
     "name": "precision",
     "seed": 0,
-    "dataset": {
-        "name": "synthetic",
-        "task": "ctr",
-        "options": {"n_rows": 3000, "ranks": [4, 2], "noise_fields": 1, "vocab": 40},
-    },
+    "dataset": SYNTHETIC_CTR,
     "model": {"name": "fm"},
     "embedding": {"dim": 16},
     "train": {"epochs": 2, "batch_size": 512, "lr": 0.003},
