@@ -83,7 +83,7 @@ CONFIG_CASES = [
     (
         "budget of the wrong type",
         VALID + "search: {budgets: [0.1, nan]}\n",
-        ["line 12", "search.budgets[1]", "expected float"],
+        ["line 12", "search.budgets[1]", "is not a byte size", "or give a fraction"],
     ),
     ("a list for a section", VALID + "search: [1, 2]\n", ["line 12", "search: expected a mapping"]),
     ("not YAML", "dataset: {name: synthetic\n  task: [", ["not valid YAML"]),
@@ -117,7 +117,8 @@ ARGUMENT_CASES = [
     ("--budget nan", ["search", "--budget", "nan"], "'nan' is not a budget"),
     ("--budget inf", ["search", "--budget", "inf"], "'inf' is not a budget"),
     ("--budget -1", ["search", "--budget", "-1"], "'-1' is not a budget"),
-    ("--budget word", ["search", "--budget", "half"], "'half' is not a number"),
+    ("--budget word", ["search", "--budget", "half"], "'half' is not a budget"),
+    ("--budget bad unit", ["search", "--budget", "2MX"], "a byte size (e.g. 2MB"),
     ("--budgets with nan", ["search", "--budgets", "0.1", "nan"], "'nan' is not a budget"),
     ("compare --budgets 0", ["compare", "--budgets", "0"], "'0' is not a budget"),
 ]

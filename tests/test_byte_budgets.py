@@ -151,3 +151,21 @@ def test_quantization_aware_baselines_serve_what_they_trained(tmp_path):
                                                                abs=1e-6)  # fmt: skip
         assert row["memory_bytes"] <= row["budget_bytes"]
         assert "test" not in row["before"]  # the test split is read once, by the stored model
+
+
+def test_search_takes_a_byte_size_and_export_finds_its_model_by_it(tmp_path, capsys):
+    """`dnis search --budget 600B` (the user's path) keeps at most 600 bytes of fp32 values, and
+    `dnis export RUN --budget 600B` picks that model without the user computing its fraction."""
+    path = write(tmp_path)
+    assert main(["search", "--config", str(path), "--budget", "600B", "--quiet",
+                 "--set", "search.warmup_epochs=1", "--set", "search.search_epochs=1"]) == 0  # fmt: skip
+    (result,) = run_dir(tmp_path).glob("result-*.json")
+    saved = json.loads(result.read_text(encoding="utf-8"))
+    assert saved["budget"] == pytest.approx(150 / (TOTAL_ROWS * DIM))  # 150 whole fp32 values
+    assert 4 * saved["embedding_params"] <= 600
+    assert main(["export", str(run_dir(tmp_path)), "--budget", "600B", "--format",
+                 "torchscript", "--output", str(tmp_path / "model.pt")]) == 0  # fmt: skip
+    assert (tmp_path / "model.pt").exists()  # the export folder
+    bad = ["export", str(run_dir(tmp_path)), "--budget", "600 parsecs", "--format", "torchscript"]
+    assert main([*bad, "--output", str(tmp_path / "bad")]) != 0
+    assert "is not a byte size" in capsys.readouterr().err

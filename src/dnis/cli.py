@@ -272,8 +272,9 @@ def budget_arg(text: str) -> float:
     return value
 
 
-def grid_budget_arg(text: str) -> float | str:
-    """A `dnis compare --budgets` value: a budget (`budget_arg`) or a byte size such as 2MB."""
+def sized_budget_arg(text: str) -> float | str:
+    """A `dnis search --budget` or `dnis compare --budgets` value: a budget (`budget_arg`) or a
+    byte size such as 2MB."""
     from dnis.errors import ConfigError
     from dnis.search.prune import parse_byte_size
 
@@ -284,8 +285,8 @@ def grid_budget_arg(text: str) -> float | str:
             parse_byte_size(text)
         except ConfigError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a budget: give a fraction in (0, 1] (e.g. 0.25) or a byte size "
-                "(e.g. 2MB, with --budget-unit bytes)"
+                f"{text!r} is not a budget: give a fraction in (0, 1] (e.g. 0.25), a parameter "
+                "count or a byte size (e.g. 2MB or 1.5MiB)"
             ) from None
         return text
 
@@ -360,9 +361,14 @@ def parser() -> argparse.ArgumentParser:
         help="a registered search method (default dnis); its options: compare.options.<method>",
     )
     search.add_argument(
-        "--budget", type=budget_arg, help="fraction of the full embedding, e.g. 0.25"
+        "--budget",
+        type=sized_budget_arg,
+        help="fraction of the full embedding, e.g. 0.25, or a byte size, e.g. 2MB (the share of "
+        "the full-width fp32 table's bytes it holds)",
     )
-    search.add_argument("--budgets", type=budget_arg, nargs="+", help="several budgets, one search")
+    search.add_argument(
+        "--budgets", type=sized_budget_arg, nargs="+", help="several budgets, one search"
+    )
     search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--quiet", action="store_true")
     search.add_argument(
@@ -375,7 +381,7 @@ def parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="methods x budgets x seeds: the Pareto table")
     compare.add_argument("--config", required=True, type=Path)
     compare.add_argument("--methods", nargs="+", help="e.g. dnis uniform mde hashing qr random")
-    compare.add_argument("--budgets", type=grid_budget_arg, nargs="+")
+    compare.add_argument("--budgets", type=sized_budget_arg, nargs="+")
     compare.add_argument(
         "--budget-unit",
         choices=("params", "bytes"),

@@ -46,6 +46,7 @@ from dnis.search.dnis import (
     clear_checkpoints,
     compact_model,
     finished_result,
+    resolved_budgets,
     retrain,
     retrain_dir,
     search,
@@ -76,7 +77,7 @@ def method_run_dir(config: Config, method: str = "dnis") -> Path:
 
 def search_run(
     config: Config,
-    budgets: Sequence[float] | None = None,
+    budgets: Sequence[float | str] | None = None,
     progress: Progress | None = None,
     *,
     resume: bool = False,
@@ -102,6 +103,7 @@ def search_run(
         _clear_budgets(run_dir)
     track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
+    budgets = resolved_budgets(budgets, dataset, config.embedding.dim)
     with track.open_tracker(config, "search", fresh=not resume) as tracker:
         tracked = track.track_progress(progress, tracker, _search_phase)
         make_model = model_factory(config, dataset)
@@ -181,7 +183,7 @@ def _clear_budgets(run_dir: Path) -> None:
 
 
 def _method_run(
-    config: Config, budgets: list[float], name: str, *, resume: bool
+    config: Config, budgets: list[float | str], name: str, *, resume: bool
 ) -> tuple[EncodedDataset, list[SearchResult]]:
     """A search run of method `name` (not DNIS): the method's results saved per budget."""
     chosen = registered_method(name)  # an unknown name fails here, with a "did you mean"
@@ -193,6 +195,7 @@ def _method_run(
         shutil.rmtree(checkpoints)  # a fresh run must not inherit an old resume point
     track.check(config.tracking)
     dataset = start_run(config, run_dir)
+    budgets = resolved_budgets(budgets, dataset, config.embedding.dim)
     digest = config.digest()
     with track.open_tracker(config, "search", fresh=True) as tracker:
         results = chosen(

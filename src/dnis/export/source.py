@@ -15,6 +15,7 @@ layer sits below the application layer that owns the config.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from dnis import models
 from dnis.data.encode import Encoder
 from dnis.embeddings import FieldLayout, FusedEmbedding
 from dnis.embeddings.base import FieldEmbedding
-from dnis.errors import DnisError
+from dnis.errors import ConfigError, DnisError
 from dnis.models.base import Model
 from dnis.search.nested import NESTED_WEIGHTS, ORDER_FILE, NestedOrder, cut_state
 from dnis.search.plan import EmbeddingPlan, build, plan_of
+from dnis.search.prune import resolve_budget
 from dnis.search.result import budget_file
 from dnis.train.checkpoint import UnsafeFileError, read_checkpoint, safe_load
 
@@ -107,8 +109,21 @@ def parse_budget(value: float | str | None) -> float | str | None:
         return float(value)
     except ValueError:
         raise DnisError(
-            f"--budget {value!r} is neither a number (e.g. 0.25) nor {FULL!r}"
+            f"--budget {value!r} is neither a number (e.g. 0.25), a byte size (e.g. 2MB) nor "
+            f"{FULL!r}"
         ) from None
+
+
+def sized_budget(budget: float | str | None, full_params: int) -> float | str | None:
+    """A byte size ("2MB") as the fraction of the full-width fp32 table's bytes it holds, which
+    is what `dnis search --budget 2MB` resolved it to and named its files by; other values as
+    they are."""
+    if not isinstance(budget, str) or not re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]+\s*", budget):
+        return budget  # a number, "full", or words `parse_budget` refuses
+    try:
+        return resolve_budget(budget, full_params, "--budget")
+    except ConfigError as error:
+        raise DnisError(f"{error} (or give a budget such as 0.25, or {FULL!r})") from None
 
 
 def available(run_dir: Path) -> str:
@@ -275,12 +290,13 @@ def load_run(run_dir: str | Path, budget: float | str | None = None) -> RunModel
     for required in ("config.yaml", "encoder.json"):
         if not (run_dir / required).is_file():
             raise DnisError(f"{run_dir} is not a dnis run: {required} is missing; {RUN_FIX}")
+    spec = read_run_spec(run_dir)
+    encoder = read_encoder(run_dir / "encoder.json")
+    budget = sized_budget(budget, sum(encoder.cardinalities) * spec.dim)
     cut = nested_budget(run_dir, budget)
     kind, budget, weights = (
         pick_weights(run_dir, budget) if cut is None else ("search", cut, run_dir / NESTED_WEIGHTS)
     )
-    spec = read_run_spec(run_dir)
-    encoder = read_encoder(run_dir / "encoder.json")
     layout = FieldLayout.from_schema(encoder.schema, encoder.cardinalities)
     state = read_state(weights)
     if cut is None:

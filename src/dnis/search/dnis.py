@@ -62,8 +62,10 @@ from dnis.search.prune import (
     GRANULARITIES,
     block_saliency,
     budget_params,
+    check_budget,
     prune_blocks,
     prune_elements,
+    resolve_budget,
 )
 from dnis.search.result import SearchResult
 from dnis.search.training import ModelFactory, block_report, endless_batches, phase_config
@@ -128,7 +130,9 @@ class DnisConfig:
     structure: str = "searched"
     granularity: str = "block"  # block | element
     retrain: str = "finetune"  # finetune: start from the searched weights; scratch: re-initialise
-    budgets: list[float] = field(default_factory=lambda: [0.25])  # fractions of the full table
+    # fractions of the full table, parameter counts, or byte sizes ("2MB": the fraction of the
+    # fp32 full-width table's bytes they hold; `dnis search` resolves them once the data is read)
+    budgets: list[float | str] = field(default_factory=lambda: [0.25])
     # where the alpha steps' batches come from: valid (the paper) or holdout, a seeded
     # `holdout_fraction` of the training rows that the model does not train on during the search
     # (the retrain uses them all), so the validation split stays unseen by the search that its
@@ -192,8 +196,8 @@ class DnisConfig:
             raise ConfigError(f"search.rank must be 'alpha' or 'saliency', got {self.rank!r}")
         if self.alpha_optimizer not in ("sgd", "adam"):
             raise ConfigError("search.alpha_optimizer must be 'sgd' or 'adam'")
-        for budget in self.budgets:
-            budget_params(budget, 1 << 62)  # refuses 0, negatives and non-integral counts > 1
+        for i, budget in enumerate(self.budgets):
+            check_budget(budget, f"search.budgets[{i}]")
         if (
             self.search_epochs < 1
             or self.num_blocks < 1
@@ -459,7 +463,7 @@ def search(
     resume: bool = False,
     config_hash: str | None = None,
     init_std: float = 0.01,
-    budgets: Sequence[float] | None = None,
+    budgets: Sequence[float | str] | None = None,
 ) -> SearchState:
     """Warm up, then alternate model steps (train batches) and alpha steps (valid batches).
 
@@ -474,7 +478,7 @@ def search(
     config = config or DnisConfig()
     train = train or TrainConfig()
     progress = progress or SilentProgress()
-    budgets = list(config.budgets if budgets is None else budgets)
+    budgets = resolved_budgets(config.budgets if budgets is None else budgets, dataset, dim)
     settings = search_settings(dim, config, train, init_std, budgets)
     config_hash = settings_hash(settings) if config_hash is None else config_hash
     folder = None if run_dir is None else Path(run_dir)
@@ -757,6 +761,15 @@ def finished_result(
     )
 
 
+def resolved_budgets(
+    budgets: Sequence[float | str], dataset: EncodedDataset, dim: int
+) -> list[float]:
+    """`budgets` with byte sizes ("2MB") turned into fractions of the full-width table's fp32
+    bytes (`dnis.search.prune.resolve_budget`)."""
+    full = sum(dataset.cardinalities) * dim
+    return [resolve_budget(b, full, f"budgets[{i}]") for i, b in enumerate(budgets)]
+
+
 def retrain_dir(run_dir: str | Path, budget: float) -> Path:
     """Where the retrain of `budget` checkpoints inside a search's run folder."""
     return Path(run_dir) / f"retrain-{budget}"
@@ -767,7 +780,7 @@ def dnis(
     dataset: EncodedDataset,
     *,
     dim: int = 64,
-    budget: float | Sequence[float] | None = None,
+    budget: float | str | Sequence[float | str] | None = None,
     config: DnisConfig | None = None,
     train: TrainConfig | None = None,
     progress: Progress | None = None,
@@ -778,8 +791,8 @@ def dnis(
 ) -> SearchResult | list[SearchResult]:
     """Search once, then prune and retrain for each budget (a list gives a list of results).
 
-    `budget` defaults to `config.budgets` (a list of results); a number or a list given here
-    replaces them. `init_std` is the std of the searched table's normal initialisation
+    `budget` defaults to `config.budgets` (a list of results); a number, a byte size ("2MB") or a
+    list given here replaces them. `init_std` is the std of the searched table's normal initialisation
     (`embedding.init_std` of a config).
 
     With `run_dir`, the search checkpoints into `run_dir/search/` and each budget's retrain into
@@ -790,7 +803,8 @@ def dnis(
     train = train or TrainConfig()
     if budget is None:
         budget = list(config.budgets)
-    budgets = [budget] if isinstance(budget, int | float) else list(budget)
+    single = isinstance(budget, int | float | str)
+    budgets = resolved_budgets([budget] if single else budget, dataset, dim)
     if config_hash is None:
         config_hash = settings_hash(search_settings(dim, config, train, init_std, budgets))
     if run_dir is not None and not resume:
@@ -822,4 +836,4 @@ def dnis(
         )
         for b in budgets
     ]
-    return results[0] if isinstance(budget, int | float) else results
+    return results[0] if single else results

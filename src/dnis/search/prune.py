@@ -79,6 +79,27 @@ def bytes_fraction(size: int, full_params: int, where: str = "budget") -> float:
     return (size // FP32_BYTES) / full_params
 
 
+def resolve_budget(budget: float | str, full_params: int, where: str = "budget") -> float:
+    """A budget as a fraction (or count) the methods take: a byte size ("2MB") becomes the
+    fraction of the full-width fp32 table's bytes it holds (`bytes_fraction`); a number is
+    returned as it is."""
+    if isinstance(budget, str):
+        return bytes_fraction(parse_byte_size(budget, where), full_params, where)
+    return budget
+
+
+def check_budget(budget: float | str, where: str = "budget") -> None:
+    """Refuse what is no budget before any data is read: 0, negatives, non-integral counts > 1,
+    and strings that are no byte size."""
+    if isinstance(budget, str):
+        try:
+            parse_byte_size(budget, where)
+        except ConfigError as error:
+            raise ConfigError(f"{error}; or give a fraction in (0, 1], e.g. 0.25") from None
+    else:
+        budget_params(budget, 1 << 62)
+
+
 def padding_rows(layout: FieldLayout) -> torch.Tensor:
     """Global rows that hold sequence padding (id 0 of a sequence field)."""
     offsets = layout.field_offsets()
