@@ -8,7 +8,8 @@ In one process, on the same data, with the same model and the same training sett
    best epoch restored, then the test evaluation);
 2. the DNIS search with the default `DnisConfig` search settings (`dnis.search.search`), once
    with `search.patience` 0 (the default: all search epochs) and once with 3 (the plain run's
-   early-stopping patience, applied to the bilevel epochs; `--search-patience`): the
+   early-stopping patience, applied to the bilevel epochs; `--search-patience`), and with
+   each `--alpha-every` k (`search.alpha_every`: an alpha step after every k-th model step): the
    warm-up epoch(s) of plain training, then the bilevel epochs (each training batch is a model
    step and an alpha step on a validation batch), a validation evaluation after every epoch, and
    the valid/test evaluation of the searched model;
@@ -169,7 +170,11 @@ class Stage:
 
 
 def run_model(
-    model_name: str, quick: bool, patience: int = 0, search_epochs: int | None = None
+    model_name: str,
+    quick: bool,
+    patience: int = 0,
+    search_epochs: int | None = None,
+    alpha_every: int = 1,
 ) -> dict[str, Any]:
     """The three stages of one model, one after the other in this process."""
     import dataclasses
@@ -186,11 +191,13 @@ def run_model(
     task, width, params, train_fields = SETTINGS[model_name]
     ds = data.load(DATASET, task, seed=0)
     train = TrainConfig(**{**train_fields, "epochs": 1 if quick else train_fields["epochs"]})
-    config = DnisConfig(budgets=[BUDGET], patience=patience)
+    config = DnisConfig(budgets=[BUDGET], patience=patience, alpha_every=alpha_every)
     if search_epochs is not None:
         config.search_epochs = search_epochs
     if quick:
-        config = DnisConfig(warmup_epochs=1, search_epochs=1, budgets=[BUDGET])
+        config = DnisConfig(
+            warmup_epochs=1, search_epochs=1, budgets=[BUDGET], alpha_every=alpha_every
+        )
 
     def make(embedding):
         return models.build(model_name, ds.schema, embedding, **params)
@@ -345,14 +352,16 @@ def model_section(run: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"## {run['model']} ({run['task']}, width {run['width']}), search.patience "
-        f"{search.patience}",
+        f"{search.patience}"
+        + (f", search.alpha_every {search.alpha_every}" if search.alpha_every > 1 else ""),
         "",
         f"{run['rows']['train']:,} training rows ({run['batches']['train']} batches of "
         f"{train.batch_size}), {run['rows']['valid']:,} validation rows. TrainConfig: epochs "
         f"{train.epochs}, patience {train.patience}, batch {train.batch_size}, lr {train.lr:g}, "
         f"embedding_l2 {train.embedding_l2:g}. DnisConfig: warmup_epochs "
         f"{search.warmup_epochs}, search_epochs {search.search_epochs}, num_blocks "
-        f"{search.num_blocks}, alpha_lr {search.alpha_lr:g}, patience {search.patience}. "
+        f"{search.num_blocks}, alpha_lr {search.alpha_lr:g}, patience {search.patience}, "
+        f"alpha_every {search.alpha_every}. "
         "Model params: "
         f"{run['params'] or 'defaults'}.",
         "",
@@ -457,6 +466,14 @@ def main() -> None:
     parser.add_argument(
         "--search-epochs", type=int, help="search.search_epochs (default: DnisConfig's default)"
     )
+    parser.add_argument(
+        "--alpha-every",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="K",
+        help="search.alpha_every values to run (1: an alpha step after every model step)",
+    )
     parser.add_argument("--note", default="", help="extra text after the machine line")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
@@ -470,9 +487,11 @@ def main() -> None:
     runs = []
     for name in args.models:
         for patience in args.search_patience:
-            print(f"{name}: plain training, DNIS search (patience {patience}), retrain ...")
-            runs.append(run_model(name, args.quick, patience, args.search_epochs))
-            print("\n".join(model_section(runs[-1])), flush=True)
+            for every in args.alpha_every:
+                print(f"{name}: plain training, DNIS search (patience {patience}, alpha_every "
+                      f"{every}), retrain ...")  # fmt: skip
+                runs.append(run_model(name, args.quick, patience, args.search_epochs, every))
+                print("\n".join(model_section(runs[-1])), flush=True)
     load = max(load, os.getloadavg()[0])
     shared = f"shared with other jobs (1-minute load average up to {load:.1f} at start/end)"
     note = ("Smoke run (--quick: 1 epoch per stage); " + args.note) if args.quick else args.note

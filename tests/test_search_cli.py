@@ -157,3 +157,32 @@ def test_holdout_alpha_data_through_the_config(tmp_path, monkeypatch):
     (held,) = alpha_rows
     rest, full = sorted(trained)
     assert held == round(0.2 * full) and rest + held == full
+
+
+def test_alpha_every_through_the_config(tmp_path, monkeypatch):
+    """`search.alpha_every: 3` in a config run by `dnis search`: one alpha step after every third
+    model step of the bilevel epoch (the first, the fourth, ...), and alpha still moves."""
+    import math
+
+    from dnis.cli import main
+    from dnis.search.dnis import AlphaSearch
+
+    calls = []
+    real_step = AlphaSearch._alpha_step
+
+    def counted(self, batch, generator):
+        calls.append(self.steps)
+        return real_step(self, batch, generator)
+
+    monkeypatch.setattr(AlphaSearch, "_alpha_step", counted)
+    config = dict(TINY, output_dir=str(tmp_path / "runs"))
+    config["search"] = {**TINY["search"], "alpha_every": 3, "schedule": "static"}
+    path = tmp_path / "every.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["search", "--config", str(path), "--quiet"]) == 0
+    train_rows = 0.8 * 4000  # the synthetic split: 80% train
+    steps = math.ceil(train_rows / 512)
+    assert calls == list(range(0, steps, 3))
+    (run,) = (tmp_path / "runs").iterdir()
+    alpha = json.loads((run / "search.json").read_text(encoding="utf-8"))["alpha"]
+    assert any(a != 1.0 for row in alpha for a in row)  # the alpha steps it took moved alpha

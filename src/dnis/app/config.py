@@ -164,6 +164,14 @@ class CompareConfig:
             )
 
 
+# keys added after runs existed: at these values they stay out of the run's digest, so a run made
+# before the key was added keeps its folder (and a grid its finished cells)
+DIGEST_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("compare", "budget_unit"): "params",
+    ("search", "alpha_every"): 1,
+}
+
+
 @dataclass
 class TrackingConfig:
     """The `tracking:` section: experiment loggers, off by default (`pip install 'dnis[tracking]'`).
@@ -222,8 +230,9 @@ class Config:
                 data["dataset"].pop(key)
         for key in ("jobs", "methods", "seeds"):
             data["compare"].pop(key)
-        if self.compare.budget_unit == "params":  # the default: runs made before it keep their hash
-            data["compare"].pop("budget_unit")
+        for (section, key), default in DIGEST_DEFAULTS.items():
+            if data[section][key] == default:  # runs made before the key keep their hash
+                data[section].pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
     def base_name(self) -> str:

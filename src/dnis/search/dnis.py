@@ -105,6 +105,11 @@ class DnisConfig:
     patience: int = 0
     alpha_lr: float = 0.01
     alpha_optimizer: str = "sgd"  # sgd | adam
+    # an alpha step after every k-th model step (1: after every one, the paper). An alpha step
+    # costs about 0.6 of a model step (a forward and a backward to the embedding on a validation
+    # batch), so 2 makes a bilevel epoch about a fifth cheaper; alpha then takes k times fewer
+    # steps at the same alpha_lr (docs/performance.md, "DNIS search time vs plain training")
+    alpha_every: int = 1
     alpha_l1: float = 1e-4  # L1 penalty on alpha in the alpha step
     normalize_alpha_grad: bool = True  # per-block gradient normalisation
     # alpha_l1 as a loss term (its gradient is normalised with the loss's) or as a proximal
@@ -196,6 +201,8 @@ class DnisConfig:
             raise ConfigError(f"search.rank must be 'alpha' or 'saliency', got {self.rank!r}")
         if self.alpha_optimizer not in ("sgd", "adam"):
             raise ConfigError("search.alpha_optimizer must be 'sgd' or 'adam'")
+        if not isinstance(self.alpha_every, int) or self.alpha_every < 1:
+            raise ConfigError(f"search.alpha_every must be an integer >= 1, got {self.alpha_every}")
         for i, budget in enumerate(self.budgets):
             check_budget(budget, f"search.budgets[{i}]")
         if (
@@ -282,7 +289,7 @@ def cubic_between(start: int, end: int, progress: float) -> int:
 
 class AlphaSearch(TrainHook):
     """DNIS's part of the search loop: an alpha step on a validation batch after every model step
-    (first-order, as in DARTS). Given `budgets` (the pruning phase of `schedule: gradual`), it
+    (first-order, as in DARTS; after every `alpha_every`-th with that option). Given `budgets` (the pruning phase of `schedule: gradual`), it
     also prunes: epoch i goes from the size of epoch i-1 to the i-th largest budget along a cubic
     path and ends with a snapshot of the model there."""
 
@@ -338,7 +345,8 @@ class AlphaSearch(TrainHook):
 
     def after_step(self, context: EpochContext) -> None:
         assert self.valid is not None
-        self._alpha_step(next(self.valid), context.sampler)
+        if self.steps % self.config.alpha_every == 0:
+            self._alpha_step(next(self.valid), context.sampler)
         self.steps += 1
         if self.targets:
             every = max(1, self.epoch_steps // PRUNES_PER_EPOCH)
