@@ -268,3 +268,45 @@ def test_block_mixed_without_kept_dims_looks_up_zeros() -> None:
     compact = BlockMixedEmbedding(layout(), 4, blocks, torch.zeros(3, 4, dtype=torch.bool))
     assert compact.num_parameters() == 0
     assert torch.equal(compact(random_ids(5)), torch.zeros(5, layout().num_fields, 4))
+
+
+@pytest.mark.parametrize(
+    ("seed", "dim", "p", "shape"),
+    [(seed, dim, p, shape) for seed, (dim, p) in enumerate([(8, 0.5), (16, 0.25), (5, 0.9)])
+     for shape in ("random", "widest first", "widest last", "empty rows")],
+)  # fmt: skip
+def test_ragged_lookup_and_gradients_equal_the_dense_table_times_its_keep_mask(
+    seed: int, dim: int, p: float, shape: str
+) -> None:
+    """The windowed lookup (windows of the widest row's width, the last ones ending where
+    `values` ends) serves every row's kept entries in place, zeros elsewhere, on the eager path
+    and the autograd path, and the gradient reaches exactly the kept entries."""
+    from dnis.embeddings.mixed import RaggedEmbedding
+
+    lay = layout()
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(lay.total_rows, dim, generator=g) < p
+    if shape == "widest first":
+        keep[0] = True
+    elif shape == "widest last":
+        keep[-1] = True
+    elif shape == "empty rows":
+        keep[::3] = False
+    table = torch.randn(lay.total_rows, dim, generator=g)
+    compact = RaggedEmbedding(lay, dim, keep)
+    compact.load_dense(table)
+    masked = table * keep
+    rows = torch.randint(0, lay.total_rows, (5, 9), generator=g)
+    rows[0, :] = torch.arange(9)
+    rows[-1, :] = torch.arange(lay.total_rows - 9, lay.total_rows)  # the end-aligned windows
+    with torch.no_grad():
+        assert torch.equal(compact.lookup(rows), masked[rows])
+    served = compact.lookup(rows)
+    assert torch.equal(served, masked[rows])
+    upstream = torch.randn(served.shape, generator=g)
+    (served * upstream).sum().backward()
+    dense_grad = torch.zeros_like(table).index_add_(0, rows.reshape(-1), upstream.view(-1, dim))
+    owner, entry = compact._entries(torch.arange(lay.total_rows))
+    expected = torch.zeros_like(compact.values)
+    expected[entry] = dense_grad[owner, compact.dims[entry].long()]
+    torch.testing.assert_close(compact.values.grad, expected, rtol=0, atol=1e-6)

@@ -213,6 +213,12 @@ class RaggedEmbedding(FieldEmbedding):
         self.values = nn.Parameter(torch.zeros(len(rows)))
         self.register_buffer("dims", dims.to(torch.int16))
         self.register_buffer("indptr", indptr.to(torch.int32))
+        # the lookup's derived tables (not saved): every row's width, the window (the widest
+        # row's width) and where the last window starts
+        self.window = int(counts.max()) if len(counts) else 0
+        self.last_window = len(rows) - self.window
+        self.register_buffer("row_width", counts, persistent=False)
+        self.register_buffer("slots", torch.arange(max(self.window, 1)), persistent=False)
 
     def _entries(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(position in `flat`, index into `values`) of every stored entry of the given rows."""
@@ -224,11 +230,33 @@ class RaggedEmbedding(FieldEmbedding):
         return owner, shift + torch.arange(int(lengths.sum()), device=device)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each row's stored values and their dims read as one window of the widest row's width
+        starting at the row's first value (windows that would pass the end of `values` end
+        where it ends, the row `lead` slots into them); slots outside the row go to a spare
+        column that is cut off. Work in rows x window, no per-entry index built."""
+        if self.values.numel() == 0:
+            return torch.zeros(*rows.shape, self.dim, device=rows.device)
         flat = rows.reshape(-1)
-        owner, entry = self._entries(flat)
-        out = self.values.new_zeros(len(flat), self.dim)
-        out = out.index_put((owner, self.dims[entry].long()), self.values[entry])
-        return out.view(*rows.shape, self.dim)
+        start = self.indptr.index_select(0, flat).long()
+        first = start.clamp_max(self.last_window)
+        lead = (start - first).unsqueeze(1)
+        width = self.row_width.index_select(0, flat).unsqueeze(1)
+        window = self.window
+        grad = self.values.requires_grad and torch.is_grad_enabled()
+        if grad or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # out of place through a flat index: the strided view has no cheap gradient and
+            # no ONNX form
+            index = (first.unsqueeze(1) + self.slots).reshape(-1)
+            stored = self.values.index_select(0, index).view(-1, window)
+            dims = self.dims.index_select(0, index).view(-1, window)
+        else:
+            windows = (self.last_window + 1, window)
+            stored = self.values.as_strided(windows, (1, 1)).index_select(0, first)
+            dims = self.dims.as_strided(windows, (1, 1)).index_select(0, first)
+        inside = (self.slots >= lead) & (self.slots < lead + width)
+        target = torch.where(inside, dims.long(), self.dim)
+        out = stored.new_zeros(stored.shape[0], self.dim + 1).scatter(1, target, stored)
+        return out[:, : self.dim].contiguous().view(*rows.shape, self.dim)
 
     @torch.no_grad()
     def load_dense(self, table: torch.Tensor) -> None:
