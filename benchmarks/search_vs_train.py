@@ -123,6 +123,9 @@ class Stamps:
         if "alpha_mean" in record:  # the bilevel search's epoch record
             self.epochs[-1].kind = "bilevel"
 
+    def note(self, message: str) -> None:
+        """The trainer's notes (e.g. that a stage stopped early) are not timed."""
+
     def alpha_step(self, wall: float, cpu: float) -> None:
         self.epochs[-1].alpha[0] += wall
         self.epochs[-1].alpha[1] += cpu
