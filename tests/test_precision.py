@@ -114,6 +114,11 @@ def test_dnis_precision_through_compare_fits_the_bytes_and_serves_what_it_traine
         assert all(c["bytes"] <= row["budget_bytes"] for c in choice["candidates"])
         # the stored (materialised) model validates as the quantization-aware one trained
         assert row["metrics"]["valid"]["auc"] == pytest.approx(choice["trained_valid"], abs=1e-6)
+        # the two best candidates as served were fine-tuned; the better one trained was kept
+        before = sorted(choice["candidates"], key=lambda c: -c["valid_auc"])
+        finalists = choice["finalists"]
+        assert set(finalists) == {c["label"] for c in before[:2]}
+        assert finalists[choice["chosen"]] == max(finalists.values()) == choice["trained_valid"]
         precisions = {p for name in ("signal0", "signal1", "noise0")
                       for p in row["dims"][name]["block_precisions"]}  # fmt: skip
         assert precisions <= set(PRECISIONS)

@@ -18,18 +18,22 @@ A budget here is a share of the full-width fp32 embedding's bytes (as `int8`/`in
    scales and biases (int8/int4); int4 rows round up to whole bytes, and the module's fixed
    structure (`keep`, precision codes) comes off the budget first, so the stored bytes are
    within the budget exactly; a narrow int8/int4 block whose rows fp16 stores in no more bytes
-   moves to fp16 (`undominated`) and the freed bytes are refitted. Every candidate, and one with every block at each allowed
-   precision, is evaluated on validation as it would be served (pruned and quantized, not
-   retrained), and the best is kept: cheap precision where the searched model does not notice
-   it, width where it does.
-4. Quantization-aware fine-tuning. The kept dims as a block-mixed table whose lookup serves every
-   row quantized at its block's precision, with the gradient of the identity (straight-through
-   rounding), from the searched weights, early-stopped on validation like every method.
+   moves to fp16 (`undominated`) and the freed bytes are refitted. Every candidate, and one
+   with every block at each allowed precision, is evaluated on validation as it would be
+   served (pruned and quantized, not retrained): cheap precision where the searched model does
+   not notice it, width where it does.
+4. Quantization-aware fine-tuning of the `finalists` best candidates: the kept dims as a
+   block-mixed table whose lookup serves every row quantized at its block's precision, with the
+   gradient of the identity (straight-through rounding), from the searched weights,
+   early-stopped on validation like every method. The finalist best on validation after
+   fine-tuning is kept (before it, candidates often differ by less than the noise, and one that
+   keeps more values recovers more in training).
 5. Materialise: a `QuantizedBlockEmbedding` storing exactly those rows (int8 / packed int4 codes
    with fp16 scales and biases, fp16 or fp32 values), serving what the fine-tuned model served.
 
 A result's `dims[field]` holds its blocks' widths and precisions; its `choice` the allocation
-chosen and every candidate's validation metric and bytes; `pruned` the chosen
+chosen, every candidate's validation metric and bytes, and the finalists' validation metric
+after fine-tuning; `pruned` the chosen
 allocation's validation metrics before fine-tuning; `before` the searched soft model's.
 """
 
@@ -63,6 +67,9 @@ class PrecisionConfig(DnisConfig):
 
     precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
     tolerances: list[float] = field(default_factory=lambda: [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    # how many of the best candidates (as served, before training) are fine-tuned; the best on
+    # validation after fine-tuning is kept
+    finalists: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +82,8 @@ class PrecisionConfig(DnisConfig):
             raise ConfigError(f"tolerances must be numbers >= 0, got {self.tolerances}")
         if self.granularity != "block":
             raise ConfigError("dnis-precision stores whole blocks: granularity must be block")
+        if not isinstance(self.finalists, int) or self.finalists < 1:
+            raise ConfigError(f"finalists must be an integer >= 1, got {self.finalists}")
 
 
 def fake_quantize_rows(
@@ -276,13 +285,29 @@ class Allocator:
         """The dims kept at `precisions` within `space` bytes, and the bytes they take."""
         return allocate_bytes(self.score, self.tiebreak, self.state.blocks, precisions, space)
 
-    def best(self, candidates: list[Allocation]) -> Allocation:
+    def ranked(self, candidates: list[Allocation]) -> list[Allocation]:
+        """The candidates by their validation metric as served, best first (stable)."""
         task = self.job.task
-        best = candidates[0]
-        for candidate in candidates[1:]:
-            if task.better(candidate.valid[task.metric], best.valid[task.metric]):
-                best = candidate
-        return best
+        sign = -1.0 if task.higher_is_better else 1.0
+        return sorted(candidates, key=lambda c: sign * c.valid[task.metric])
+
+    def finetuned_best(
+        self, candidates: list[Allocation]
+    ) -> tuple[Allocation, Model, Any, dict[str, float]]:
+        """The `finalists` best candidates as served, each fine-tuned; the one whose fine-tuned
+        model is best on validation, that model, its fit, and every finalist's validation
+        metric after fine-tuning (by label). Before fine-tuning candidates often differ by
+        less than the noise, and one that keeps more values recovers more in training."""
+        metric, task = self.job.task.metric, self.job.task
+        best: tuple[Allocation, Model, Any] | None = None
+        trained = {}
+        for candidate in self.ranked(candidates)[: self.config.finalists]:
+            model, fit = finetune(self.job, self, candidate)
+            trained[candidate.label] = fit.valid[metric]
+            if best is None or task.better(fit.valid[metric], best[2].valid[metric]):
+                best = (candidate, model, fit)
+        assert best is not None
+        return (*best, trained)
 
 
 def finetune(job: Job, allocator: Allocator, chosen: Allocation) -> tuple[Model, Any]:
@@ -349,8 +374,7 @@ def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResul
                 f"dnis-precision cannot store any dim within {budget_bytes:,} bytes (its block "
                 f"structure alone takes {allocator.fixed:,})"
             )
-        chosen = allocator.best(candidates)
-        model, fit = finetune(job, allocator, chosen)
+        chosen, model, fit, trained = allocator.finetuned_best(candidates)
         served = materialize(model, chosen, job)
         test = job.task.evaluate(served, "test", job.train.eval_batch_size)
         valid = job.task.evaluate(served, "valid", job.train.eval_batch_size)
@@ -381,6 +405,7 @@ def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResul
                 choice={
                     **allocation_report(chosen, candidates, job.task.metric),
                     "trained_valid": fit.valid[job.task.metric],  # quantization-aware, in training
+                    "finalists": trained,
                 },
             )
         )
