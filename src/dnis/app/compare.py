@@ -135,10 +135,10 @@ def check_units(compare: CompareConfig) -> None:
 
 
 def method_options(config: Config, method_name: str) -> dict[str, Any]:
-    """A method's options from `compare.options`; DNIS (and its random-structure control) start
-    from the `search:` section."""
+    """A method's options from `compare.options`; DNIS's family (`Method.search_section`:
+    dnis, its random-structure control, dnis-precision) starts from the `search:` section."""
     options = dict(config.compare.options.get(method_name, {}))
-    if method_name in ("dnis", "dnis-random", "dnis-precision"):  # DNIS's search settings
+    if method(method_name).search_section:
         fixed = {"budgets", *method(method_name).fixed}  # what the method sets itself
         search = {k: v for k, v in asdict(config.search).items() if k not in fixed}
         options = {**search, **options}

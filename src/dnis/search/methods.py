@@ -71,6 +71,7 @@ class Method:
         options: type,
         fixed: Collection[str] = (),
         unit: str = "params",
+        search_section: bool = False,
     ) -> None:
         if unit not in BUDGET_UNITS:
             raise ValueError(f"unit must be one of {BUDGET_UNITS}, got {unit!r}")
@@ -79,6 +80,9 @@ class Method:
         self.options = options
         self.fixed = fixed  # fields of `options` the method sets itself, never a user
         self.unit = unit  # what the method keeps within a budget: parameters, or stored bytes
+        # its options start from a config's `search:` section (DNIS's settings), then
+        # `compare.options.<name>` on top
+        self.search_section = search_section
         functools.update_wrapper(self, run)  # its __module__, __name__ and __doc__
 
     def parse(self, options: Mapping[str, Any] | Any) -> Any:
@@ -110,13 +114,19 @@ METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(
-    name: str, options: type = NoOptions, *, fixed: Collection[str] = (), unit: str = "params"
+    name: str,
+    options: type = NoOptions,
+    *,
+    fixed: Collection[str] = (),
+    unit: str = "params",
+    search_section: bool = False,
 ) -> Callable[[Callable[[Job, Any], list[SearchResult]]], Method]:
     """Decorator: register `fn(job, options) -> list[SearchResult]` as method `name`, taking the
-    options of dataclass `options` and keeping its results within the budget's `unit`."""
+    options of dataclass `options` (from a config's `search:` section first, with
+    `search_section`) and keeping its results within the budget's `unit`."""
 
     def decorate(fn: Callable[[Job, Any], list[SearchResult]]) -> Method:
-        return METHODS.register(name, Method(name, fn, options, fixed, unit))
+        return METHODS.register(name, Method(name, fn, options, fixed, unit, search_section))
 
     return decorate
 
@@ -126,7 +136,7 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-@register_method("dnis", DnisConfig, fixed=("budgets",))
+@register_method("dnis", DnisConfig, fixed=("budgets",), search_section=True)
 def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """DNIS: one search, then prune and retrain per budget."""
     config = replace(config, budgets=list(job.budgets))
@@ -144,7 +154,7 @@ def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     )
 
 
-@register_method("dnis-random", DnisConfig, fixed=("budgets",))
+@register_method("dnis-random", DnisConfig, fixed=("budgets",), search_section=True)
 def dnis_random_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """The control: DNIS's warm-up, search and fine-tune with the searched structure replaced by
     a random one of the same budget. What DNIS gains over it is what the search found."""

@@ -348,7 +348,9 @@ def allocation_report(chosen: Allocation, candidates: list[Allocation], metric: 
 PRECISION_FIXED = ("budgets", "schedule", "structure", "placement", "min_width")
 
 
-@register_method("dnis-precision", PrecisionConfig, fixed=PRECISION_FIXED, unit="bytes")
+@register_method(
+    "dnis-precision", PrecisionConfig, fixed=PRECISION_FIXED, unit="bytes", search_section=True
+)
 def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResult]:
     """One DNIS search; per byte budget, widths and precisions allocated, fine-tuned with
     quantization-aware training, and stored quantized."""
