@@ -289,9 +289,10 @@ def cubic_between(start: int, end: int, progress: float) -> int:
 
 class AlphaSearch(TrainHook):
     """DNIS's part of the search loop: an alpha step on a validation batch after every model step
-    (first-order, as in DARTS; after every `alpha_every`-th with that option). Given `budgets` (the pruning phase of `schedule: gradual`), it
-    also prunes: epoch i goes from the size of epoch i-1 to the i-th largest budget along a cubic
-    path and ends with a snapshot of the model there."""
+    (first-order, as in DARTS; after every `alpha_every`-th with that option). Given `budgets`
+    (the pruning phase of `schedule: gradual`), it also prunes: epoch i goes from the size of
+    epoch i-1 to the i-th largest budget along a cubic path and ends with a snapshot of the
+    model there."""
 
     def __init__(
         self,
