@@ -66,6 +66,7 @@ def count_saves(monkeypatch: pytest.MonkeyPatch, kill_at: int | None = None) -> 
 @pytest.mark.parametrize(
     "name",
     [
+        "uniform",
         "hashing",
         "pep",
         "optfs",

@@ -8,7 +8,7 @@ from dnis.embeddings.layout import FieldLayout
 from dnis.errors import BudgetError
 from dnis.search.methods import NoOptions, register_method
 from dnis.search.result import SearchResult
-from dnis.search.training import INIT_STD, Job, ModelFactory, train_compact
+from dnis.search.training import INIT_STD, Job, ModelFactory, Phases, train_compact
 from dnis.tasks import make_task
 from dnis.train.progress import Progress
 from dnis.train.trainer import TrainConfig
@@ -23,14 +23,17 @@ def uniform(
     train: TrainConfig | None = None,
     progress: Progress | None = None,
     init_std: float = INIT_STD,
+    phases: Phases | None = None,
 ) -> SearchResult:
-    """Train the model with every field at width `dim`; the budget is reported against `full_dim`."""
+    """Train the model with every field at width `dim`; the budget is reported against `full_dim`.
+    `phases`: where the training keeps its checkpoints (a grid cell's, so a kill resumes it)."""
     train = train or TrainConfig()
     layout = FieldLayout.from_dataset(dataset)
     task = make_task(dataset)
     trained = train_compact(
-        make_model, lambda: FusedEmbedding(layout, dim, init_std), task, train, progress=progress
-    )
+        make_model, lambda: FusedEmbedding(layout, dim, init_std), task, train, progress=progress,
+        phases=phases,
+    )  # fmt: skip
     full = layout.total_rows * full_dim
     budget = trained.embedding.num_parameters() / full
     dims = {name: {"block_dims": [dim]} for name in layout.names}
@@ -48,8 +51,9 @@ def uniform_method(job: Job, options: NoOptions) -> list[SearchResult]:
                 f"embedding), the budget is {b}"
             )
         result = uniform(
-            job.make_model, job.dataset, dim=int(b * job.dim), full_dim=job.dim, train=job.train
-        )
+            job.make_model, job.dataset, dim=int(b * job.dim), full_dim=job.dim, train=job.train,
+            phases=job.phases,
+        )  # fmt: skip
         result.budget = b
         results.append(result)
     return results
