@@ -250,9 +250,7 @@ def reload_budget(
             f"{path} was written by another run (config hash {found}, budget "
             f"{saved.get('budget')}; this run's are {config.digest()}, {budget}); {fix}"
         )
-    compact, model = compact_model(
-        state, make_model, budget, config=config.search, train=config.train
-    )
+    _, model = compact_model(state, make_model, budget, config=config.search, train=config.train)
     try:
         model.load_state_dict(safe_load(weights))
     except UnsafeFileError:
@@ -264,7 +262,7 @@ def reload_budget(
         ) from None
     model.eval()
     result = finished_result(
-        state, budget, compact, model, pruned, metrics["valid"], metrics["test"], seconds
+        state, budget, model, pruned, metrics["valid"], metrics["test"], seconds
     )
     result.train_epochs = int(saved.get("train_epochs", 0))
     result.epoch_cap_hit = bool(saved.get("epoch_cap_hit", False))

@@ -698,7 +698,7 @@ def retrain(
     continues from that checkpoint if there is one (`config_hash` guards it as in `search`).
     """
     started = time.perf_counter()
-    compact, model = compact_model(state, make_model, budget, config=config, train=train)
+    _, model = compact_model(state, make_model, budget, config=config, train=train)
     task = state.task
     pruned = task.evaluate(model, "valid", train.eval_batch_size)
     trainer = Trainer(
@@ -712,7 +712,7 @@ def retrain(
     seconds = time.perf_counter() - started
     if resumed:  # count the training epochs of earlier processes too, not the reloading
         seconds += result.train_seconds - fit_seconds
-    done = finished_result(state, budget, compact, model, pruned, result.valid, test, seconds)
+    done = finished_result(state, budget, model, pruned, result.valid, test, seconds)
     done.train_epochs, done.epoch_cap_hit = len(result.history), result.capped
     return done
 
@@ -742,32 +742,22 @@ def compact_model(
 def finished_result(
     state: SearchState,
     budget: float,
-    compact: FieldEmbedding,
     model: Model,
     pruned: dict[str, float],
     valid: dict[str, float],
     test: dict[str, float],
     retrain_seconds: float,
 ) -> SearchResult:
-    """The SearchResult of one retrained budget; under a gradual schedule, `before` is the soft
-    model when the schedule reached the budget."""
+    """The SearchResult of one retrained budget (`model` around its compact embedding); under a
+    gradual schedule, `before` is the soft model when the schedule reached the budget."""
     snapshot = snapshot_of(state, budget)
-    return SearchResult(
-        method="dnis",
-        metric=state.task.metric,
-        budget=budget,
-        full_params=state.embedding.weight.numel(),
-        embedding_params=compact.num_parameters(),
-        memory_bytes=compact.memory_bytes(),
-        dims=dims_report(compact, state.blocks, state.task.dataset.schema.names),
-        metrics={"valid": valid, "test": test},
-        before=state.before if snapshot is None else {"valid": snapshot.valid},
-        pruned=pruned,
-        search_seconds=state.seconds,
-        retrain_seconds=retrain_seconds,
-        history=state.history,
-        model=model,
-    )
+    names = state.task.dataset.schema.names
+    return SearchResult.of_model(
+        "dnis", state.task.metric, budget, state.embedding.weight.numel(), model,
+        dims_report(model.embedding, state.blocks, names), valid, test,
+        before=state.before if snapshot is None else {"valid": snapshot.valid}, pruned=pruned,
+        search_seconds=state.seconds, retrain_seconds=retrain_seconds, history=state.history,
+    )  # fmt: skip
 
 
 def resolved_budgets(
