@@ -44,7 +44,7 @@ from dnis.io import write_json
 from dnis.plugins import import_plugins, imported
 from dnis.search.inference import batch_latency_ms, peak_memory_mb
 from dnis.search.methods import method
-from dnis.search.prune import FP32_BYTES, budget_params, bytes_fraction, parse_byte_size
+from dnis.search.prune import FP32_BYTES, budget_params, resolve_budget
 from dnis.search.result import SearchResult
 from dnis.search.training import Phases
 
@@ -115,10 +115,9 @@ def grid_budgets(compare: CompareConfig, full_params: int) -> list[float]:
     """The grid's budgets as fractions of the full-width embedding (of its fp32 bytes, when the
     grid counts bytes): byte sizes ("2MB") are divided by those bytes."""
     return [
-        bytes_fraction(parse_byte_size(b, f"compare.budgets[{i}]"), full_params,
-                       f"compare.budgets[{i}]") if isinstance(b, str) else b
+        resolve_budget(b, full_params, f"compare.budgets[{i}]")
         for i, b in enumerate(compare.budgets)
-    ]  # fmt: skip
+    ]
 
 
 def check_units(compare: CompareConfig) -> None:

@@ -15,7 +15,6 @@ layer sits below the application layer that owns the config.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from dnis.errors import ConfigError, DnisError
 from dnis.models.base import Model
 from dnis.search.nested import NESTED_WEIGHTS, ORDER_FILE, NestedOrder, cut_state
 from dnis.search.plan import EmbeddingPlan, build, plan_of
-from dnis.search.prune import resolve_budget
+from dnis.search.prune import BYTE_SIZE, resolve_budget
 from dnis.search.result import budget_file
 from dnis.train.checkpoint import UnsafeFileError, read_checkpoint, safe_load
 
@@ -118,7 +117,7 @@ def sized_budget(budget: float | str | None, full_params: int) -> float | str | 
     """A byte size ("2MB") as the fraction of the full-width fp32 table's bytes it holds, which
     is what `dnis search --budget 2MB` resolved it to and named its files by; other values as
     they are."""
-    if not isinstance(budget, str) or not re.fullmatch(r"\s*[0-9.]+\s*[A-Za-z]+\s*", budget):
+    if not isinstance(budget, str) or not BYTE_SIZE.fullmatch(budget):
         return budget  # a number, "full", or words `parse_budget` refuses
     try:
         return resolve_budget(budget, full_params, "--budget")

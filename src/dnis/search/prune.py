@@ -48,11 +48,13 @@ def budget_params(budget: float, full_params: int) -> int:
 BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
               "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
 FP32_BYTES = 4  # bytes of a parameter stored at full precision
+# a number and a unit: how a byte size is written (its unit is checked against BYTE_UNITS)
+BYTE_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*")
 
 
 def parse_byte_size(value: str, where: str = "budget") -> int:
     """`"2MB"`, `"1.5 MiB"`, `"300kB"`, `"4096B"` as a byte count (ConfigError when not one)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*", value)
+    match = BYTE_SIZE.fullmatch(value)
     unit = match and BYTE_UNITS.get(match.group(2).lower())
     if match is None or unit is None:
         raise ConfigError(
