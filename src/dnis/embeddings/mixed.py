@@ -19,6 +19,7 @@ from torch import nn
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.blocks import BlockLayout
 from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.windows import exporting, read_windows
 
 _MAX_STEPS = 1
 _TABLE_SHARE = 16
@@ -98,8 +99,7 @@ class BlockMixedEmbedding(FieldEmbedding):
         num_blocks, dim = keep.shape
         widths = keep.sum(dim=1) * (sizes > 0)  # a block without rows is never read
         stored = int(base[-1])
-        self.window = window = int(widths.max()) if num_blocks else 0
-        self.last_window = stored - window  # where the last window starts
+        window = int(widths.max()) if num_blocks else 0
         self.full_blocks = bool((widths == dim).any())  # blocks without a pruned dim
         self.chunk = max(1, _CHUNK_BYTES // (4 * dim))  # rows per chunk of an eager lookup
         total = int(sizes.sum())
@@ -147,15 +147,13 @@ class BlockMixedEmbedding(FieldEmbedding):
             return torch.zeros(*rows.shape, self.dim, device=rows.device)
         flat = rows.reshape(-1)
         block, start = self._locate(flat)
-        values, dim, window = self.values, self.dim, self.window
+        values, dim = self.values, self.dim
         grad = values.requires_grad and torch.is_grad_enabled()
-        if grad or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            index = (start.unsqueeze(1) + self.slots).reshape(-1)
-            stored = values.index_select(0, index).view(-1, window)
+        if grad or exporting():
+            stored = read_windows(values, start, self.slots, strided=False)
             out = stored.new_zeros(stored.shape[0], dim + 1)
             out = out.scatter(1, self.spare_targets.index_select(0, block), stored)
             return out[:, :dim].contiguous().view(*rows.shape, dim)
-        windows = values.as_strided((self.last_window + 1, window), (1, 1))
         count = flat.shape[0] * dim
         dump = torch.arange(0, count, dim, device=flat.device)  # flat position of each dump dim
         dump += self.dump.index_select(0, block)
@@ -166,7 +164,7 @@ class BlockMixedEmbedding(FieldEmbedding):
         chunk = self.chunk if flat.device.type == "cpu" else max(flat.shape[0], 1)
         parts = (t.split(chunk) for t in (out, block, start, dump))
         for part, part_block, part_start, part_dump in zip(*parts, strict=True):
-            stored = windows.index_select(0, part_start)
+            stored = read_windows(values, part_start, self.slots, strided=True)
             part.zero_().scatter_(1, targets.index_select(0, part_block), stored)
             buffer.index_fill_(0, part_dump, 0.0)
         return out.view(*rows.shape, dim)
@@ -241,18 +239,9 @@ class RaggedEmbedding(FieldEmbedding):
         first = start.clamp_max(self.last_window)
         lead = (start - first).unsqueeze(1)
         width = self.row_width.index_select(0, flat).unsqueeze(1)
-        window = self.window
-        grad = self.values.requires_grad and torch.is_grad_enabled()
-        if grad or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            # out of place through a flat index: the strided view has no cheap gradient and
-            # no ONNX form
-            index = (first.unsqueeze(1) + self.slots).reshape(-1)
-            stored = self.values.index_select(0, index).view(-1, window)
-            dims = self.dims.index_select(0, index).view(-1, window)
-        else:
-            windows = (self.last_window + 1, window)
-            stored = self.values.as_strided(windows, (1, 1)).index_select(0, first)
-            dims = self.dims.as_strided(windows, (1, 1)).index_select(0, first)
+        strided = not ((self.values.requires_grad and torch.is_grad_enabled()) or exporting())
+        stored = read_windows(self.values, first, self.slots, strided)
+        dims = read_windows(self.dims, first, self.slots, strided)
         inside = (self.slots >= lead) & (self.slots < lead + width)
         target = torch.where(inside, dims.long(), self.dim)
         out = stored.new_zeros(stored.shape[0], self.dim + 1).scatter(1, target, stored)

@@ -26,6 +26,7 @@ import torch
 
 from dnis.embeddings.base import FieldEmbedding
 from dnis.embeddings.layout import FieldLayout
+from dnis.embeddings.windows import exporting
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
@@ -101,7 +102,7 @@ def dequantize_rows(
     if scale is None or bias is None:
         return codes.float()
     if precision == "int4":
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # no bit ops in opset 17
+        if exporting():  # no bit ops in opset 17
             values = codes.float()
             high = torch.floor(values / 16)
             nibbles = torch.stack([values - 16 * high, high], dim=-1)

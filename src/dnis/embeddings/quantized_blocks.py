@@ -43,6 +43,7 @@ from dnis.embeddings.quantized import (
     is_integer,
     quantize_rows,
 )
+from dnis.embeddings.windows import exporting, read_windows
 
 FLOATS = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -106,7 +107,6 @@ class QuantizedBlockEmbedding(FieldEmbedding):
         side by side, or the zero column after them where block k prunes d."""
         num_blocks, starts = self.blocks.num_blocks, self.blocks.start
         tables = self._block_finder()
-        self.windows: dict[str, int] = {}
         self.slot_counts: dict[str, int] = {}
         slot_of = torch.zeros(num_blocks, self.dim, dtype=torch.long)
         column = 0
@@ -123,7 +123,7 @@ class QuantizedBlockEmbedding(FieldEmbedding):
                 row[k] = entry - starts[k]
                 kept = self.keep[k].nonzero().flatten()
                 slot_of[k, kept] = column + per_unit * lead + torch.arange(len(kept))
-            self.windows[p], self.slot_counts[p] = window, per_unit * window
+            self.slot_counts[p] = per_unit * window
             tables.update(
                 {f"step_{p}": step, f"first_{p}": first, f"window_{p}": torch.arange(window)}
             )
@@ -179,15 +179,10 @@ class QuantizedBlockEmbedding(FieldEmbedding):
 
     def _slots(self, p: str, flat: torch.Tensor, block: torch.Tensor, eager: bool) -> torch.Tensor:
         """float32 [N, slot_counts[p]]: the dequantized window of every row at precision p."""
-        codes, window = getattr(self, f"codes_{p}"), self.windows[p]
+        codes = getattr(self, f"codes_{p}")
         start = flat * getattr(self, f"step_{p}").index_select(0, block)
         start = start + getattr(self, f"first_{p}").index_select(0, block)
-        if eager:  # the windows as the rows of one overlapping view: no index per unit
-            windows = codes.as_strided((codes.numel() - window + 1, window), (1, 1))
-            values = windows.index_select(0, start)
-        else:
-            index = (start.unsqueeze(1) + getattr(self, f"window_{p}")).reshape(-1)
-            values = codes.index_select(0, index).view(-1, window)
+        values = read_windows(codes, start, getattr(self, f"window_{p}"), strided=eager)
         if not is_integer(p):
             return dequantize_rows(values, None, None, p, self.slot_counts[p])
         scale, bias = getattr(self, f"scale_{p}"), getattr(self, f"bias_{p}")
@@ -199,7 +194,7 @@ class QuantizedBlockEmbedding(FieldEmbedding):
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)
         block = self._block(flat)
-        eager = not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+        eager = not exporting()
         slots = [self._slots(p, flat, block, eager) for p in self.groups]
         slots.append(torch.zeros_like(flat, dtype=torch.float32).unsqueeze(1))  # pruned dims
         values = torch.cat(slots, dim=1) if len(slots) > 1 else slots[0]
