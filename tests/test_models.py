@@ -130,6 +130,20 @@ def test_fm_interaction_equals_brute_force_pairs() -> None:
     torch.testing.assert_close(fm_interaction(fields), brute)
 
 
+def test_fm_interaction_gradient_equals_the_brute_force_pairs_gradient() -> None:
+    torch.manual_seed(0)
+    fields = torch.randn(7, 5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, dtype=torch.float64)
+    (fm_interaction(fields) * weight).sum().backward()
+    brute = fields.detach().clone().requires_grad_()
+    pairs = sum(
+        (brute[:, i] * brute[:, j]).sum(dim=1) for i, j in itertools.combinations(range(5), 2)
+    )
+    (pairs * weight).sum().backward()
+    torch.testing.assert_close(fields.grad, brute.grad)
+    assert torch.autograd.gradcheck(fm_interaction, (fields.detach().requires_grad_(),))
+
+
 def test_fm_model_equals_its_formula(ctr_data: EncodedDataset, make_model) -> None:
     model = make_model(ctr_data, "fm", dim=5)
     with torch.no_grad():
