@@ -51,6 +51,8 @@ ABLATIONS = [
     ("search.rank=saliency",),
     ("search.l1_step=proximal",),
     ("search.warmup_epochs=converge",),
+    ("search.alpha_every=2",),
+    ("search.alpha_every=4",),
     ("train.batch_size=1024",),
 ]
 QUICK = ("train.epochs=1", "search.warmup_epochs=0", "search.search_epochs=1")
