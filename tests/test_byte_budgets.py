@@ -162,6 +162,8 @@ def test_search_takes_a_byte_size_and_export_finds_its_model_by_it(tmp_path, cap
     (result,) = run_dir(tmp_path).glob("result-*.json")
     saved = json.loads(result.read_text(encoding="utf-8"))
     assert saved["budget"] == pytest.approx(150 / (TOTAL_ROWS * DIM))  # 150 whole fp32 values
+    assert saved["asked"] == "600B"  # the size as written, beside the fraction it resolved to
+    assert "| 600B |" in (run_dir(tmp_path) / "report.md").read_text(encoding="utf-8")
     assert 4 * saved["embedding_params"] <= 600
     assert main(["export", str(run_dir(tmp_path)), "--budget", "600B", "--format",
                  "torchscript", "--output", str(tmp_path / "model.pt")]) == 0  # fmt: skip

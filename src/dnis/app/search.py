@@ -103,7 +103,7 @@ def search_run(
         _clear_budgets(run_dir)
     track.check(config.tracking)  # a missing tracker package fails before any work
     dataset = start_run(config, run_dir)
-    budgets = resolved_budgets(budgets, dataset, config.embedding.dim)
+    budgets, asked = resolve_asked(budgets, dataset, config.embedding.dim)
     with track.open_tracker(config, "search", fresh=not resume) as tracker:
         tracked = track.track_progress(progress, tracker, _search_phase)
         make_model = model_factory(config, dataset)
@@ -137,6 +137,7 @@ def search_run(
             )
             if resume and finished:
                 results.append(reload_budget(config, state, make_model, budget))
+                results[-1].asked = asked.get(budget)
                 tracker.log_metrics(
                     0, track.result_metrics(results[-1].to_dict()), f"budget-{budget}"
                 )
@@ -155,6 +156,7 @@ def search_run(
                 config_hash=digest,
             )
             assert result.model is not None
+            result.asked = asked.get(budget)
             result.save(run_dir, config_hash=digest)
             results.append(result)
             tracker.log_metrics(0, track.result_metrics(result.to_dict()), f"budget-{budget}")
@@ -173,6 +175,16 @@ def search_run(
 
 ARTIFACTS = ("config.yaml", "report.md", "results.json", "dims.json", "search.json", "*.png",
              "plan-*.json")  # fmt: skip
+
+
+def resolve_asked(
+    budgets: Sequence[float | str], dataset: EncodedDataset, dim: int
+) -> tuple[list[float], dict[float, str]]:
+    """The budgets as fractions (`resolved_budgets`), and the byte size each came from, so a
+    result says "256kB" where the user wrote it, not only the fraction it resolved to."""
+    resolved = resolved_budgets(budgets, dataset, dim)
+    asked = {r: b for b, r in zip(budgets, resolved, strict=True) if isinstance(b, str)}
+    return resolved, asked
 
 
 def _clear_budgets(run_dir: Path) -> None:
@@ -195,7 +207,7 @@ def _method_run(
         shutil.rmtree(checkpoints)  # a fresh run must not inherit an old resume point
     track.check(config.tracking)
     dataset = start_run(config, run_dir)
-    budgets = resolved_budgets(budgets, dataset, config.embedding.dim)
+    budgets, asked = resolve_asked(budgets, dataset, config.embedding.dim)
     digest = config.digest()
     with track.open_tracker(config, "search", fresh=True) as tracker:
         results = chosen(
@@ -208,6 +220,7 @@ def _method_run(
             phases=Phases(checkpoints, resume, digest),
         )
         for result in results:
+            result.asked = asked.get(result.budget)
             result.save(run_dir, config_hash=digest, method_options=asdict(options))
             tracker.log_metrics(
                 0, track.result_metrics(result.to_dict()), f"budget-{result.budget}"

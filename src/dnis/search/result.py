@@ -51,6 +51,9 @@ class SearchResult:
     # how the method chose this structure, beyond the per-field dims (e.g. dnis-precision's
     # allocation candidates and their validation metrics)
     choice: dict[str, Any] = field(default_factory=dict)
+    # the budget as the user wrote it when it was a byte size ("256kB"); `budget` is then the
+    # fraction it resolved to
+    asked: str | None = None
 
     def __post_init__(self) -> None:
         if self.plan is None and self.model is not None:
@@ -127,6 +130,7 @@ class SearchResult:
             "method": self.method,
             "metric": self.metric,
             "budget": self.budget,
+            **({"asked": self.asked} if self.asked else {}),
             "full_params": self.full_params,
             "embedding_params": self.embedding_params,
             "fraction": round(self.fraction, 6),

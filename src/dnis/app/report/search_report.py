@@ -48,7 +48,7 @@ def result_rows(results: Sequence[SearchResult], metric: str) -> list[dict[str, 
     return [
         {
             "method": r.method,
-            "budget": r.budget,
+            "budget": r.asked or r.budget,  # a byte size as written; "fraction" beside it
             "params": r.embedding_params,
             "fraction": round(r.fraction, 4),
             "memory_bytes": r.memory_bytes,
