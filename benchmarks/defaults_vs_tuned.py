@@ -53,6 +53,13 @@ ABLATIONS = [
     ("search.warmup_epochs=converge",),
     ("search.alpha_every=2",),
     ("search.alpha_every=4",),
+    ("search.alpha_lr=0.003",),
+    ("search.alpha_lr=0.03",),
+    ("search.alpha_l1=0",),
+    ("search.alpha_l1=0.001",),
+    ("search.num_blocks=3",),
+    ("search.num_blocks=10",),
+    ("search.search_epochs=3",),
     ("train.batch_size=1024",),
 ]
 QUICK = ("train.epochs=1", "search.warmup_epochs=0", "search.search_epochs=1")
