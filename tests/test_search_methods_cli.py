@@ -127,6 +127,25 @@ def test_an_unknown_method_is_refused_with_a_suggestion(config_path, capsys):
     assert "Did you mean 'hashing'" in capsys.readouterr().err
 
 
+def test_optfs_closing_every_gate_is_a_clear_error(tmp_path, capsys):
+    """A gate L1 that outweighs the task loss closes every gate (as the default did on Gowalla):
+    the user is told which option to lower, not shown a torch error from a model with nothing
+    to train."""
+    config = yaml.safe_load(write_config(tmp_path).read_text(encoding="utf-8"))
+    config["compare"]["options"]["optfs"] = {
+        "search_epochs": 2,
+        "rewind_epoch": 0,
+        "reg_lambda": 1e3,
+    }
+    config["train"].update(lr=0.3, batch_size=32)  # enough Adam steps for the gates to cross 0
+    path = tmp_path / "closed.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["search", "--config", str(path), "--method", "optfs", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "closed every gate" in err and "compare.options.optfs.reg_lambda" in err
+    assert "Traceback" not in err
+
+
 def test_an_embedding_of_unknown_kind_is_planned_but_not_rebuilt():
     from dnis.embeddings import FieldLayout, FusedEmbedding
     from dnis.errors import DnisError

@@ -218,6 +218,17 @@ def test_nan_loss_raises_a_clear_error(ctr_data: EncodedDataset, make_model) -> 
         trainer.fit()
 
 
+def test_a_model_with_nothing_to_train_raises_a_clear_error(
+    ctr_data: EncodedDataset, make_model
+) -> None:
+    model = make_model(ctr_data, "fm", dim=4)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # as a kept-rows table with no rows, and no biases
+    trainer = Trainer(model, make_task(ctr_data), TrainConfig(epochs=1, batch_size=256))
+    with pytest.raises(DnisError, match=r"depends on no trainable parameter in epoch 1"):
+        trainer.fit()
+
+
 def test_exploding_learning_rate_raises(rating_data: EncodedDataset, make_model) -> None:
     model = make_model(rating_data, "mf", dim=4)
     config = TrainConfig(epochs=2, batch_size=128, lr=1e10, optimizer="sgd")

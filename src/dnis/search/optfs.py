@@ -56,7 +56,7 @@ from dnis import distributed
 from dnis.data.dataset import EncodedDataset
 from dnis.embeddings.gated import GatedEmbedding, KeptRowsEmbedding
 from dnis.embeddings.layout import FieldLayout
-from dnis.errors import BudgetError
+from dnis.errors import BudgetError, DnisError
 from dnis.models.base import Model
 from dnis.search.methods import Options, register_method
 from dnis.search.result import SearchResult
@@ -269,6 +269,13 @@ def optfs_method(job: Job, config: OptFSConfig) -> list[SearchResult]:
     results = []
     for budget, target in zip(job.budgets, targets, strict=True):
         keep = select_rows(state.gate, state.open, target // dim)
+        if not bool(keep.any()):
+            raise DnisError(
+                f"optfs: the gate search closed every gate of {layout.total_rows} rows (reg_lambda "
+                f"{config.reg_lambda:g} outweighs the task loss on this data), so no row is left "
+                f"to keep at budget {budget}; lower compare.options.optfs.reg_lambda (e.g. to "
+                f"{config.reg_lambda / 100:g})"
+            )
         trained = retrain(
             state, make_model, task, keep, dim=dim, config=config, train=train, phases=job.phases
         )

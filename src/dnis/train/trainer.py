@@ -307,6 +307,12 @@ def training_loss(
         loss = loss + config.embedding_l2 * embedding.last_l2
     if not torch.isfinite(loss):
         raise DnisError(f"the training loss became {float(loss.detach())} in {where}; {fix}")
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise DnisError(
+            f"the training loss depends on no trainable parameter in {where}: the model has "
+            "nothing to train (e.g. an embedding that kept no rows and a model without biases "
+            "or dense layers); give it a larger budget"
+        )
     return loss
 
 
