@@ -232,6 +232,11 @@ def test_dnis_standing_names_the_best_other_method_and_the_margin():
     assert (middle["DNIS margin"], middle["verdict"]) == ("-0.0100", "behind pep, within one std")
     rmse = dnis_standing(summarize(frame.rename(columns={"test_auc": "test_rmse"}), "rmse"), "rmse")
     assert rmse[0]["best other"] == "uniform" and rmse[0]["DNIS margin"] == "-0.0300"
+    # a DNIS cell that kept its uniform fallback (`search.fallback`) says so in the verdict
+    kept = frame.assign(fallback=[1, 0] + [0] * (len(frame) - 2))
+    low, middle, _ = dnis_standing(summarize(kept, "auc"), "auc")
+    assert low["verdict"] == "DNIS best (the uniform fallback was kept in 1 of 2 seeds)"
+    assert middle["verdict"] == "behind pep, within one std"
 
 
 def test_pareto_plot_draws_a_cell_with_no_embedding_parameters():

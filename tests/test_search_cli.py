@@ -186,3 +186,40 @@ def test_alpha_every_through_the_config(tmp_path, monkeypatch):
     (run,) = (tmp_path / "runs").iterdir()
     alpha = json.loads((run / "search.json").read_text(encoding="utf-8"))["alpha"]
     assert any(a != 1.0 for row in alpha for a in row)  # the alpha steps it took moved alpha
+
+
+def test_uniform_fallback_through_the_config(tmp_path):
+    """`search.fallback: uniform` in a config run by `dnis search`: each budget also trains the
+    uniform width that fits it and keeps the better on validation, saves that one (the run
+    folder's model, reloaded by `--resume` and by `load_run`), and reports both metrics. A
+    search that L1 collapses (alpha_l1 0.05) is caught by the fallback; the defaults' is not."""
+    import torch
+
+    from dnis.app.config import load_config
+    from dnis.cli import main
+    from dnis.export import load_run
+
+    def run(name: str, *extra: str, **search) -> tuple[Path, dict]:
+        config = dict(TINY, name=name, output_dir=str(tmp_path / "runs"))
+        config["search"] = {**TINY["search"], "budgets": [0.25], "fallback": "uniform", **search}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        assert main(["search", "--config", str(path), "--quiet", *extra]) == 0
+        run_dir = load_config(path).run_dir()
+        (result,) = json.loads((run_dir / "results.json").read_text())
+        return path, result
+
+    kept = {}
+    for name, search in {"searched": {}, "collapsed": {"alpha_l1": 0.05}}.items():
+        path, result = run(name, **search)
+        choice, valid = result["choice"], result["metrics"]["valid"]["auc"]
+        better = max(choice["valid"], key=choice["valid"].get)  # auc: higher is better
+        assert choice["structure"] == better and valid == choice["valid"][better]
+        assert choice["uniform_width"] == 2  # 25% of d=8
+        keep = load_run(load_config(path).run_dir(), 0.25).model.embedding.keep
+        uniform = (keep == (torch.arange(8) < 2)).all()
+        assert bool(uniform) == (better == "uniform")
+        kept[name] = better
+        _, resumed = run(name, "--resume", **search)  # the kept model reloads as saved
+        assert resumed["metrics"] == result["metrics"] and resumed["choice"] == choice
+    assert kept == {"searched": "searched", "collapsed": "uniform"}

@@ -169,6 +169,7 @@ class CompareConfig:
 DIGEST_DEFAULTS: dict[tuple[str, str], Any] = {
     ("compare", "budget_unit"): "params",
     ("search", "alpha_every"): 1,
+    ("search", "fallback"): "none",
 }
 
 

@@ -50,6 +50,7 @@ from dnis.search.dnis import (
     retrain,
     retrain_dir,
     search,
+    uniform_model,
 )
 from dnis.search.methods import method as registered_method
 from dnis.search.result import SearchResult, budget_file
@@ -263,7 +264,13 @@ def reload_budget(
             f"{path} was written by another run (config hash {found}, budget "
             f"{saved.get('budget')}; this run's are {config.digest()}, {budget}); {fix}"
         )
-    _, model = compact_model(state, make_model, budget, config=config.search, train=config.train)
+    choice = saved.get("choice") or {}
+    if choice.get("structure") == "uniform":  # the fallback was kept (`search.fallback`)
+        model = uniform_model(state, make_model, budget, config.train)
+    else:
+        _, model = compact_model(
+            state, make_model, budget, config=config.search, train=config.train
+        )
     try:
         model.load_state_dict(safe_load(weights))
     except UnsafeFileError:
@@ -279,4 +286,5 @@ def reload_budget(
     )
     result.train_epochs = int(saved.get("train_epochs", 0))
     result.epoch_cap_hit = bool(saved.get("epoch_cap_hit", False))
+    result.choice = choice
     return result

@@ -151,6 +151,12 @@ class DnisConfig:
     # `prefix` (the first w of them, w as searched; the weights move along), so every field's
     # dim j meets every other's dim j in a dot product (block granularity only)
     placement: str = "searched"
+    # uniform: after retraining the searched structure of a budget, train every field at the
+    # widest uniform width that fits the budget from a fresh start too, and keep whichever is
+    # better on validation (the result's `choice` says which, with both metrics); the test split
+    # is read once, by the kept model. It never loses to uniform on validation and costs one
+    # more training per budget. none: the searched structure only (the control's setting)
+    fallback: str = "uniform"
 
     def __post_init__(self) -> None:
         if isinstance(self.block_mode, str) and self.block_mode not in BLOCK_MODES:
@@ -191,6 +197,8 @@ class DnisConfig:
             raise ConfigError(
                 f"search.placement must be 'searched' or 'prefix', got {self.placement!r}"
             )
+        if self.fallback not in ("none", "uniform"):
+            raise ConfigError(f"search.fallback must be 'none' or 'uniform', got {self.fallback!r}")
         if not 0 <= self.min_width <= 1:
             raise ConfigError(f"search.min_width must be in [0, 1], got {self.min_width}")
         if not 0 < self.holdout_fraction < 1:
@@ -692,7 +700,9 @@ def retrain(
     resume: bool = False,
     config_hash: str | None = None,
 ) -> SearchResult:
-    """Prune to `budget`, materialise, and retrain with the structure fixed.
+    """Prune to `budget`, materialise, and retrain with the structure fixed; under
+    `config.fallback: uniform`, also train the uniform structure of the budget (in `run_dir/uniform`)
+    and keep the better of the two on validation. Only the kept model sees the test split.
 
     With `run_dir`, the retrain is a Trainer checkpointing every epoch there; with `resume`, it
     continues from that checkpoint if there is one (`config_hash` guards it as in `search`).
@@ -701,20 +711,78 @@ def retrain(
     _, model = compact_model(state, make_model, budget, config=config, train=train)
     task = state.task
     pruned = task.evaluate(model, "valid", train.eval_batch_size)
+    where = None if run_dir is None else Path(run_dir)
+    fit, earlier = _fit(model, task, train, progress, where, resume, config_hash)
+    choice: dict[str, Any] = {}
+    width = uniform_width(state, budget)
+    if config.fallback == "uniform" and width >= 1:
+        uniform = uniform_model(state, make_model, budget, train)
+        run = None if where is None else where / "uniform"
+        uniform_fit, uniform_earlier = _fit(
+            uniform, task, train, progress, run, resume, config_hash
+        )
+        earlier += uniform_earlier
+        metric = task.metric
+        kept = (
+            "uniform" if task.better(uniform_fit.valid[metric], fit.valid[metric]) else "searched"
+        )
+        choice = {"structure": kept, "uniform_width": width,
+                  "valid": {"searched": fit.valid[metric], "uniform": uniform_fit.valid[metric]}}  # fmt: skip
+        if progress is not None:
+            progress.note(
+                f"budget {budget}: searched structure valid {metric} {fit.valid[metric]:.4f}, "
+                f"uniform width {width} {uniform_fit.valid[metric]:.4f}: keeping the {kept} one"
+            )
+        if kept == "uniform":
+            model, fit = uniform, uniform_fit
+    test = task.evaluate(model, "test", train.eval_batch_size)
+    seconds = time.perf_counter() - started + earlier
+    done = finished_result(state, budget, model, pruned, fit.valid, test, seconds)
+    done.train_epochs, done.epoch_cap_hit = len(fit.history), fit.capped
+    done.choice = choice
+    return done
+
+
+def _fit(
+    model: Model,
+    task: Task,
+    train: TrainConfig,
+    progress: Progress | None,
+    run_dir: Path | None,
+    resume: bool,
+    config_hash: str | None,
+) -> tuple[TrainResult, float]:
+    """Train `model` to early stopping (resuming from `run_dir`'s checkpoint when asked); also
+    the seconds earlier processes trained it, which the reloading does not show."""
     trainer = Trainer(
         model, task, train, run_dir=run_dir, progress=progress, config_hash=config_hash
     )
     resumed = resume and _exists(trainer.checkpoint_path)
-    fit_started = time.perf_counter()
+    started = time.perf_counter()
     result = trainer.fit(resume=resumed)
-    fit_seconds = time.perf_counter() - fit_started
-    test = task.evaluate(model, "test", train.eval_batch_size)
-    seconds = time.perf_counter() - started
-    if resumed:  # count the training epochs of earlier processes too, not the reloading
-        seconds += result.train_seconds - fit_seconds
-    done = finished_result(state, budget, model, pruned, result.valid, test, seconds)
-    done.train_epochs, done.epoch_cap_hit = len(result.history), result.capped
-    return done
+    fitted = time.perf_counter() - started
+    return result, (result.train_seconds - fitted) if resumed else 0.0
+
+
+def uniform_width(state: SearchState, budget: float) -> int:
+    """The widest width every row can have within `budget` (the uniform baseline's)."""
+    rows = state.embedding.layout.total_rows
+    return min(budget_params(budget, state.embedding.weight.numel()) // rows, state.embedding.dim)
+
+
+def uniform_model(
+    state: SearchState, make_model: ModelFactory, budget: float, train: TrainConfig
+) -> Model:
+    """The fallback candidate of `budget`: every block keeps its first `uniform_width` dims, the
+    model initialised afresh (as the uniform baseline trains)."""
+    soft = state.embedding
+    keep = torch.arange(soft.dim) < uniform_width(state, budget)
+    keep = keep.expand(state.blocks.num_blocks, soft.dim).contiguous()
+    compact = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
+    torch.manual_seed(train.seed)
+    model = make_model(compact)
+    compact.reset_parameters()
+    return model
 
 
 def compact_model(

@@ -158,7 +158,7 @@ def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
 def dnis_random_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """The control: DNIS's warm-up, search and fine-tune with the searched structure replaced by
     a random one of the same budget. What DNIS gains over it is what the search found."""
-    results = dnis_method.run(job, replace(config, structure="random"))
+    results = dnis_method.run(job, replace(config, structure="random", fallback="none"))
     for result in results:
         result.method = "dnis-random"
     return results

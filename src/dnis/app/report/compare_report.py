@@ -36,6 +36,7 @@ def flatten(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "train_epochs": r.get("train_epochs"), "epoch_cap_hit": r.get("epoch_cap_hit"),
             "latency_ms": r.get("latency_ms"), "peak_memory_mb": r.get("peak_memory_mb"),
             "budget_unit": r.get("budget_unit", "params"), "budget_bytes": r.get("budget_bytes"),
+            "fallback": int(r.get("choice", {}).get("structure") == "uniform"),
         })  # fmt: skip
     return pd.DataFrame(flat)
 
@@ -61,7 +62,9 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean and std per (method, budget), with a `pareto` flag on the non-dominated cells: by
     parameters, or by stored bytes where the grid's budgets count bytes (`size` is that axis)."""
     column = f"test_{metric}"
-    for missing in {"train_epochs", "epoch_cap_hit", "budget_bytes"} - set(frame.columns):
+    for missing in {"train_epochs", "epoch_cap_hit", "budget_bytes", "fallback"} - set(
+        frame.columns
+    ):
         frame = frame.assign(**{missing: float("nan")})  # cells of older runs
     size = "memory_bytes" if budget_unit(frame) == "bytes" else "params"
     grouped = frame.groupby(["method", "budget"], sort=True)
@@ -78,6 +81,7 @@ def summarize(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         latency_ms=("latency_ms", "first"),
         peak_memory_mb=("peak_memory_mb", "first"),
         budget_bytes=("budget_bytes", "first"),
+        fallback=("fallback", "sum"),  # seeds in which DNIS kept its uniform fallback
     ).reset_index()
     table["std"] = table["std"].fillna(0.0)
     table["size"] = table[size]
@@ -126,6 +130,9 @@ def dnis_standing(table: pd.DataFrame, metric: str, ours: str = "dnis") -> list[
             verdict = f"behind {best['method']}, within one std"
         else:
             verdict = f"behind {best['method']} by more than the stds"
+        if dnis["fallback"] > 0:  # not the search's structure: say so (`search.fallback`)
+            kept = f"{int(dnis['fallback'])} of {int(dnis['seeds'])}"
+            verdict += f" (the uniform fallback was kept in {kept} seeds)"
         out.append(
             {
                 "budget": f"{budget:g}",
