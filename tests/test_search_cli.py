@@ -220,6 +220,8 @@ def test_uniform_fallback_through_the_config(tmp_path):
         uniform = (keep == (torch.arange(8) < 2)).all()
         assert bool(uniform) == (better == "uniform")
         kept[name] = better
+        report = (load_config(path).run_dir() / "report.md").read_text(encoding="utf-8")
+        assert "valid_auc uniform | kept |" in report and f"| {better} |" in report
         _, resumed = run(name, "--resume", **search)  # the kept model reloads as saved
         assert resumed["metrics"] == result["metrics"] and resumed["choice"] == choice
     assert kept == {"searched": "searched", "collapsed": "uniform"}

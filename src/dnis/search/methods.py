@@ -154,7 +154,7 @@ def dnis_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     )
 
 
-@register_method("dnis-random", DnisConfig, fixed=("budgets",), search_section=True)
+@register_method("dnis-random", DnisConfig, fixed=("budgets", "fallback"), search_section=True)
 def dnis_random_method(job: Job, config: DnisConfig) -> list[SearchResult]:
     """The control: DNIS's warm-up, search and fine-tune with the searched structure replaced by
     a random one of the same budget. What DNIS gains over it is what the search found."""

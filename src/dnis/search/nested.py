@@ -199,7 +199,7 @@ class NestedOptions(DnisConfig, MatryoshkaOptions):
 
 
 # DNIS options `dnis-nested` sets itself: a static search at block granularity
-NESTED_FIXED = ("budgets", "schedule", "granularity", "structure")
+NESTED_FIXED = ("budgets", "schedule", "granularity", "structure", "fallback")
 
 
 class OrderedDropout(TrainHook):

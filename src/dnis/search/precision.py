@@ -344,8 +344,9 @@ def allocation_report(chosen: Allocation, candidates: list[Allocation], metric: 
 # DNIS options dnis-precision sets itself: a static schedule (the gradual phase prunes to
 # parameter budgets, which a byte budget does not fix before the precisions are chosen), the
 # searched structure and placement (the candidates are scored with the searched dense weights,
-# whose dims must line up with the table's), and no gradual floor
-PRECISION_FIXED = ("budgets", "schedule", "structure", "placement", "min_width")
+# whose dims must line up with the table's), no gradual floor, and no uniform fallback (the
+# byte allocation chooses among its own candidates on validation)
+PRECISION_FIXED = ("budgets", "schedule", "structure", "placement", "min_width", "fallback")
 
 
 @register_method(
@@ -356,7 +357,7 @@ def dnis_precision_method(job: Job, config: PrecisionConfig) -> list[SearchResul
     quantization-aware training, and stored quantized."""
     config = replace(
         config, budgets=list(job.budgets), schedule="static", structure="searched",
-        placement="searched", min_width=0.0,
+        placement="searched", min_width=0.0, fallback="none",
     )  # fmt: skip
     root = job.phases.root
     state = search(

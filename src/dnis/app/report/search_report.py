@@ -56,6 +56,7 @@ def result_rows(results: Sequence[SearchResult], metric: str) -> list[dict[str, 
             f"valid_{metric} soft": r.before.get("valid", {}).get(metric, float("nan")),
             f"valid_{metric} pruned": r.pruned.get(metric, float("nan")),
             f"valid_{metric} retrained": r.metrics["valid"].get(metric, float("nan")),
+            **fallback_columns(r, metric),
             **{f"test_{k}": v for k, v in r.metrics["test"].items() if k != "users"},
             "search_s": round(r.search_seconds, 1),
             "retrain_s": round(r.retrain_seconds, 1),
@@ -121,6 +122,15 @@ def plot_metric_vs_params(
     axis.grid(alpha=0.3)
     axis.legend()
     save_figure(figure, path)
+
+
+def fallback_columns(result: SearchResult, metric: str) -> dict[str, Any]:
+    """Under `search.fallback: uniform`: the uniform width's validation metric and which
+    structure was kept (the metrics beside it are the kept model's)."""
+    choice = result.choice
+    if "structure" not in choice:
+        return {}
+    return {f"valid_{metric} uniform": choice["valid"]["uniform"], "kept": choice["structure"]}
 
 
 def write_search_report(
