@@ -47,6 +47,12 @@ def _row(method: str, setting: str, result: SearchResult | dict[str, Any]) -> di
     }
 
 
+def dnis_label(result: SearchResult) -> str:
+    """DNIS's row, marked where the uniform width beat the searched structure on validation
+    (`search.fallback`) and was kept instead."""
+    return "DNIS (uniform kept)" if result.choice.get("structure") == "uniform" else "DNIS"
+
+
 def planted_vs_found(result: SearchResult, true_rank: dict[str, int]) -> list[dict[str, Any]]:
     return [
         {
@@ -78,7 +84,7 @@ def run_demo(
             )
             continue
         dataset, results = search_run(config, progress=bar)
-        rows = [_row("DNIS", f"budget {r.budget:g}", r) for r in results]
+        rows = [_row(dnis_label(r), f"budget {r.budget:g}", r) for r in results]
         make = model_factory(config, dataset)
         for dim in (d for d in grid if d <= config.embedding.dim):
             base = uniform(
