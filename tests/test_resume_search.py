@@ -56,15 +56,17 @@ CONFIG = {
         "budgets": [0.3, 0.6],
     },
 }
-EPOCHS = 2 + 3 + 2 + 2 * 2  # warm-up + search + gradual pruning (one per budget) + retrains
+# warm-up + search + gradual pruning (one per budget) + retrains + the uniform fallback's trainings
+EPOCHS = 2 + 3 + 2 + 2 * 2 + 2 * 2
 
 DRIVER = """
 import sys
 from dnis.app.config import load_config
 from dnis.app.search import search_run
 from dnis.tasks import make_task
+from dnis.train.progress import Progress
 
-class Epochs:
+class Epochs(Progress):
     def epoch_start(self, epoch, batches): pass
     def batch_end(self): pass
     def epoch_end(self, record): print("epoch", record["epoch"], flush=True)

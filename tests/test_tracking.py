@@ -153,7 +153,7 @@ def test_search_logs_phases_and_budgets_with_their_own_prefixes(tmp_path):
         key: [m.step for m in client.get_metric_history(run_id, key)]
         for key in (
             "warmup/loss", "search/loss", "search/alpha_mean", "prune/kept_params",
-            "retrain-0.5/valid_auc",
+            "retrain-0.5/valid_auc", "retrain-0.5/uniform/valid_auc",
         )
     }  # fmt: skip
     assert steps == {
@@ -162,6 +162,7 @@ def test_search_logs_phases_and_budgets_with_their_own_prefixes(tmp_path):
         "search/alpha_mean": [1],
         "prune/kept_params": [1],  # the gradual pruning phase: one epoch per budget
         "retrain-0.5/valid_auc": [1, 2],
+        "retrain-0.5/uniform/valid_auc": [1, 2],  # the fallback's training (`search.fallback`)
     }
     assert "search/alpha_field_mean/signal0" in run.data.metrics
     assert run.data.metrics["budget-0.5/test_auc"] == pytest.approx(

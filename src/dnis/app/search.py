@@ -143,8 +143,12 @@ def search_run(
                     0, track.result_metrics(results[-1].to_dict()), f"budget-{budget}"
                 )
                 continue
+            fallback_progress = tracked
             if isinstance(tracked, track.TrackingProgress):
                 tracked.prefix = retrain_dir(run_dir, budget).name  # retrain-<budget>/valid_auc
+                fallback_progress = track.TrackingProgress(
+                    tracked.inner, tracked.tracker, f"{tracked.prefix}/uniform"
+                )
             result = retrain(
                 state,
                 make_model,
@@ -155,6 +159,7 @@ def search_run(
                 run_dir=retrain_dir(run_dir, budget),
                 resume=resume,
                 config_hash=digest,
+                fallback_progress=fallback_progress,
             )
             assert result.model is not None
             result.asked = asked.get(budget)

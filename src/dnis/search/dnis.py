@@ -699,10 +699,12 @@ def retrain(
     run_dir: str | Path | None = None,
     resume: bool = False,
     config_hash: str | None = None,
+    fallback_progress: Progress | None = None,
 ) -> SearchResult:
     """Prune to `budget`, materialise, and retrain with the structure fixed; under
-    `config.fallback: uniform`, also train the uniform structure of the budget (in `run_dir/uniform`)
-    and keep the better of the two on validation. Only the kept model sees the test split.
+    `config.fallback: uniform`, also train the uniform structure of the budget (in `run_dir/uniform`,
+    reporting to `fallback_progress`, by default `progress`) and keep the better of the two on
+    validation. Only the kept model sees the test split.
 
     With `run_dir`, the retrain is a Trainer checkpointing every epoch there; with `resume`, it
     continues from that checkpoint if there is one (`config_hash` guards it as in `search`).
@@ -719,7 +721,7 @@ def retrain(
         uniform = uniform_model(state, make_model, budget, train)
         run = None if where is None else where / "uniform"
         uniform_fit, uniform_earlier = _fit(
-            uniform, task, train, progress, run, resume, config_hash
+            uniform, task, train, fallback_progress or progress, run, resume, config_hash
         )
         earlier += uniform_earlier
         metric = task.metric
