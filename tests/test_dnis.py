@@ -292,6 +292,25 @@ def test_explicit_block_edges_from_the_config():
         DnisConfig(block_mode="quantiles")
 
 
+def test_fresh_tables_start_at_the_searched_tables_init_std():
+    """`embedding.init_std` reaches every table a DNIS run starts afresh: the uniform fallback's
+    and a `retrain: scratch` compact model's (normal at that std, not the library's 0.01)."""
+    from dnis.search.dnis import compact_model, uniform_model
+
+    ds = load_synthetic(task="ctr", n_rows=3000, ranks=(4,), noise_fields=1, vocab=100, seed=2)
+    config = DnisConfig(warmup_epochs=0, search_epochs=1, schedule="static", retrain="scratch")
+
+    def make(embedding):
+        return models.build("fm", ds.schema, embedding)
+
+    train = TrainConfig(epochs=1, batch_size=512)
+    state = search(make, ds, dim=8, config=config, train=train, init_std=0.5)
+    uniform = uniform_model(state, make, 0.5, train).embedding
+    compact, _ = compact_model(state, make, 0.5, config=config, train=train)
+    for table in (uniform, compact):
+        assert float(table.values.std()) == pytest.approx(0.5, rel=0.1)
+
+
 # ---------------------------------------------------------------- early stopping of the search
 
 

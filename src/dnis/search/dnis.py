@@ -248,6 +248,7 @@ class SearchState:
     history: list[dict[str, Any]]
     seconds: float
     snapshots: dict[float, Snapshot] = field(default_factory=dict)  # gradual schedule only
+    init_std: float = 0.01  # the searched table's initialisation, which fresh tables repeat
 
 
 def alpha_stats(alpha: torch.Tensor, blocks: BlockLayout, names: Sequence[str]) -> dict[str, Any]:
@@ -571,6 +572,7 @@ def search(
         history,
         time.perf_counter() - started + seconds,
         snapshots,
+        init_std,
     )
 
 
@@ -783,7 +785,7 @@ def uniform_model(
     compact = BlockMixedEmbedding(soft.layout, soft.dim, state.blocks, keep)
     torch.manual_seed(train.seed)
     model = make_model(compact)
-    compact.reset_parameters()
+    compact.reset_parameters(state.init_std)
     return model
 
 
@@ -805,7 +807,7 @@ def compact_model(
         dense = {k: v for k, v in searched.items() if not k.startswith("embedding.")}
         model.load_state_dict(dense, strict=False)
     else:
-        compact.reset_parameters()
+        compact.reset_parameters(state.init_std)
     return compact, model
 
 
