@@ -188,16 +188,27 @@ def test_alpha_every_through_the_config(tmp_path, monkeypatch):
     assert any(a != 1.0 for row in alpha for a in row)  # the alpha steps it took moved alpha
 
 
-def test_uniform_fallback_through_the_config(tmp_path):
+def test_uniform_fallback_through_the_config(tmp_path, monkeypatch):
     """`search.fallback: uniform` in a config run by `dnis search`: each budget also trains the
     uniform width that fits it and keeps the better on validation, saves that one (the run
-    folder's model, reloaded by `--resume` and by `load_run`), and reports both metrics. A
-    search that L1 collapses (alpha_l1 0.05) is caught by the fallback; the defaults' is not."""
+    folder's model, reloaded by `--resume` and by `load_run`), reports both metrics, and reads
+    the test split once, for the kept model. A search that L1 collapses (alpha_l1 0.05) is
+    caught by the fallback; the defaults' is not."""
     import torch
 
     from dnis.app.config import load_config
     from dnis.cli import main
     from dnis.export import load_run
+    from dnis.tasks.pointwise import CTRTask
+
+    tested = []
+    evaluate = CTRTask.evaluate
+
+    def counting(self, model, split, batch_size=8192):  # compact models (`keep`) on test
+        tested.extend([model] if split == "test" and hasattr(model.embedding, "keep") else [])
+        return evaluate(self, model, split, batch_size)
+
+    monkeypatch.setattr(CTRTask, "evaluate", counting)
 
     def run(name: str, *extra: str, **search) -> tuple[Path, dict]:
         config = dict(TINY, name=name, output_dir=str(tmp_path / "runs"))
@@ -211,7 +222,9 @@ def test_uniform_fallback_through_the_config(tmp_path):
 
     kept = {}
     for name, search in {"searched": {}, "collapsed": {"alpha_l1": 0.05}}.items():
+        tested.clear()
         path, result = run(name, **search)
+        assert len(tested) == 1  # one budget, one compact model tested: the kept one
         choice, valid = result["choice"], result["metrics"]["valid"]["auc"]
         better = max(choice["valid"], key=choice["valid"].get)  # auc: higher is better
         assert choice["structure"] == better and valid == choice["valid"][better]
