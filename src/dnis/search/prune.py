@@ -1,8 +1,8 @@
 """Pruning a searched soft-selection layer to a parameter budget.
 
 - `block` granularity: entry alpha[k, j] costs the n_k rows of block k; entries are taken by
-  descending alpha while they fit the budget (greedy knapsack by value per parameter), so every
-  id of a block keeps the same dims.
+  descending alpha while they fit the budget (then smaller blocks that still fit), so every id
+  of a block keeps the same dims.
 - `element` granularity (AutoSrh's fine-grained rule): keep the `budget` entries of largest
   |e_i * alpha[block(i)]| over the whole table, so every id gets its own width. The reference
   implementation binary-searches a global threshold; taking the top-`budget` magnitudes is the
